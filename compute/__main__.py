@@ -1,0 +1,58 @@
+"""`timebox-worker` / `python -m compute`: one worker with N child processes."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+
+from pydantic import ValidationError
+
+from compute.settings import WorkerSettings
+from compute.worker import Worker
+from contracts.logs import configure_logging
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="timebox-worker", description=__doc__)
+    parser.add_argument(
+        "--concurrency", type=int, default=None, help="child processes (default: cores)"
+    )
+    parser.add_argument("--burst", action="store_true", help="drain the queues, then exit")
+    parser.add_argument("--tasks", default=None, help="comma-separated task types (default: all)")
+    parser.add_argument("--metrics-port", type=int, default=None)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    overrides = {
+        k: v
+        for k, v in {"concurrency": args.concurrency, "metrics_port": args.metrics_port}.items()
+        if v is not None
+    }
+    try:
+        settings = WorkerSettings(**overrides)
+    except ValidationError as exc:
+        sys.exit(f"timebox-worker: invalid settings:\n{exc}")
+    tasks = None
+    if args.tasks:
+        tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+        known = settings.specs()
+        unknown = sorted(set(tasks) - set(known))
+        if unknown:
+            sys.exit(f"timebox-worker: unknown task types {unknown}; known: {sorted(known)}")
+    configure_logging(settings.log_format)
+    asyncio.run(_serve(Worker(settings, burst=args.burst, tasks=tasks)))
+
+
+async def _serve(worker: Worker) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, worker.stop)
+    await worker.run()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""A child process that runs task functions, one at a time, for its parent worker.
+
+Protocol: the parent writes one JSON request a line on our stdin; we answer on a
+private copy of the original stdout with JSON lines: `ready` once, then for each
+request any number of `progress` and one `result`. The task's own prints go to
+stderr so they cannot corrupt the protocol.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import signal
+import sys
+import time
+import traceback
+from types import FrameType
+from typing import IO, Any
+
+from pydantic import ValidationError
+
+PR_SET_PDEATHSIG = 1
+PARENT_ENV = "TIMEBOX_PARENT_PID"
+PLUGINS_ENV = "TIMEBOX_TASK_PLUGINS"
+
+_specs: dict[str, Any] = {}
+_functions: dict[str, Any] = {}
+
+
+def die_with_parent() -> None:
+    """Asks the kernel to SIGKILL us when the worker dies, so no task outlives it."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: stdin EOF still ends us when idle
+        pass
+    expected = os.environ.get(PARENT_ENV)
+    if expected is not None and os.getppid() != int(expected):
+        os._exit(1)  # the parent died before prctl took effect
+
+
+class Terminated(BaseException):
+    """Raised in task code by SIGTERM, so its `finally` blocks run before we exit."""
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise Terminated()
+
+
+def _write(out: IO[str], message: dict[str, Any]) -> None:
+    out.write(json.dumps(message, separators=(",", ":")) + "\n")
+    out.flush()
+
+
+def _run(request: dict[str, Any], out: IO[str]) -> dict[str, Any]:
+    from compute.context import TaskContext
+    from contracts.deadline import Deadline
+
+    name = request["task"]
+    spec, function = _specs.get(name), _functions.get(name)
+    if spec is None or function is None:
+        error = {"type": "UnknownTaskType", "message": f"no task named {name!r}"}
+        return {"kind": "result", "ok": False, "invalid": True, "error": error}
+    try:
+        task_input = spec.input_model.model_validate_json(request["input_json"])
+    except ValidationError as exc:
+        error = {"type": "ValidationError", "message": str(exc)}
+        return {"kind": "result", "ok": False, "invalid": True, "error": error}
+
+    def sink(fraction: float, message: str | None) -> None:
+        _write(out, {"kind": "progress", "fraction": fraction, "message": message})
+
+    ctx = TaskContext(request["id"], Deadline(int(request["deadline_ms"])), sink)
+    cpu0 = time.process_time()
+    try:
+        output = function(task_input, ctx)
+    except Exception as exc:
+        traceback.print_exc(file=sys.stderr)
+        return {
+            "kind": "result",
+            "ok": False,
+            "cpu": time.process_time() - cpu0,
+            "error": {"type": type(exc).__name__, "message": str(exc)},
+        }
+    return {
+        "kind": "result",
+        "ok": True,
+        "cpu": time.process_time() - cpu0,
+        "output": output.model_dump(mode="json"),
+    }
+
+
+def main() -> None:
+    die_with_parent()
+    out = os.fdopen(os.dup(sys.stdout.fileno()), "w", encoding="utf-8")
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the worker, which decides
+    # import the task code before saying ready, so the first task starts at once
+    from compute.tasks import load_functions
+    from contracts.specs import load_specs, plugin_names
+
+    plugins = plugin_names(os.environ.get(PLUGINS_ENV, ""))
+    _specs.update(load_specs(plugins))
+    _functions.update(load_functions(plugins))
+
+    _write(out, {"kind": "ready", "pid": os.getpid()})
+    try:
+        for line in sys.stdin:
+            try:
+                request = json.loads(line)
+            except json.JSONDecodeError as exc:
+                error = {"type": "ProtocolError", "message": str(exc)}
+                _write(out, {"kind": "result", "ok": False, "error": error})
+                continue
+            _write(out, _run(request, out))
+    except Terminated:
+        os._exit(143)
+
+
+if __name__ == "__main__":
+    main()

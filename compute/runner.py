@@ -1,0 +1,100 @@
+"""Runs one task in one child: until it answers, its stop time comes, or its
+caller cancels. Never touches the broker."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from compute.outcome import Kind, Outcome
+from compute.pool import Child
+from contracts.deadline import Deadline
+from contracts.events import ErrorInfo
+
+OnProgress = Callable[[float, str | None], Awaitable[None]]
+
+CRASHED = "worker process crashed"
+
+
+@dataclass
+class Job:
+    """A task handed to a child, with the means to stop it from outside."""
+
+    task: str
+    task_id: str
+    input_json: str
+    deadline: Deadline
+    stop_at: float  # epoch seconds: deadline minus reply margin and skew
+    cancelled: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+async def run(child: Child, job: Job, on_progress: OnProgress, kill_grace: float) -> Outcome:
+    started = time.time()
+    cpu0 = child.cpu()
+    await child.send(
+        {
+            "task": job.task,
+            "id": job.task_id,
+            "input_json": job.input_json,
+            "deadline_ms": job.deadline.epoch_ms,
+        }
+    )
+    cancel_wait = asyncio.ensure_future(job.cancelled.wait())
+    try:
+        while True:
+            receive = asyncio.ensure_future(child.receive())
+            timeout = max(0.0, job.stop_at - time.time())
+            done, _ = await asyncio.wait(
+                {receive, cancel_wait}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+            if receive not in done:
+                receive.cancel()
+                kind = Kind.CANCELLED if cancel_wait in done else Kind.ABORTED
+                return await _kill(child, job, kind, started, cpu0, kill_grace)
+            message = receive.result()
+            if message is None:
+                await child.proc.wait()
+                return Outcome(
+                    Kind.CRASHED,
+                    error=ErrorInfo(
+                        type="WorkerCrash",
+                        message=f"{CRASHED} (exit status {child.proc.returncode})",
+                    ),
+                    reason=CRASHED,
+                    cpu_seconds=max(0.0, child.cpu() - cpu0),
+                    ran=time.time() - started,
+                )
+            if message["kind"] == "progress":
+                await on_progress(message["fraction"], message.get("message"))
+                continue
+            ran = time.time() - started
+            cpu = float(message.get("cpu", 0.0))
+            if message["ok"]:
+                return Outcome(Kind.SUCCEEDED, output=message["output"], cpu_seconds=cpu, ran=ran)
+            error = ErrorInfo(**message["error"])
+            if message.get("invalid"):
+                return Outcome(Kind.INVALID, error=error, reason=error.message, ran=ran)
+            return Outcome(Kind.FAILED, error=error, cpu_seconds=cpu, ran=ran)
+    finally:
+        cancel_wait.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await cancel_wait
+
+
+async def _kill(
+    child: Child, job: Job, kind: Kind, started: float, cpu0: float, grace: float
+) -> Outcome:
+    cpu = await child.stop(grace)
+    killed_at = time.time()
+    late_by = killed_at - job.deadline.epoch
+    reason = "deadline" if kind is Kind.ABORTED else "cancelled while running"
+    return Outcome(
+        kind,
+        reason=reason,
+        cpu_seconds=max(0.0, cpu - cpu0),
+        ran=killed_at - started,
+        late_by=late_by,
+    )

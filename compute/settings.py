@@ -1,0 +1,31 @@
+"""The worker's settings: the common ones plus its own."""
+
+from __future__ import annotations
+
+import os
+from typing import Self
+
+from pydantic import Field, model_validator
+
+from contracts.settings import CommonSettings
+
+
+class WorkerSettings(CommonSettings):
+    concurrency: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1, le=1024)
+    broker_consumer_timeout: float = Field(
+        default=1800.0,
+        gt=0,
+        description="RabbitMQ's consumer_timeout in seconds (the broker's setting, 30 min "
+        "by default): a task must always end, and be acked, before it",
+    )
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+
+    @model_validator(mode="after")
+    def _below_consumer_timeout(self) -> Self:
+        if self.max_timeout >= self.broker_consumer_timeout:
+            raise ValueError(
+                f"max_timeout ({self.max_timeout:g} s) must be below the broker's consumer "
+                f"timeout ({self.broker_consumer_timeout:g} s), or RabbitMQ closes the channel "
+                "of a worker running a long task and the task runs twice"
+            )
+        return self

@@ -1,0 +1,392 @@
+"""The worker: one story per message — decode → deadline and cancel checks → wait
+for a slot → run in a child → classify → publish the event → ack.
+
+Only this module touches the broker; the runner and the pool never do."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass
+
+import aio_pika
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractIncomingMessage,
+    AbstractQueue,
+    AbstractRobustConnection,
+)
+
+from compute import runner
+from compute.cancels import CancelRegistry
+from compute.outcome import Disposition, Kind, Outcome, settle
+from compute.pool import Child, Pool
+from compute.settings import WorkerSettings
+from contracts.deadline import DEADLINE_HEADER, Deadline
+from contracts.errors import InvalidTimeout
+from contracts.events import EventType, TaskEvent
+from contracts.messages import (
+    CONTENT_TYPE,
+    DELIVERY_COUNT_HEADER,
+    EVENT_TYPE,
+    OWNER_HEADER,
+    PARK_REASON_HEADER,
+    CancelRequest,
+)
+from contracts.topology import BindingDecl, ExchangeDecl, QueueDecl, Topology
+
+log = logging.getLogger("timebox.worker")
+
+
+class InvalidMessage(Exception):
+    """The message cannot be run at all; it is parked with this reason."""
+
+
+@dataclass(frozen=True)
+class Delivery:
+    task: str
+    task_id: str
+    deadline: Deadline
+    input_json: str
+    attempt: int
+    owner: str | None
+
+
+def decode(task: str, message: AbstractIncomingMessage) -> Delivery:
+    if not message.message_id:
+        raise InvalidMessage("no message_id (task id)")
+    if message.type and message.type != task:
+        raise InvalidMessage(f"message type {message.type!r} does not match queue task {task!r}")
+    headers = message.headers or {}
+    if DEADLINE_HEADER not in headers:
+        raise InvalidMessage(f"no {DEADLINE_HEADER} header")
+    try:
+        deadline = Deadline.from_header(headers[DEADLINE_HEADER])
+    except InvalidTimeout as exc:
+        raise InvalidMessage(str(exc)) from None
+    try:
+        body = message.body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidMessage("body is not UTF-8 JSON") from None
+    count = headers.get(DELIVERY_COUNT_HEADER, 0)
+    owner = headers.get(OWNER_HEADER)
+    return Delivery(
+        task=task,
+        task_id=message.message_id,
+        deadline=deadline,
+        input_json=body,
+        attempt=(int(count) if isinstance(count, int) else 0) + 1,
+        owner=owner if isinstance(owner, str) else None,
+    )
+
+
+async def declare(channel: AbstractChannel, topology: Topology, tasks: list[str]) -> None:
+    queues: dict[str, AbstractQueue] = {}
+    exchanges = {}
+    for decl in topology.declarations(tasks):
+        if isinstance(decl, ExchangeDecl):
+            exchanges[decl.name] = await channel.declare_exchange(
+                decl.name, aio_pika.ExchangeType(decl.kind), durable=True
+            )
+        elif isinstance(decl, QueueDecl):
+            queues[decl.name] = await channel.declare_queue(
+                decl.name, durable=True, arguments=decl.arguments
+            )
+        elif isinstance(decl, BindingDecl):
+            await queues[decl.queue].bind(exchanges[decl.exchange], decl.routing_key)
+
+
+class Worker:
+    def __init__(
+        self, settings: WorkerSettings, *, burst: bool = False, tasks: list[str] | None = None
+    ) -> None:
+        self.settings = settings
+        self.topology = settings.topology()
+        self.burst = burst
+        self.tasks = tasks or list(settings.specs())
+        self.name = f"{socket.gethostname()}:{os.getpid()}"
+        self.pool = Pool(settings.concurrency)
+        self.cancels = CancelRegistry()
+        self.running: dict[str, runner.Job] = {}
+        self.in_flight = 0
+        self.stopping = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._connection: AbstractRobustConnection | None = None
+        self._events: AbstractChannel | None = None
+        self._consumers: list[tuple[AbstractQueue, str]] = []
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def run(self) -> None:
+        self._connection = await aio_pika.connect_robust(
+            self.settings.amqp_url, client_properties={"connection_name": f"worker {self.name}"}
+        )
+        try:
+            self._events = await self._connection.channel(publisher_confirms=True)
+            await declare(self._events, self.topology, self.tasks)
+            await self.pool.start()
+            await self._consume_control()
+            await self._consume_tasks()
+            log.info(
+                "worker %s ready: %d slots, queues %s",
+                self.name,
+                self.settings.concurrency,
+                ", ".join(self.topology.task_queue(t) for t in self.tasks),
+            )
+            if self.burst:
+                await self._drain()
+            else:
+                await self.stopping.wait()
+            await self._stop_consuming()
+            await self._idle.wait()
+        finally:
+            await self.pool.close(self.settings.kill_grace)
+            await self._connection.close()
+            log.info("worker %s stopped", self.name)
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    async def _consume_control(self) -> None:
+        assert self._connection is not None
+        channel = await self._connection.channel()
+        exchange = await channel.get_exchange(self.topology.control_exchange)
+        queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+        await queue.bind(exchange)
+        await queue.consume(self._on_control, no_ack=True)
+
+    async def _consume_tasks(self) -> None:
+        assert self._connection is not None
+        channel = await self._connection.channel()
+        # per-consumer prefetch: quorum queues refuse a channel-wide (global) one
+        await channel.set_qos(prefetch_count=self.settings.concurrency)
+        for task in self.tasks:
+            queue = await channel.declare_queue(
+                self.topology.task_queue(task),
+                durable=True,
+                arguments=self.topology.task_queue_arguments(),
+            )
+            tag = await queue.consume(functools.partial(self._on_task, task))
+            self._consumers.append((queue, tag))
+
+    async def _stop_consuming(self) -> None:
+        for queue, tag in self._consumers:
+            with contextlib.suppress(Exception):
+                await queue.cancel(tag)
+        self._consumers.clear()
+
+    async def _drain(self) -> None:
+        """Burst mode: returns once every queue is empty and nothing is in flight."""
+        assert self._events is not None
+        idle_checks = 0
+        while idle_checks < 3:
+            await asyncio.sleep(0.1)
+            if self.in_flight:
+                idle_checks = 0
+                continue
+            waiting = 0
+            for task in self.tasks:
+                queue = await self._events.declare_queue(
+                    self.topology.task_queue(task), passive=True
+                )
+                waiting += queue.declaration_result.message_count or 0
+            idle_checks = idle_checks + 1 if waiting == 0 else 0
+
+    # -- control ---------------------------------------------------------------------
+
+    async def _on_control(self, message: AbstractIncomingMessage) -> None:
+        try:
+            request = CancelRequest.model_validate_json(message.body)
+        except ValueError:
+            log.warning("ignoring an unreadable control message: %r", message.body[:200])
+            return
+        self.cancels.add(request)
+        job = self.running.get(request.task_id)
+        if job is not None:
+            job.cancelled.set()
+
+    # -- tasks -----------------------------------------------------------------------
+
+    async def _on_task(self, task: str, message: AbstractIncomingMessage) -> None:
+        self.in_flight += 1
+        self._idle.clear()
+        try:
+            await self._handle(task, message)
+        except Exception:
+            log.exception("unexpected error handling a %s message; it goes back to the queue", task)
+            with contextlib.suppress(Exception):
+                await message.nack(requeue=True)
+        finally:
+            self.in_flight -= 1
+            if not self.in_flight:
+                self._idle.set()
+
+    def _stop_reason(self, delivery: Delivery) -> Outcome | None:
+        """Why a delivered task must not start now, if it must not."""
+        cancel = self.cancels.get(delivery.task_id)
+        if cancel is not None:
+            return Outcome(Kind.CANCELLED, reason="cancelled before start")
+        margin = self.settings.reply_margin + self.settings.clock_skew
+        if delivery.deadline.expired(margin):
+            return Outcome(Kind.EXPIRED, reason="deadline passed before start")
+        return None
+
+    async def _handle(self, task: str, message: AbstractIncomingMessage) -> None:
+        received = time.time()
+        try:
+            delivery = decode(task, message)
+        except InvalidMessage as exc:
+            await self._park(message, str(exc))
+            log.warning("parked a %s message: %s", task, exc)
+            await message.ack()
+            return
+        early = self._stop_reason(delivery)
+        if early is None:
+            child = await self.pool.acquire()
+            try:
+                if self.stopping.is_set():
+                    await message.nack(requeue=True)  # hand it back for another worker
+                    return
+                early = self._stop_reason(delivery)
+                if early is None:
+                    outcome = await self._run(delivery, child, received)
+            finally:
+                self.pool.release(child)
+        if early is not None:
+            outcome = early
+        await self._settle(message, delivery, outcome)
+
+    async def _run(self, delivery: Delivery, child: Child, received: float) -> Outcome:
+        margin = self.settings.reply_margin + self.settings.clock_skew
+        job = runner.Job(
+            task=delivery.task,
+            task_id=delivery.task_id,
+            input_json=delivery.input_json,
+            deadline=delivery.deadline,
+            stop_at=delivery.deadline.epoch - margin,
+        )
+        self.running[delivery.task_id] = job
+        try:
+            await self._emit(delivery, EventType.RUNNING, attempt=delivery.attempt)
+
+            async def on_progress(fraction: float, text: str | None) -> None:
+                await self._emit(delivery, EventType.PROGRESS, progress=fraction, message=text)
+
+            return await runner.run(child, job, on_progress, self.settings.kill_grace)
+        finally:
+            del self.running[delivery.task_id]
+
+    async def _settle(
+        self, message: AbstractIncomingMessage, delivery: Delivery, outcome: Outcome
+    ) -> None:
+        event_type, disposition = settle(outcome)
+        announced = self.cancels.get(delivery.task_id)
+        already_said = (
+            outcome.kind is Kind.CANCELLED
+            and outcome.ran is None
+            and announced is not None
+            and announced.announced
+        )
+        if disposition is Disposition.PARK:
+            await self._park(message, outcome.reason or "invalid")
+        if not already_said:
+            await self._emit(
+                delivery,
+                event_type,
+                result=outcome.output,
+                error=outcome.error,
+                reason=outcome.reason,
+                ran=outcome.ran,
+                cpu_seconds=round(outcome.cpu_seconds, 4),
+                late_by=outcome.late_by,
+            )
+        self._log_outcome(delivery, outcome)
+        with contextlib.suppress(Exception):
+            await message.ack()
+
+    def _log_outcome(self, delivery: Delivery, outcome: Outcome) -> None:
+        extra = {
+            "task": delivery.task,
+            "task_id": delivery.task_id,
+            "outcome": outcome.kind.value,
+            "ran": outcome.ran,
+            "cpu_seconds": outcome.cpu_seconds,
+            "late_by": outcome.late_by,
+        }
+        if outcome.kind is Kind.ABORTED:
+            log.warning(
+                "aborted %s %s at its deadline: killed %+.3f s from the deadline after "
+                "running %.3f s, %.3f CPU s spent",
+                delivery.task,
+                delivery.task_id,
+                outcome.late_by or 0.0,
+                outcome.ran or 0.0,
+                outcome.cpu_seconds,
+                extra=extra,
+            )
+        else:
+            log.info(
+                "%s %s %s%s (ran %.3f s, %.3f CPU s)",
+                outcome.kind.value,
+                delivery.task,
+                delivery.task_id,
+                f": {outcome.reason}" if outcome.reason else "",
+                outcome.ran or 0.0,
+                outcome.cpu_seconds,
+                extra=extra,
+            )
+
+    # -- publishing ------------------------------------------------------------------
+
+    async def _emit(self, delivery: Delivery, event_type: EventType, **fields: object) -> None:
+        event = TaskEvent(
+            type=event_type,
+            task_id=delivery.task_id,
+            task=delivery.task,
+            worker=self.name,
+            owner=delivery.owner,
+            **fields,
+        )
+        await self._publish(
+            aio_pika.Message(
+                event.model_dump_json(exclude_none=True).encode(),
+                content_type=CONTENT_TYPE,
+                type=EVENT_TYPE,
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            ),
+            self.topology.events_stream,
+        )
+
+    async def _park(self, message: AbstractIncomingMessage, reason: str) -> None:
+        headers = dict(message.headers or {})
+        headers[PARK_REASON_HEADER] = reason[:1000]
+        await self._publish(
+            aio_pika.Message(
+                message.body,
+                headers=headers,
+                content_type=message.content_type,
+                message_id=message.message_id,
+                type=message.type,
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            ),
+            self.topology.parked_queue,
+        )
+
+    async def _publish(self, message: aio_pika.Message, routing_key: str) -> None:
+        """Publishes with a confirm, retrying across reconnects: an outcome is never dropped."""
+        assert self._events is not None
+        delay = 0.05
+        while True:
+            try:
+                await self._events.default_exchange.publish(message, routing_key, timeout=5)
+                return
+            except Exception as exc:
+                log.warning("publish to %s failed (%s); retrying", routing_key, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)

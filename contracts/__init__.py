@@ -1,0 +1,1 @@
+"""What the gateway and the compute workers share: values, messages, specs, topology."""

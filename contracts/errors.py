@@ -1,0 +1,69 @@
+"""Errors both sides agree on. Each maps to one HTTP status and, where a task is
+involved, one terminal event.
+
+    TimeboxError
+     ├── InvalidTimeout          422  Request-Timeout not a positive finite number ≤ max
+     ├── UnknownTaskType         404  no spec with that name
+     ├── TaskNotFound            404  no task with that id (or not yours)
+     ├── TaskAlreadyEnded        409  cancel of a task in a terminal state
+     ├── DeadlineUnmeetable      422  this input alone cannot finish in time  → rejected
+     ├── Overloaded              503  backlog or full queue; retry later       → rejected
+     └── BrokerUnavailable       503  no confirmed publish possible right now
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class TimeboxError(Exception):
+    status: ClassVar[int] = 500
+    slug: ClassVar[str] = "internal"
+    title: ClassVar[str] = "Internal error"
+
+    def __init__(self, detail: str, **extra: Any) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.extra = extra
+
+
+class InvalidTimeout(TimeboxError, ValueError):
+    status = 422
+    slug = "invalid-timeout"
+    title = "Invalid Request-Timeout"
+
+
+class UnknownTaskType(TimeboxError):
+    status = 404
+    slug = "unknown-task-type"
+    title = "Unknown task type"
+
+
+class TaskNotFound(TimeboxError):
+    status = 404
+    slug = "task-not-found"
+    title = "Task not found"
+
+
+class TaskAlreadyEnded(TimeboxError):
+    status = 409
+    slug = "task-already-ended"
+    title = "Task has already ended"
+
+
+class DeadlineUnmeetable(TimeboxError):
+    status = 422
+    slug = "deadline-unmeetable"
+    title = "Input cannot finish within the deadline"
+
+
+class Overloaded(TimeboxError):
+    status = 503
+    slug = "overloaded"
+    title = "Too much work queued to finish in time"
+
+
+class BrokerUnavailable(TimeboxError):
+    status = 503
+    slug = "broker-unavailable"
+    title = "Message broker unavailable"

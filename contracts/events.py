@@ -1,0 +1,151 @@
+"""Task events: every state change of a task, appended to the `{ns}.events` stream."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, JsonValue
+
+
+class EventType(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    PROGRESS = "progress"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    EXPIRED = "expired"
+    ABORTED = "aborted"
+    CANCELLED = "cancelled"
+    REJECTED = "rejected"
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL
+
+
+TERMINAL = frozenset(
+    {
+        EventType.SUCCEEDED,
+        EventType.FAILED,
+        EventType.EXPIRED,
+        EventType.ABORTED,
+        EventType.CANCELLED,
+        EventType.REJECTED,
+    }
+)
+
+
+class ErrorInfo(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: str
+    message: str
+
+
+class TaskEvent(BaseModel):
+    """One event. Which optional fields are set depends on `type`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: EventType
+    task_id: str
+    task: str
+    at: float = Field(default_factory=time.time, description="epoch seconds")
+    deadline_ms: int | None = None
+    owner: str | None = None
+    worker: str | None = None
+    attempt: int | None = None
+    progress: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
+    message: str | None = None
+    result: JsonValue = None
+    error: ErrorInfo | None = None
+    reason: str | None = None
+    waited: float | None = Field(default=None, description="seconds between queued and start")
+    ran: float | None = Field(default=None, description="seconds the task ran")
+    cpu_seconds: float | None = None
+    late_by: float | None = Field(
+        default=None, description="seconds past the deadline at the kill (negative: before)"
+    )
+
+    @property
+    def terminal(self) -> bool:
+        return self.type.terminal
+
+
+class TaskState(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    EXPIRED = "expired"
+    ABORTED = "aborted"
+    CANCELLED = "cancelled"
+    REJECTED = "rejected"
+
+    @property
+    def terminal(self) -> bool:
+        return self not in (TaskState.QUEUED, TaskState.RUNNING)
+
+
+def _instant(epoch: float | None) -> datetime | None:
+    return None if epoch is None else datetime.fromtimestamp(epoch, tz=UTC)
+
+
+class TaskStatus(BaseModel):
+    """What `GET /v1/tasks/{id}` answers: the fold of the task's events."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str
+    task: str
+    state: TaskState
+    created_at: datetime | None = None
+    deadline: datetime | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    worker: str | None = None
+    attempts: int = 0
+    progress: float | None = None
+    progress_message: str | None = None
+    result: JsonValue = None
+    error: ErrorInfo | None = None
+    reason: str | None = None
+
+    @classmethod
+    def first(cls, event: TaskEvent) -> TaskStatus:
+        status = cls(id=event.task_id, task=event.task, state=TaskState.QUEUED)
+        status.apply(event)
+        return status
+
+    def apply(self, event: TaskEvent) -> bool:
+        """Folds one event in. Returns False (and changes nothing) once terminal:
+        the first terminal event in stream order wins on every gateway."""
+        if self.state.terminal:
+            return False
+        match event.type:
+            case EventType.QUEUED:
+                self.created_at = _instant(event.at)
+                if event.deadline_ms is not None:
+                    self.deadline = _instant(event.deadline_ms / 1000)
+            case EventType.RUNNING:
+                self.state = TaskState.RUNNING
+                self.started_at = _instant(event.at)
+                self.worker = event.worker
+                self.attempts = max(self.attempts, event.attempt or 1)
+                self.progress = 0.0
+            case EventType.PROGRESS:
+                self.progress = event.progress
+                self.progress_message = event.message
+            case _:
+                self.state = TaskState(event.type.value)
+                self.finished_at = _instant(event.at)
+                self.worker = event.worker or self.worker
+                self.result = event.result
+                self.error = event.error
+                self.reason = event.reason
+                if event.type is EventType.SUCCEEDED:
+                    self.progress = 1.0
+        return True

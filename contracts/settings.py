@@ -1,0 +1,71 @@
+"""Settings both programs read from the environment (prefix `TIMEBOX_`)."""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any, Self
+from urllib.parse import urlsplit
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from contracts.specs import TaskSpec, load_specs, plugin_names
+from contracts.topology import Topology
+
+
+def _is_loopback(host: str) -> bool:
+    if host in ("localhost", ""):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class CommonSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TIMEBOX_", frozen=True, extra="ignore")
+
+    amqp_url: str = "amqp://guest:guest@localhost:5672/"
+    namespace: str = Field(default="timebox", pattern=r"^[A-Za-z0-9_.-]{1,100}$")
+    default_timeout: float = Field(default=60.0, gt=0, allow_inf_nan=False)
+    max_timeout: float = Field(default=600.0, gt=0, allow_inf_nan=False)
+    reply_margin: float = Field(
+        default=0.1, ge=0, le=10, description="stop work this long before the deadline"
+    )
+    kill_grace: float = Field(default=0.1, gt=0, le=30, description="SIGTERM → SIGKILL")
+    clock_skew: float = Field(default=0.05, ge=0, le=60, description="tolerated clock skew")
+    delivery_limit: int = Field(default=3, ge=1, le=100)
+    queue_max_length: int | None = Field(default=None, ge=1)
+    events_max_age: str = Field(default="1h", pattern=r"^[0-9]+[YMDhms]$")
+    log_format: str = Field(default="text", pattern=r"^(text|json)$")
+    task_plugins: str = Field(
+        default="",
+        description="comma-separated modules with extra task SPECS (and FUNCTIONS, for workers)",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        if self.default_timeout > self.max_timeout:
+            raise ValueError(
+                f"default_timeout ({self.default_timeout}) is over max_timeout ({self.max_timeout})"
+            )
+        url = urlsplit(self.amqp_url)
+        if url.scheme not in ("amqp", "amqps"):
+            raise ValueError(f"amqp_url must start with amqp:// or amqps://, not {self.amqp_url!r}")
+        if (url.username or "guest") == "guest" and not _is_loopback(url.hostname or ""):
+            raise ValueError(
+                "the 'guest' user only works on loopback: set TIMEBOX_AMQP_URL with the "
+                "broker's own user for a broker on another host"
+            )
+        return self
+
+    def specs(self) -> dict[str, TaskSpec[Any]]:
+        return load_specs(plugin_names(self.task_plugins))
+
+    def topology(self) -> Topology:
+        return Topology(
+            namespace=self.namespace,
+            delivery_limit=self.delivery_limit,
+            queue_max_length=self.queue_max_length,
+            events_max_age=self.events_max_age,
+        )

@@ -1,0 +1,114 @@
+"""Every exchange and queue of Timebox, with its arguments, in one place.
+
+Pure data: the gateway and the workers declare what `declarations()` lists."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+ExchangeKind = Literal["direct", "fanout"]
+
+
+@dataclass(frozen=True)
+class ExchangeDecl:
+    name: str
+    kind: ExchangeKind
+
+
+@dataclass(frozen=True)
+class QueueDecl:
+    name: str
+    arguments: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class BindingDecl:
+    queue: str
+    exchange: str
+    routing_key: str = ""
+
+
+Declaration = ExchangeDecl | QueueDecl | BindingDecl
+
+
+@dataclass(frozen=True)
+class Topology:
+    namespace: str = "timebox"
+    delivery_limit: int = 3
+    queue_max_length: int | None = None
+    events_max_age: str = "1h"
+    events_max_bytes: int = 1_000_000_000
+
+    @property
+    def tasks_exchange(self) -> str:
+        return f"{self.namespace}.tasks"
+
+    @property
+    def dead_exchange(self) -> str:
+        return f"{self.namespace}.dead"
+
+    @property
+    def dead_queue(self) -> str:
+        return f"{self.namespace}.dead"
+
+    @property
+    def parked_queue(self) -> str:
+        return f"{self.namespace}.parked"
+
+    @property
+    def events_stream(self) -> str:
+        return f"{self.namespace}.events"
+
+    @property
+    def control_exchange(self) -> str:
+        return f"{self.namespace}.control"
+
+    def task_queue(self, task: str) -> str:
+        return f"{self.namespace}.tasks.{task}"
+
+    def task_queue_arguments(self) -> dict[str, Any]:
+        args: dict[str, Any] = {
+            "x-queue-type": "quorum",
+            "x-dead-letter-exchange": self.dead_exchange,
+            "x-delivery-limit": self.delivery_limit,
+            # at-least-once dead-lettering needs reject-publish; it also makes a full
+            # queue nack the publisher instead of dropping the oldest message.
+            "x-overflow": "reject-publish",
+            "x-dead-letter-strategy": "at-least-once",
+        }
+        if self.queue_max_length is not None:
+            args["x-max-length"] = self.queue_max_length
+        return args
+
+    def declarations(self, tasks: Iterable[str]) -> list[Declaration]:
+        decls: list[Declaration] = [
+            ExchangeDecl(self.tasks_exchange, "direct"),
+            ExchangeDecl(self.dead_exchange, "fanout"),
+            ExchangeDecl(self.control_exchange, "fanout"),
+            QueueDecl(self.dead_queue, {"x-queue-type": "quorum"}),
+            BindingDecl(self.dead_queue, self.dead_exchange),
+            QueueDecl(self.parked_queue, {"x-queue-type": "quorum"}),
+            QueueDecl(
+                self.events_stream,
+                {
+                    "x-queue-type": "stream",
+                    "x-max-age": self.events_max_age,
+                    "x-max-length-bytes": self.events_max_bytes,
+                },
+            ),
+        ]
+        for task in tasks:
+            queue = self.task_queue(task)
+            decls.append(QueueDecl(queue, self.task_queue_arguments()))
+            decls.append(BindingDecl(queue, self.tasks_exchange, task))
+        return decls
+
+    def owned_names(self, tasks: Iterable[str]) -> tuple[list[str], list[str]]:
+        """(exchanges, queues) this namespace owns: what a teardown deletes."""
+        decls = self.declarations(tasks)
+        return (
+            [d.name for d in decls if isinstance(d, ExchangeDecl)],
+            [d.name for d in decls if isinstance(d, QueueDecl)],
+        )

@@ -1,0 +1,1 @@
+"""The HTTP gateway: admits, publishes, and reports tasks; never runs task code."""

@@ -1,0 +1,37 @@
+"""`timebox-gateway` / `python -m gateway`: uvicorn serving the gateway."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import uvicorn
+from pydantic import ValidationError
+
+from contracts.logs import configure_logging
+from gateway.app import create_app
+from gateway.settings import GatewaySettings
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="timebox-gateway", description=__doc__)
+    parser.add_argument("--host", default=None, help="default 127.0.0.1 (TIMEBOX_HOST)")
+    parser.add_argument("--port", type=int, default=None, help="default 8000 (TIMEBOX_PORT)")
+    args = parser.parse_args(argv)
+    overrides = {k: v for k, v in {"host": args.host, "port": args.port}.items() if v is not None}
+    try:
+        settings = GatewaySettings(**overrides)
+    except ValidationError as exc:
+        sys.exit(f"timebox-gateway: invalid settings:\n{exc}")
+    configure_logging(settings.log_format)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        timeout_graceful_shutdown=5,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,328 @@
+"""The HTTP API (v1): the paths and meanings of DESIGN.md."""
+
+# No `from __future__ import annotations`: the per-task routes annotate their bodies
+# with models chosen at run time, which FastAPI must see as real objects.
+
+import asyncio
+import uuid
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, FastAPI, Header, Query, Request, Response
+from fastapi.responses import JSONResponse
+from sse_starlette import EventSourceResponse
+from starlette.types import Message
+
+from contracts.deadline import Deadline
+from contracts.errors import TimeboxError, UnknownTaskType
+from contracts.events import EventType, TaskEvent, TaskState, TaskStatus
+from contracts.specs import TaskSpec
+from gateway.problems import PROBLEM_JSON, problem
+from gateway.services import Services, log, services
+from gateway.sse import parse_last_event_id, task_events
+from gateway.tasktable import Record
+
+PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"description": text, "content": {PROBLEM_JSON: {}}}
+    for code, text in {
+        404: "unknown task or task type",
+        409: "cancelled, or already ended",
+        422: "invalid input or Request-Timeout",
+        500: "the task failed",
+        503: "overloaded or broker unavailable; see Retry-After",
+        504: "expired or aborted at its deadline",
+    }.items()
+}
+
+
+def _wants_stream(request: Request) -> bool:
+    return "text/event-stream" in request.headers.get("accept", "")
+
+
+def _wants_wait(prefer: str | None, wait: bool) -> bool:
+    if wait:
+        return True
+    tokens = [p.strip().split("=")[0].lower() for p in (prefer or "").split(",")]
+    return "wait" in tokens
+
+
+def status_response(status: TaskStatus, code: int = 200, **headers: str) -> JSONResponse:
+    return JSONResponse(status.model_dump(mode="json"), status_code=code, headers=headers)
+
+
+def outcome_response(status: TaskStatus) -> Response:
+    """RPC answer for a task that ended, or whose deadline came first."""
+    waited = ran = None
+    if status.created_at and status.started_at:
+        waited = round((status.started_at - status.created_at).total_seconds(), 3)
+    if status.started_at and status.finished_at:
+        ran = round((status.finished_at - status.started_at).total_seconds(), 3)
+    body = status.model_dump(mode="json")
+    match status.state:
+        case TaskState.SUCCEEDED:
+            return status_response(status)
+        case TaskState.FAILED:
+            error = status.error
+            detail = f"{error.type}: {error.message}" if error else "the task failed"
+            return problem(
+                500, "task-failed", "Task failed", detail, task=body, waited=waited, ran=ran
+            )
+        case TaskState.EXPIRED:
+            detail = f"the task expired before it could start ({status.reason or 'deadline'})"
+            return problem(
+                504, "task-expired", "Task expired", detail, task=body, waited=waited, ran=ran
+            )
+        case TaskState.ABORTED:
+            detail = f"the task was stopped at its deadline after running {ran} s"
+            return problem(
+                504,
+                "task-aborted",
+                "Task aborted at its deadline",
+                detail,
+                task=body,
+                waited=waited,
+                ran=ran,
+            )
+        case TaskState.CANCELLED:
+            return problem(
+                409,
+                "task-cancelled",
+                "Task cancelled",
+                status.reason or "the task was cancelled",
+                task=body,
+                waited=waited,
+                ran=ran,
+            )
+        case TaskState.REJECTED:
+            return problem(
+                503, "task-rejected", "Task rejected", status.reason or "rejected", task=body
+            )
+        case _:
+            detail = f"the deadline passed while the task was {status.state.value}"
+            return problem(
+                504, "deadline-passed", "Deadline passed", detail, task=body, waited=waited, ran=ran
+            )
+
+
+async def _until_disconnect(request: Request) -> None:
+    while True:
+        message: Message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def _wait(svc: Services, request: Request, record: Record, deadline: Deadline) -> Response:
+    """Races the task's end, its deadline and the client's disconnect."""
+    ended = asyncio.ensure_future(record.done.wait())
+    gone = asyncio.ensure_future(_until_disconnect(request))
+    try:
+        done, _ = await asyncio.wait(
+            {ended, gone},
+            timeout=max(0.0, deadline.remaining()),
+            return_when=asyncio.FIRST_COMPLETED,
+        )
+    finally:
+        ended.cancel()
+        gone.cancel()
+    if gone in done and ended not in done:
+        await svc.cancel_quietly(record, "the waiting client disconnected")
+        return Response(status_code=499)
+    return outcome_response(record.status)
+
+
+async def submit(
+    request: Request,
+    spec: TaskSpec[Any],
+    body: Any,
+    wait: bool,
+    request_timeout: str | None,
+    prefer: str | None,
+) -> Response:
+    svc = services(request)
+    settings = svc.settings
+    deadline = Deadline.from_timeout_header(
+        request_timeout, default=settings.default_timeout, maximum=settings.max_timeout
+    )
+    task_id = str(uuid.uuid4())
+    owner: str | None = None
+    queued = TaskEvent(
+        type=EventType.QUEUED,
+        task_id=task_id,
+        task=spec.name,
+        deadline_ms=deadline.epoch_ms,
+        owner=owner,
+    )
+    # `queued` goes into the stream first, so that no worker's `running` can precede it
+    await svc.broker.publish_event(queued)
+    record = svc.table.expect(queued)
+    try:
+        await svc.broker.publish_task(
+            spec.name, task_id, body.model_dump_json().encode(), deadline, owner
+        )
+    except TimeboxError as exc:
+        rejected = TaskEvent(
+            type=EventType.REJECTED, task_id=task_id, task=spec.name, owner=owner, reason=exc.detail
+        )
+        svc.spawn(svc.broker.publish_event(rejected))
+        raise
+    log.info("queued %s %s (deadline in %.3f s)", spec.name, task_id, deadline.remaining())
+    if _wants_stream(request):
+
+        async def on_close(message: Message) -> None:
+            svc.spawn(_cancel_if_abandoned(svc, record))
+
+        return EventSourceResponse(
+            task_events(record, -1, settings.subscriber_buffer),
+            ping=settings.sse_heartbeat,
+            send_timeout=settings.sse_send_timeout,
+            client_close_handler_callable=on_close,
+            headers={"Location": f"/v1/tasks/{task_id}"},
+        )
+    if _wants_wait(prefer, wait):
+        return await _wait(svc, request, record, deadline)
+    return status_response(record.status, 202, Location=f"/v1/tasks/{task_id}")
+
+
+async def _cancel_if_abandoned(svc: Services, record: Record) -> None:
+    """A streaming client that went away has `stream_grace` seconds to come back."""
+    await asyncio.sleep(svc.settings.stream_grace)
+    if not record.subscribers and not record.status.state.terminal:
+        await svc.cancel_quietly(record, "the streaming client disconnected")
+
+
+def _submit_route(spec: TaskSpec[Any]) -> Any:
+    async def submit_task(
+        request: Request,
+        body: Annotated[spec.input_model, Body()],  # type: ignore[name-defined]
+        wait: Annotated[bool, Query(description="RPC: answer when the task ends")] = False,
+        request_timeout: Annotated[
+            str | None, Header(alias="Request-Timeout", description="seconds; default 60")
+        ] = None,
+        prefer: Annotated[str | None, Header(description="`wait` for RPC (RFC 7240)")] = None,
+    ) -> Response:
+        return await submit(request, spec, body, wait, request_timeout, prefer)
+
+    submit_task.__name__ = f"submit_{spec.name}"
+    submit_task.__doc__ = (
+        f"{spec.description}\n\n`202` + status by default; `Prefer: wait` or `?wait=true` "
+        "answers when the task ends; `Accept: text/event-stream` streams its events."
+    )
+    return submit_task
+
+
+def build_router(specs: dict[str, TaskSpec[Any]]) -> APIRouter:
+    router = APIRouter()
+    for spec in specs.values():
+        router.add_api_route(
+            f"/v1/tasks/{spec.name}",
+            _submit_route(spec),
+            methods=["POST"],
+            status_code=202,
+            response_model=TaskStatus,
+            responses={
+                200: {"model": TaskStatus, "description": "RPC: succeeded"},
+                **PROBLEM_RESPONSES,
+            },
+            tags=["tasks"],
+        )
+
+    @router.post("/v1/tasks/{task}", include_in_schema=False)
+    async def unknown_task(task: str) -> Response:
+        raise UnknownTaskType(
+            f"no task type {task!r}; known task types: {', '.join(specs)}",
+            task_types=list(specs),
+        )
+
+    @router.get(
+        "/v1/tasks/{task_id}",
+        response_model=TaskStatus,
+        responses=PROBLEM_RESPONSES,
+        tags=["tasks"],
+    )
+    async def get_task(request: Request, task_id: str) -> Response:
+        record = services(request).find(task_id, None)
+        return status_response(record.status)
+
+    @router.get(
+        "/v1/tasks/{task_id}/events",
+        responses={
+            200: {"content": {"text/event-stream": {}}, "description": "the task's events"},
+            204: {"description": "Last-Event-ID is at or past the terminal event"},
+            **PROBLEM_RESPONSES,
+        },
+        tags=["tasks"],
+    )
+    async def task_events_route(
+        request: Request,
+        task_id: str,
+        last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
+    ) -> Response:
+        svc = services(request)
+        record = svc.find(task_id, None)
+        after = parse_last_event_id(last_event_id)
+        end = record.terminal_offset
+        if end is not None and after >= end:
+            return Response(status_code=204)
+        return EventSourceResponse(
+            task_events(record, after, svc.settings.subscriber_buffer),
+            ping=svc.settings.sse_heartbeat,
+            send_timeout=svc.settings.sse_send_timeout,
+        )
+
+    @router.delete(
+        "/v1/tasks/{task_id}",
+        status_code=202,
+        response_model=TaskStatus,
+        responses=PROBLEM_RESPONSES,
+        tags=["tasks"],
+    )
+    async def cancel_task(request: Request, task_id: str) -> Response:
+        svc = services(request)
+        record = svc.find(task_id, None)
+        await svc.cancel(record, "cancelled by DELETE")
+        return status_response(record.status, 202)
+
+    @router.get("/v1/task-types", tags=["tasks"])
+    async def task_types() -> list[dict[str, Any]]:
+        return [
+            {
+                "name": spec.name,
+                "description": spec.description,
+                "input_schema": spec.input_model.model_json_schema(),
+                "output_schema": spec.output_model.model_json_schema(),
+                "limits": spec.limits,
+                "cost_unit": spec.cost_unit,
+                "example": spec.example,
+            }
+            for spec in specs.values()
+        ]
+
+    @router.get("/healthz", tags=["operations"])
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @router.get("/readyz", tags=["operations"], responses={503: PROBLEM_RESPONSES[503]})
+    async def readyz(request: Request) -> Response:
+        svc = services(request)
+        if not svc.broker.connected:
+            return problem(
+                503,
+                "not-ready",
+                "Not ready",
+                "not connected to RabbitMQ",
+                headers={"Retry-After": "1"},
+            )
+        if not svc.eventlog.caught_up.is_set():
+            return problem(
+                503,
+                "not-ready",
+                "Not ready",
+                "still reading the event stream",
+                headers={"Retry-After": "1"},
+            )
+        return JSONResponse({"status": "ready", "tasks_known": len(svc.table)})
+
+    return router
+
+
+def include(app: FastAPI, specs: dict[str, TaskSpec[Any]]) -> None:
+    app.include_router(build_router(specs))

@@ -1,0 +1,49 @@
+"""The FastAPI application and its lifespan."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from gateway import api, problems
+from gateway.broker import Broker
+from gateway.deadletters import DeadLetters
+from gateway.eventlog import EventLog
+from gateway.services import Services
+from gateway.settings import GatewaySettings
+from gateway.tasktable import TaskTable
+
+log = logging.getLogger("timebox.gateway")
+
+
+def create_app(settings: GatewaySettings | None = None) -> FastAPI:
+    settings = settings or GatewaySettings()
+    specs = settings.specs()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        broker = Broker(settings, specs)
+        await broker.start()
+        table = TaskTable(settings.task_table_size)
+        eventlog = EventLog(broker, table)
+        app.state.services = Services(settings, broker, table, eventlog)
+        await eventlog.start()
+        await DeadLetters(broker, table).start()
+        log.info("gateway ready on namespace %r", settings.namespace)
+        try:
+            yield
+        finally:
+            await broker.close()
+
+    app = FastAPI(
+        title="Timebox",
+        version="0.1.0",
+        description="CPU-heavy tasks behind HTTP, with deadlines enforced at every layer.",
+        lifespan=lifespan,
+    )
+    problems.install(app)
+    api.include(app, specs)
+    return app

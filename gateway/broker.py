@@ -1,0 +1,171 @@
+"""The gateway's side of RabbitMQ: one robust connection, confirmed publishes."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+import aio_pika
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractExchange,
+    AbstractIncomingMessage,
+    AbstractQueue,
+    AbstractRobustConnection,
+)
+from aiormq.exceptions import DeliveryError, PublishError
+
+from contracts.deadline import Deadline
+from contracts.errors import BrokerUnavailable, Overloaded
+from contracts.events import TaskEvent
+from contracts.messages import (
+    CONTENT_TYPE,
+    EVENT_TYPE,
+    OWNER_HEADER,
+    PARK_REASON_HEADER,
+    SYNC_TYPE,
+    CancelRequest,
+)
+from contracts.specs import TaskSpec
+from contracts.topology import BindingDecl, ExchangeDecl, QueueDecl, Topology
+from gateway.settings import GatewaySettings
+
+log = logging.getLogger("timebox.gateway.broker")
+
+
+class Broker:
+    def __init__(self, settings: GatewaySettings, specs: dict[str, TaskSpec[Any]]) -> None:
+        self.settings = settings
+        self.specs = specs
+        self.topology: Topology = settings.topology()
+        self.instance = uuid.uuid4().hex
+        self.connection: AbstractRobustConnection | None = None
+        self.channel: AbstractChannel | None = None
+        self._tasks_exchange: AbstractExchange | None = None
+        self._control_exchange: AbstractExchange | None = None
+
+    async def start(self) -> None:
+        self.connection = await aio_pika.connect_robust(
+            self.settings.amqp_url,
+            client_properties={"connection_name": f"gateway {self.instance[:8]}"},
+        )
+        self.channel = await self.connection.channel(publisher_confirms=True, on_return_raises=True)
+        await self._declare(self.channel)
+        self._tasks_exchange = await self.channel.get_exchange(self.topology.tasks_exchange)
+        self._control_exchange = await self.channel.get_exchange(self.topology.control_exchange)
+
+    async def close(self) -> None:
+        if self.connection is not None:
+            await self.connection.close()
+
+    @property
+    def connected(self) -> bool:
+        return (
+            self.connection is not None
+            and not self.connection.is_closed
+            and self.channel is not None
+            and not self.channel.is_closed
+        )
+
+    async def _declare(self, channel: AbstractChannel) -> None:
+        queues: dict[str, AbstractQueue] = {}
+        exchanges: dict[str, AbstractExchange] = {}
+        for decl in self.topology.declarations(self.specs):
+            if isinstance(decl, ExchangeDecl):
+                exchanges[decl.name] = await channel.declare_exchange(
+                    decl.name, aio_pika.ExchangeType(decl.kind), durable=True
+                )
+            elif isinstance(decl, QueueDecl):
+                queues[decl.name] = await channel.declare_queue(
+                    decl.name, durable=True, arguments=decl.arguments
+                )
+            elif isinstance(decl, BindingDecl):
+                await queues[decl.queue].bind(exchanges[decl.exchange], decl.routing_key)
+
+    async def _publish(
+        self, exchange: AbstractExchange | None, message: aio_pika.Message, routing_key: str
+    ) -> None:
+        if exchange is None or not self.connected:
+            raise BrokerUnavailable("not connected to RabbitMQ; retry shortly", retry_after=2)
+        try:
+            await exchange.publish(message, routing_key, timeout=self.settings.publish_timeout)
+        except PublishError as exc:
+            raise BrokerUnavailable(f"the broker could not route the message: {exc}") from exc
+        except DeliveryError as exc:
+            raise Overloaded(
+                f"queue {routing_key!r} is full (the broker refused the message)", retry_after=1
+            ) from exc
+        except (TimeoutError, ConnectionError, RuntimeError) as exc:
+            raise BrokerUnavailable(f"no confirm from RabbitMQ: {exc!r}", retry_after=2) from exc
+        except aio_pika.exceptions.AMQPError as exc:
+            raise BrokerUnavailable(f"RabbitMQ error: {exc!r}", retry_after=2) from exc
+
+    async def publish_event(self, event: TaskEvent) -> None:
+        assert self.channel is not None
+        await self._publish(
+            self.channel.default_exchange,
+            aio_pika.Message(
+                event.model_dump_json(exclude_none=True).encode(),
+                content_type=CONTENT_TYPE,
+                type=EVENT_TYPE,
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            ),
+            self.topology.events_stream,
+        )
+
+    async def publish_sync_marker(self) -> None:
+        """A marker in the event stream: reading it back means the table has caught up."""
+        assert self.channel is not None
+        await self._publish(
+            self.channel.default_exchange,
+            aio_pika.Message(self.instance.encode(), type=SYNC_TYPE),
+            self.topology.events_stream,
+        )
+
+    async def publish_task(
+        self, task: str, task_id: str, body: bytes, deadline: Deadline, owner: str | None
+    ) -> None:
+        headers: dict[str, aio_pika.abc.FieldValue] = dict(deadline.headers())
+        if owner is not None:
+            headers[OWNER_HEADER] = owner
+        await self._publish(
+            self._tasks_exchange,
+            aio_pika.Message(
+                body,
+                message_id=task_id,
+                type=task,
+                content_type=CONTENT_TYPE,
+                expiration=deadline.ttl_ms() / 1000,
+                timestamp=datetime.now(UTC),
+                headers=headers,
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            ),
+            task,
+        )
+
+    async def publish_cancel(self, request: CancelRequest) -> None:
+        await self._publish(
+            self._control_exchange,
+            aio_pika.Message(request.model_dump_json().encode(), content_type=CONTENT_TYPE),
+            "",
+        )
+
+    async def publish_parked(self, message: AbstractIncomingMessage, reason: str) -> None:
+        """Copies a message to `{ns}.parked`, with why, for a person to inspect."""
+        assert self.channel is not None
+        headers = dict(message.headers or {})
+        headers[PARK_REASON_HEADER] = reason[:1000]
+        await self._publish(
+            self.channel.default_exchange,
+            aio_pika.Message(
+                message.body,
+                headers=headers,
+                content_type=message.content_type,
+                message_id=message.message_id,
+                type=message.type,
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            ),
+            self.topology.parked_queue,
+        )

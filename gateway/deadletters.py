@@ -1,0 +1,73 @@
+"""Reads `{ns}.dead`: a plain expiry becomes the task's `expired` event; anything
+else is a `failed` event and a copy in `{ns}.parked` with its reason."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from aio_pika.abc import AbstractIncomingMessage
+
+from contracts.events import ErrorInfo, EventType, TaskEvent
+from contracts.messages import OWNER_HEADER
+from gateway.broker import Broker
+from gateway.tasktable import TaskTable
+
+log = logging.getLogger("timebox.gateway.deadletters")
+
+
+def death_reason(headers: dict[str, Any]) -> str:
+    deaths = headers.get("x-death")
+    if isinstance(deaths, list) and deaths and isinstance(deaths[0], dict):
+        reason = deaths[0].get("reason")
+    else:
+        reason = headers.get("x-first-death-reason")
+    if isinstance(reason, bytes):
+        reason = reason.decode(errors="replace")
+    return str(reason) if reason else "unknown"
+
+
+class DeadLetters:
+    def __init__(self, broker: Broker, table: TaskTable) -> None:
+        self.broker = broker
+        self.table = table
+
+    async def start(self) -> None:
+        assert self.broker.connection is not None
+        channel = await self.broker.connection.channel()
+        await channel.set_qos(prefetch_count=100)
+        queue = await channel.declare_queue(self.broker.topology.dead_queue, passive=True)
+        await queue.consume(self._on_message)
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        headers = dict(message.headers or {})
+        reason = death_reason(headers)
+        task_id, task = message.message_id, message.type
+        owner = headers.get(OWNER_HEADER)
+        event: TaskEvent | None = None
+        if reason == "expired":
+            record = self.table.get(task_id) if task_id else None
+            if task_id and task and (record is None or not record.status.state.terminal):
+                event = TaskEvent(
+                    type=EventType.EXPIRED,
+                    task_id=task_id,
+                    task=task,
+                    owner=owner if isinstance(owner, str) else None,
+                    reason="expired in the queue before a worker could start it",
+                )
+        else:
+            why = f"dead-lettered by the broker ({reason})"
+            await self.broker.publish_parked(message, why)
+            log.warning("parked message %s (%s): %s", task_id, task, why)
+            if task_id and task:
+                event = TaskEvent(
+                    type=EventType.FAILED,
+                    task_id=task_id,
+                    task=task,
+                    owner=owner if isinstance(owner, str) else None,
+                    error=ErrorInfo(type="DeadLettered", message=why),
+                    reason=why,
+                )
+        if event is not None:
+            await self.broker.publish_event(event)
+        await message.ack()

@@ -1,0 +1,50 @@
+"""Reads the `{ns}.events` stream from the start of its retention window into the
+task table, and keeps following it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
+from pydantic import ValidationError
+
+from contracts.events import TaskEvent
+from contracts.messages import SYNC_TYPE
+from gateway.broker import Broker
+from gateway.tasktable import TaskTable
+
+log = logging.getLogger("timebox.gateway.events")
+
+PREFETCH = 2000
+
+
+class EventLog:
+    def __init__(self, broker: Broker, table: TaskTable) -> None:
+        self.broker = broker
+        self.table = table
+        self.caught_up = asyncio.Event()
+        self._queue: AbstractQueue | None = None
+
+    async def start(self) -> None:
+        assert self.broker.connection is not None
+        channel = await self.broker.connection.channel()
+        await channel.set_qos(prefetch_count=PREFETCH)
+        self._queue = await channel.declare_queue(self.broker.topology.events_stream, passive=True)
+        # A reconnect restores this consumer from "first" again: the table skips the
+        # offsets it has already applied.
+        await self._queue.consume(self._on_message, arguments={"x-stream-offset": "first"})
+        await self.broker.publish_sync_marker()
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        offset = (message.headers or {}).get("x-stream-offset")
+        try:
+            if message.type == SYNC_TYPE:
+                if message.body.decode(errors="replace") == self.broker.instance:
+                    self.caught_up.set()
+            elif isinstance(offset, int):
+                self.table.apply(offset, TaskEvent.model_validate_json(message.body))
+        except ValidationError as exc:
+            log.warning("skipping an unreadable event at offset %s: %s", offset, exc)
+        finally:
+            await message.ack()

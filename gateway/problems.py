@@ -1,0 +1,74 @@
+"""Every error as `application/problem+json` (RFC 9457)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from contracts.errors import TimeboxError
+
+PROBLEM_JSON = "application/problem+json"
+
+
+def problem(
+    status: int,
+    slug: str,
+    title: str,
+    detail: str,
+    *,
+    headers: dict[str, str] | None = None,
+    **extra: Any,
+) -> JSONResponse:
+    body = {"type": f"/problems/{slug}", "title": title, "status": status, "detail": detail}
+    body.update(extra)
+    return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON, headers=headers)
+
+
+def from_error(error: TimeboxError) -> JSONResponse:
+    extra = dict(error.extra)
+    headers = None
+    retry_after = extra.get("retry_after")
+    if error.status == 503:
+        seconds = max(1, math.ceil(float(retry_after or 1)))
+        headers = {"Retry-After": str(seconds)}
+        extra["retry_after"] = seconds
+    return problem(error.status, error.slug, error.title, error.detail, headers=headers, **extra)
+
+
+def _location(loc: tuple[Any, ...] | list[Any]) -> str:
+    return ".".join(str(part) for part in loc)
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(TimeboxError)
+    async def _timebox(request: Request, exc: TimeboxError) -> JSONResponse:
+        return from_error(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = [
+            {
+                "field": _location(e.get("loc", ())),
+                "message": e.get("msg", ""),
+                "type": e.get("type"),
+            }
+            for e in exc.errors()
+        ]
+        fields = ", ".join(e["field"] for e in errors) or "the request"
+        return problem(422, "invalid-input", "Invalid input", f"check {fields}", errors=errors)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        title = {404: "Not found", 405: "Method not allowed"}.get(exc.status_code, "HTTP error")
+        return problem(
+            exc.status_code,
+            f"http-{exc.status_code}",
+            title,
+            str(exc.detail),
+            headers=dict(exc.headers) if exc.headers else None,
+        )

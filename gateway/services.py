@@ -1,0 +1,82 @@
+"""What the routes share: settings, the broker, the task table, and the cancel rule."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import Request
+
+from contracts.errors import TaskAlreadyEnded, TaskNotFound
+from contracts.events import EventType, TaskEvent, TaskState
+from contracts.messages import CancelRequest
+from gateway.broker import Broker
+from gateway.eventlog import EventLog
+from gateway.settings import GatewaySettings
+from gateway.tasktable import Record, TaskTable
+
+log = logging.getLogger("timebox.gateway")
+
+
+@dataclass
+class Services:
+    settings: GatewaySettings
+    broker: Broker
+    table: TaskTable
+    eventlog: EventLog
+    background: set[asyncio.Task[Any]] = field(default_factory=set)
+
+    @property
+    def ready(self) -> bool:
+        return self.broker.connected and self.eventlog.caught_up.is_set()
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
+
+    def find(self, task_id: str, owner: str | None) -> Record:
+        record = self.table.get(task_id)
+        if record is None or record.owner != owner:
+            raise TaskNotFound(f"no task with id {task_id!r}")
+        return record
+
+    async def cancel(self, record: Record, why: str) -> None:
+        """Cancels a task that has not ended. A queued one is announced `cancelled` at
+        once (its message is dropped when a worker gets it, or expires); a running one
+        is killed by its worker, which announces it."""
+        status = record.status
+        if status.state.terminal:
+            raise TaskAlreadyEnded(f"task {status.id} has already ended: {status.state.value}")
+        queued = status.state is TaskState.QUEUED
+        deadline_ms = int(status.deadline.timestamp() * 1000) if status.deadline else 0
+        await self.broker.publish_cancel(
+            CancelRequest(task_id=status.id, deadline_ms=deadline_ms, announced=queued)
+        )
+        if queued:
+            await self.broker.publish_event(
+                TaskEvent(
+                    type=EventType.CANCELLED,
+                    task_id=status.id,
+                    task=status.task,
+                    owner=record.owner,
+                    reason=why,
+                )
+            )
+        log.info("cancel %s %s: %s", status.task, status.id, why)
+
+    async def cancel_quietly(self, record: Record, why: str) -> None:
+        try:
+            await self.cancel(record, why)
+        except TaskAlreadyEnded:
+            pass
+        except Exception as exc:
+            log.warning("could not cancel %s: %r", record.status.id, exc)
+
+
+def services(request: Request) -> Services:
+    found: Services = request.app.state.services
+    return found

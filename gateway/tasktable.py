@@ -1,0 +1,103 @@
+"""The gateway's view of recent tasks, folded from the event stream.
+
+Every gateway reads the whole stream, so any replica answers for any task. The
+table is bounded: the oldest tasks are forgotten first."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from contracts.events import TaskEvent, TaskStatus
+
+
+class SubscriberTooSlow(Exception):
+    """The subscriber's buffer filled up: it is cut off so it slows nobody else."""
+
+
+@dataclass(eq=False)
+class Subscriber:
+    queue: asyncio.Queue[tuple[int, TaskEvent]]
+    overflowed: bool = False
+
+    def push(self, item: tuple[int, TaskEvent]) -> None:
+        try:
+            self.queue.put_nowait(item)
+        except asyncio.QueueFull:
+            self.overflowed = True
+
+    async def get(self) -> tuple[int, TaskEvent]:
+        if self.overflowed and self.queue.empty():
+            raise SubscriberTooSlow()
+        item = await self.queue.get()
+        return item
+
+
+@dataclass(eq=False)
+class Record:
+    status: TaskStatus
+    owner: str | None = None
+    events: list[tuple[int, TaskEvent]] = field(default_factory=list)
+    subscribers: set[Subscriber] = field(default_factory=set)
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def terminal_offset(self) -> int | None:
+        if self.events and self.events[-1][1].terminal:
+            return self.events[-1][0]
+        return None
+
+    def subscribe(self, buffer: int) -> Subscriber:
+        sub = Subscriber(asyncio.Queue(maxsize=buffer))
+        self.subscribers.add(sub)
+        return sub
+
+    def unsubscribe(self, sub: Subscriber) -> None:
+        self.subscribers.discard(sub)
+
+
+class TaskTable:
+    def __init__(self, max_tasks: int) -> None:
+        self.max_tasks = max_tasks
+        self._tasks: OrderedDict[str, Record] = OrderedDict()
+        self.last_offset = -1
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    def get(self, task_id: str) -> Record | None:
+        return self._tasks.get(task_id)
+
+    def expect(self, queued: TaskEvent) -> Record:
+        """Records a task this gateway just queued, before its event comes back from the
+        stream, so that the submitter's next request finds it."""
+        record = self._tasks.get(queued.task_id)
+        if record is None:
+            record = self._insert(queued)
+        return record
+
+    def apply(self, offset: int, event: TaskEvent) -> None:
+        """Folds in one event read from the stream at `offset` (each offset once)."""
+        if offset <= self.last_offset:
+            return
+        self.last_offset = offset
+        record = self._tasks.get(event.task_id)
+        if record is None:
+            record = self._insert(event)
+        elif not record.status.apply(event):
+            return  # after the terminal event: a late duplicate, ignored everywhere
+        record.events.append((offset, event))
+        for sub in record.subscribers:
+            sub.push((offset, event))
+        if event.terminal:
+            record.done.set()
+
+    def _insert(self, event: TaskEvent) -> Record:
+        record = Record(TaskStatus.first(event), owner=event.owner)
+        self._tasks[event.task_id] = record
+        while len(self._tasks) > self.max_tasks:
+            self._tasks.popitem(last=False)
+        if event.terminal:
+            record.done.set()
+        return record

@@ -1,0 +1,37 @@
+from contracts.events import ErrorInfo, EventType, TaskEvent, TaskState, TaskStatus
+
+
+def event(kind: EventType, **fields: object) -> TaskEvent:
+    return TaskEvent(type=kind, task_id="t1", task="echo", at=100.0, **fields)  # type: ignore[arg-type]
+
+
+def test_status_follows_the_lifecycle() -> None:
+    status = TaskStatus.first(event(EventType.QUEUED, deadline_ms=160_000))
+    assert status.state is TaskState.QUEUED
+    assert status.deadline is not None
+    assert status.deadline.timestamp() == 160.0
+    status.apply(event(EventType.RUNNING, worker="host:1", attempt=1))
+    assert (status.state, status.worker, status.attempts) == (TaskState.RUNNING, "host:1", 1)
+    status.apply(event(EventType.PROGRESS, progress=0.5, message="half"))
+    assert (status.progress, status.progress_message) == (0.5, "half")
+    status.apply(event(EventType.SUCCEEDED, result={"payload": 1}))
+    assert status.state is TaskState.SUCCEEDED
+    assert status.result == {"payload": 1}
+    assert status.progress == 1.0
+
+
+def test_the_first_terminal_event_wins() -> None:
+    status = TaskStatus.first(event(EventType.QUEUED))
+    assert status.apply(event(EventType.CANCELLED, reason="DELETE"))
+    assert not status.apply(event(EventType.EXPIRED))
+    assert not status.apply(event(EventType.FAILED, error=ErrorInfo(type="X", message="y")))
+    assert status.state is TaskState.CANCELLED
+    assert status.reason == "DELETE"
+
+
+def test_events_refuse_unknown_fields() -> None:
+    import pydantic
+    import pytest
+
+    with pytest.raises(pydantic.ValidationError):
+        TaskEvent.model_validate({"type": "queued", "task_id": "a", "task": "b", "extra": 1})
