@@ -112,7 +112,7 @@ class Worker:
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self.pool = Pool(settings.concurrency)
         self.cancels = CancelRegistry()
-        self.running: dict[str, runner.Job] = {}
+        self.jobs: dict[str, runner.Job] = {}
         self.in_flight = 0
         self.stopping = asyncio.Event()
         self._idle = asyncio.Event()
@@ -207,7 +207,7 @@ class Worker:
             log.warning("ignoring an unreadable control message: %r", message.body[:200])
             return
         self.cancels.add(request)
-        job = self.running.get(request.task_id)
+        job = self.jobs.get(request.task_id)
         if job is not None:
             job.cancelled.set()
 
@@ -238,7 +238,6 @@ class Worker:
         return None
 
     async def _handle(self, task: str, message: AbstractIncomingMessage) -> None:
-        received = time.time()
         try:
             delivery = decode(task, message)
         except InvalidMessage as exc:
@@ -246,23 +245,6 @@ class Worker:
             log.warning("parked a %s message: %s", task, exc)
             await message.ack()
             return
-        early = self._stop_reason(delivery)
-        if early is None:
-            child = await self.pool.acquire()
-            try:
-                if self.stopping.is_set():
-                    await message.nack(requeue=True)  # hand it back for another worker
-                    return
-                early = self._stop_reason(delivery)
-                if early is None:
-                    outcome = await self._run(delivery, child, received)
-            finally:
-                self.pool.release(child)
-        if early is not None:
-            outcome = early
-        await self._settle(message, delivery, outcome)
-
-    async def _run(self, delivery: Delivery, child: Child, received: float) -> Outcome:
         margin = self.settings.reply_margin + self.settings.clock_skew
         job = runner.Job(
             task=delivery.task,
@@ -271,16 +253,60 @@ class Worker:
             deadline=delivery.deadline,
             stop_at=delivery.deadline.epoch - margin,
         )
-        self.running[delivery.task_id] = job
+        self.jobs[job.task_id] = job  # from here on a cancel reaches it
         try:
-            await self._emit(delivery, EventType.RUNNING, attempt=delivery.attempt)
-
-            async def on_progress(fraction: float, text: str | None) -> None:
-                await self._emit(delivery, EventType.PROGRESS, progress=fraction, message=text)
-
-            return await runner.run(child, job, on_progress, self.settings.kill_grace)
+            outcome = self._stop_reason(delivery)
+            if outcome is None:
+                child = await self._slot_for(job)
+                if child is None:
+                    outcome = self._stop_reason(delivery) or Outcome(
+                        Kind.EXPIRED, reason="deadline passed while waiting for a free slot"
+                    )
+                else:
+                    try:
+                        if self.stopping.is_set():
+                            await message.nack(requeue=True)  # hand it back to another worker
+                            return
+                        outcome = self._stop_reason(delivery) or await self._run(
+                            delivery, job, child
+                        )
+                    finally:
+                        self.pool.release(child)
         finally:
-            del self.running[delivery.task_id]
+            self.jobs.pop(job.task_id, None)
+        await self._settle(message, delivery, outcome)
+
+    async def _slot_for(self, job: runner.Job) -> Child | None:
+        """A free child, or None if the job was cancelled or hit its stop time first."""
+        acquire = asyncio.ensure_future(self.pool.acquire())
+        cancelled = asyncio.ensure_future(job.cancelled.wait())
+        try:
+            await asyncio.wait(
+                {acquire, cancelled},
+                timeout=max(0.0, job.stop_at - time.time()),
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        finally:
+            cancelled.cancel()
+            if not acquire.done():
+                acquire.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await acquire
+        if acquire.cancelled():
+            return None
+        child = acquire.result()
+        if job.cancelled.is_set() or time.time() >= job.stop_at:
+            self.pool.release(child)
+            return None
+        return child
+
+    async def _run(self, delivery: Delivery, job: runner.Job, child: Child) -> Outcome:
+        await self._emit(delivery, EventType.RUNNING, attempt=delivery.attempt)
+
+        async def on_progress(fraction: float, text: str | None) -> None:
+            await self._emit(delivery, EventType.PROGRESS, progress=fraction, message=text)
+
+        return await runner.run(child, job, on_progress, self.settings.kill_grace)
 
     async def _settle(
         self, message: AbstractIncomingMessage, delivery: Delivery, outcome: Outcome

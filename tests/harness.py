@@ -196,3 +196,31 @@ def running(*procs: Proc) -> Iterator[None]:
     finally:
         for p in procs:
             p.stop()
+
+
+def task_events(
+    client: httpx.Client, task_id: str, last_event_id: str | None = None
+) -> list[tuple[str, dict[str, object], str]]:
+    """(event, data, id) of a task, read over SSE until its terminal event."""
+    import json
+
+    from httpx_sse import connect_sse
+
+    headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
+    with connect_sse(client, "GET", f"/v1/tasks/{task_id}/events", headers=headers) as source:
+        # httpx-sse reports a heartbeat comment as an event without data: skip those
+        return [(e.event, json.loads(e.data), e.id) for e in source.iter_sse() if e.data]
+
+
+def wait_for_event(client: httpx.Client, task_id: str, kind: str) -> dict[str, object]:
+    """Reads the task's SSE stream until an event of `kind` arrives."""
+    import json
+
+    from httpx_sse import connect_sse
+
+    with connect_sse(client, "GET", f"/v1/tasks/{task_id}/events") as source:
+        for e in source.iter_sse():
+            if e.event == kind:
+                data: dict[str, object] = json.loads(e.data)
+                return data
+    raise AssertionError(f"task {task_id} ended without a {kind!r} event")

@@ -53,9 +53,7 @@ def test_rpc_align_dna_is_correct_end_to_end(client: httpx.Client) -> None:
 
 
 def test_streaming_post_sends_the_events_in_order_then_closes(client: httpx.Client) -> None:
-    with connect_sse(
-        client, "POST", "/v1/tasks/burn_cpu", json={"seconds": 0.4}
-    ) as source:
+    with connect_sse(client, "POST", "/v1/tasks/burn_cpu", json={"seconds": 0.4}) as source:
         assert source.response.status_code == 200
         events = list(source.iter_sse())
     kinds = [e.event for e in events]
@@ -137,9 +135,10 @@ def test_a_second_gateway_serves_a_task_submitted_through_the_first(make_stack) 
     first = stack.gateway()
     stack.worker(1)
     second = stack.gateway()
-    with httpx.Client(base_url=first.url, timeout=30) as a, httpx.Client(
-        base_url=second.url, timeout=30
-    ) as b:
+    with (
+        httpx.Client(base_url=first.url, timeout=30) as a,
+        httpx.Client(base_url=second.url, timeout=30) as b,
+    ):
         task_id = a.post("/v1/tasks/burn_cpu", json={"seconds": 0.3}).json()["id"]
         # the second gateway streams it live, from the shared event stream
         events = events_of(b, task_id)

@@ -1,0 +1,361 @@
+"""Deadlines at every layer: expire in the queue, never start late, kill at the deadline,
+cancel, client disconnect."""
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import aio_pika
+import httpx
+import pytest
+
+from tests.conftest import Stack
+from tests.harness import (
+    alive,
+    process_tree,
+    task_events,
+    tree_cpu_seconds,
+    wait_for_event,
+    wait_until,
+)
+
+pytestmark = pytest.mark.timeout(90)
+
+
+@pytest.mark.parametrize("hold_gil", [False, True], ids=["python-loop", "hold-gil"])
+def test_a_30s_task_with_a_2s_deadline_is_killed_and_costs_no_cpu_after(
+    make_stack, hold_gil: bool
+) -> None:
+    stack: Stack = make_stack()
+    stack.gateway()
+    worker = stack.worker(1)
+    with stack.client() as client:
+        started = time.time()
+        response = client.post(
+            "/v1/tasks/burn_cpu",
+            params={"wait": "true"},
+            headers={"Request-Timeout": "2"},
+            json={"seconds": 30, "hold_gil": hold_gil},
+        )
+        answered = time.time() - started
+        assert response.status_code == 504
+        problem = response.json()
+        assert problem["type"] == "/problems/task-aborted"
+        assert problem["task"]["state"] == "aborted"
+        assert problem["ran"] < 2.0
+        assert answered < 2.5
+        task_id = problem["task"]["id"]
+
+        line = worker.wait_for_line(rf"aborted burn_cpu {task_id}")
+        assert "from the deadline" in line
+        assert "CPU s spent" in line
+        aborted = task_events(client, task_id)[-1][1]
+        assert aborted["late_by"] <= 0.05  # killed by its deadline, not after
+        assert aborted["cpu_seconds"] > 1.0
+
+    # from half a second after the deadline, the worker's process tree is idle
+    deadline = started + 2
+    time.sleep(max(0.0, deadline + 0.5 - time.time()))
+    pids = process_tree(worker.pid)
+    before = tree_cpu_seconds(pids)
+    time.sleep(1.0)  # the measurement window itself
+    spent = tree_cpu_seconds(pids) - before
+    assert spent < 0.05, f"the worker tree used {spent:.3f} CPU s after the deadline"
+
+
+def test_tasks_queued_behind_a_busy_slot_expire_without_ever_running(make_stack) -> None:
+    stack: Stack = make_stack()
+    stack.gateway()
+    stack.worker(1)
+    with stack.client() as client:
+        busy = client.post("/v1/tasks/burn_cpu", json={"seconds": 2.5}).json()["id"]
+        wait_for_event(client, busy, "running")
+        short = [
+            client.post(f"/v1/tasks/{task}", headers={"Request-Timeout": "0.8"}, json=body).json()[
+                "id"
+            ]
+            for task, body in [
+                ("burn_cpu", {"seconds": 0.1}),  # behind the busy task in its own queue
+                ("echo", {"payload": 1}),  # another queue: held by the worker, still never run
+                ("burn_cpu", {"seconds": 0.1}),
+            ]
+        ]
+        for task_id in short:
+            events = task_events(client, task_id)
+            assert [e[0] for e in events] == ["queued", "expired"]
+            assert client.get(f"/v1/tasks/{task_id}").json()["state"] == "expired"
+        assert task_events(client, busy)[-1][0] == "succeeded"
+
+
+def test_delete_kills_a_running_task(make_stack) -> None:
+    stack: Stack = make_stack()
+    stack.gateway()
+    worker = stack.worker(1)
+    with stack.client() as client:
+        task_id = client.post("/v1/tasks/burn_cpu", json={"seconds": 30}).json()["id"]
+        wait_for_event(client, task_id, "running")
+        response = client.delete(f"/v1/tasks/{task_id}")
+        assert response.status_code == 202
+        events = task_events(client, task_id)
+        assert events[-1][0] == "cancelled"
+        assert events[-1][1]["reason"] == "cancelled while running"
+        worker.wait_for_line(rf"cancelled burn_cpu {task_id}")
+        again = client.delete(f"/v1/tasks/{task_id}")
+        assert again.status_code == 409
+        assert again.headers["content-type"] == "application/problem+json"
+        assert client.delete("/v1/tasks/no-such-task").status_code == 404
+        # the slot serves the next task
+        ok = client.post("/v1/tasks/echo", params={"wait": "true"}, json={"payload": 1})
+        assert ok.status_code == 200
+
+
+def test_delete_drops_a_queued_task_before_it_starts(make_stack) -> None:
+    stack: Stack = make_stack()
+    stack.gateway()
+    worker = stack.worker(1)
+    with stack.client() as client:
+        busy = client.post("/v1/tasks/burn_cpu", json={"seconds": 1.5}).json()["id"]
+        wait_for_event(client, busy, "running")
+        queued = client.post("/v1/tasks/burn_cpu", json={"seconds": 0.2}).json()["id"]
+        assert client.delete(f"/v1/tasks/{queued}").status_code == 202
+        assert [e[0] for e in task_events(client, queued)] == ["queued", "cancelled"]
+        assert client.get(f"/v1/tasks/{queued}").json()["state"] == "cancelled"
+        # the worker gets the message once the slot is free, and drops it unstarted
+        worker.wait_for_line(rf"cancelled burn_cpu {queued}: cancelled before start")
+        assert [e[0] for e in task_events(client, queued)] == ["queued", "cancelled"]
+        assert task_events(client, busy)[-1][0] == "succeeded"
+
+
+def test_an_rpc_client_that_disconnects_cancels_its_task(make_stack) -> None:
+    stack: Stack = make_stack()
+    stack.gateway()
+    stack.worker(1)
+    with stack.client() as client:
+        # Given a client that gives up after 1 s on a 30 s task with a 20 s deadline
+        with pytest.raises(httpx.ReadTimeout):
+            client.post(
+                "/v1/tasks/burn_cpu",
+                params={"wait": "true"},
+                headers={"Request-Timeout": "20"},
+                json={"seconds": 30},
+                timeout=1.0,
+            )
+        # Then the task is cancelled, long before its deadline
+        started = time.time()
+        task_id = _only_task_id(stack)
+        events = task_events(client, task_id)
+        assert events[-1][0] == "cancelled"
+        assert time.time() - started < 5
+
+
+def _only_task_id(stack: Stack) -> str:
+    for line in reversed(stack.gateways[0].lines):
+        if "queued burn_cpu " in line:
+            return line.split("queued burn_cpu ")[1].split()[0]
+    raise AssertionError("no queued task in the gateway log")
+
+
+def test_a_streaming_client_that_goes_away_cancels_after_the_grace(make_stack) -> None:
+    from httpx_sse import connect_sse
+
+    stack: Stack = make_stack(TIMEBOX_STREAM_GRACE="0.3")
+    stack.gateway()
+    worker = stack.worker(1)
+    with stack.client() as client:
+        with connect_sse(client, "POST", "/v1/tasks/burn_cpu", json={"seconds": 30}) as source:
+            events = source.iter_sse()
+            first = next(events)
+            assert first.event == "queued"
+            task_id = first.json()["task_id"]
+            assert next(events).event == "running"
+        # the connection is closed; nobody reconnects within the grace (a GET of its
+        # events now would count as the reconnect, so the test watches the worker)
+        worker.wait_for_line(rf"cancelled burn_cpu {task_id}")
+        assert client.get(f"/v1/tasks/{task_id}").json()["state"] == "cancelled"
+
+
+def test_a_get_subscriber_leaving_does_not_cancel_a_202_task(client: httpx.Client) -> None:
+    from httpx_sse import connect_sse
+
+    task_id = client.post("/v1/tasks/burn_cpu", json={"seconds": 0.6}).json()["id"]
+    with connect_sse(client, "GET", f"/v1/tasks/{task_id}/events") as source:
+        assert next(source.iter_sse()).event == "queued"
+    assert task_events(client, task_id)[-1][0] == "succeeded"
+
+
+def test_request_timeouts_over_the_maximum_or_not_positive_are_422(client: httpx.Client) -> None:
+    for raw in ["601", "0", "-1", "nan", "inf", "soon"]:
+        response = client.post(
+            "/v1/tasks/echo", headers={"Request-Timeout": raw}, json={"payload": 1}
+        )
+        assert response.status_code == 422, raw
+        assert response.json()["type"] == "/problems/invalid-timeout"
+
+
+def test_healthz_stays_fast_while_every_slot_is_busy(make_stack) -> None:
+    stack: Stack = make_stack()
+    stack.gateway()
+    stack.worker(1)
+    with stack.client() as client:
+        busy = client.post("/v1/tasks/burn_cpu", json={"seconds": 3, "hold_gil": True}).json()
+        client.post("/v1/tasks/count_primes", json={"n": 2_000_000})
+        wait_for_event(client, busy["id"], "running")
+        slowest = 0.0
+        for _ in range(50):
+            t = time.perf_counter()
+            assert client.get("/healthz").status_code == 200
+            slowest = max(slowest, time.perf_counter() - t)
+        assert slowest < 0.5
+
+
+def test_a_killed_worker_leaves_no_child_behind(make_stack) -> None:
+    stack: Stack = make_stack()
+    stack.gateway()
+    worker = stack.worker(2)
+    with stack.client() as client:
+        task_id = client.post("/v1/tasks/burn_cpu", json={"seconds": 30}).json()["id"]
+        wait_for_event(client, task_id, "running")
+    children = [p for p in process_tree(worker.pid) if p != worker.pid]
+    assert len(children) >= 3  # two slots and the warm spare
+    worker.signal(signal.SIGKILL)
+    wait_until(lambda: not any(alive(p) for p in children), 5, "the children to die")
+
+
+def test_the_worker_refuses_a_max_timeout_not_below_the_consumer_timeout() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "compute"],
+        env={
+            **os.environ,
+            "TIMEBOX_MAX_TIMEOUT": "1800",
+            "TIMEBOX_BROKER_CONSUMER_TIMEOUT": "1800",
+        },
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode != 0
+    assert "consumer timeout" in result.stderr
+
+
+def test_programs_refuse_invalid_settings_with_a_clear_message() -> None:
+    for module, env in [
+        ("gateway", {"TIMEBOX_DEFAULT_TIMEOUT": "-1"}),
+        ("compute", {"TIMEBOX_KILL_GRACE": "soon"}),
+        ("gateway", {"TIMEBOX_AMQP_URL": "amqp://guest:guest@broker.example:5672/"}),
+    ]:
+        result = subprocess.run(
+            [sys.executable, "-m", module],
+            env={**os.environ, **env},
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert result.returncode != 0
+        assert "invalid settings" in result.stderr
+
+
+def test_a_message_dead_lettered_for_another_reason_fails_and_is_parked(make_stack) -> None:
+    stack: Stack = make_stack()
+    stack.gateway()  # no worker: the test plays a consumer that rejects
+    with stack.client() as client:
+        task_id = client.post("/v1/tasks/echo", json={"payload": "x"}).json()["id"]
+
+        async def reject_one() -> None:
+            connection = await aio_pika.connect(stack.amqp_url)
+            async with connection:
+                channel = await connection.channel()
+                queue = await channel.get_queue(f"{stack.namespace}.tasks.echo", ensure=False)
+                message = await queue.get(timeout=5)
+                assert message is not None
+                await message.reject(requeue=False)
+
+        asyncio.run(reject_one())
+        events = task_events(client, task_id)
+        assert events[-1][0] == "failed"
+        assert "rejected" in events[-1][1]["reason"]
+
+        async def parked() -> aio_pika.abc.AbstractIncomingMessage | None:
+            connection = await aio_pika.connect(stack.amqp_url)
+            async with connection:
+                channel = await connection.channel()
+                queue = await channel.get_queue(f"{stack.namespace}.parked", ensure=False)
+                message = await queue.get(timeout=5, fail=False)
+                return message
+
+        message = asyncio.run(parked())
+        assert message is not None
+        assert message.message_id == task_id
+        assert "rejected" in str(message.headers["x-park-reason"])
+
+
+def _hammer_health(url: str, stop: threading.Event, worst: list[float]) -> None:
+    with httpx.Client(base_url=url, timeout=10) as c:
+        while not stop.is_set():
+            t = time.perf_counter()
+            c.get("/healthz").raise_for_status()
+            worst[0] = max(worst[0], time.perf_counter() - t)
+            stop.wait(0.05)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_the_classic_scenario_no_task_runs_past_its_deadline(make_stack) -> None:
+    """Clients with a fixed 3 s timeout call tasks of random length (0.05 to 6 s) over two
+    workers: nothing runs past its deadline, each early stop is logged, and the server
+    answers throughout."""
+    import random
+
+    stack: Stack = make_stack()
+    stack.gateway()
+    workers = [stack.worker(1), stack.worker(1)]
+    rng = random.Random(42)
+    lengths = [round(rng.uniform(0.05, 6.0), 3) for _ in range(24)]
+    results: list[tuple[float, httpx.Response]] = []
+    lock = threading.Lock()
+
+    def client_loop(mine: list[float]) -> None:
+        with stack.client(timeout=3.5) as c:
+            for seconds in mine:
+                r = c.post(
+                    "/v1/tasks/burn_cpu",
+                    headers={"Request-Timeout": "3", "Prefer": "wait"},
+                    json={"seconds": seconds},
+                )
+                with lock:
+                    results.append((seconds, r))
+
+    stop, worst = threading.Event(), [0.0]
+    health = threading.Thread(target=_hammer_health, args=(stack.url, stop, worst))
+    health.start()
+    threads = [threading.Thread(target=client_loop, args=(lengths[i::3],)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    stop.set()
+    health.join()
+
+    assert len(results) == len(lengths)
+    aborted = expired = 0
+    with stack.client() as c:
+        for seconds, r in results:
+            assert r.status_code in (200, 504), r.text
+            status = r.json() if r.status_code == 200 else r.json()["task"]
+            if r.status_code == 200:
+                assert seconds < 3
+                continue
+            final = task_events(c, status["id"])[-1]
+            assert final[0] in ("aborted", "expired")
+            if final[0] == "aborted":
+                aborted += 1
+                assert final[1]["late_by"] <= 0.05
+                log_lines = sum(w.count(rf"aborted burn_cpu {status['id']}") for w in workers)
+                assert log_lines == 1
+            else:
+                expired += 1
+    assert aborted >= 3
+    assert worst[0] < 0.5, f"/healthz took {worst[0]:.3f} s at worst"
