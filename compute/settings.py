@@ -19,6 +19,11 @@ class WorkerSettings(CommonSettings):
         "by default): a task must always end, and be acked, before it",
     )
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    start_only_if_finishable: bool = Field(
+        default=True,
+        description="do not start a task whose time left is below its expected run time "
+        "(once enough tasks of its type have finished here to trust the estimate)",
+    )
 
     @model_validator(mode="after")
     def _below_consumer_timeout(self) -> Self:

@@ -29,9 +29,11 @@ from compute.pool import Child, Pool
 from compute.settings import WorkerSettings
 from contracts.deadline import DEADLINE_HEADER, Deadline
 from contracts.errors import InvalidTimeout
+from contracts.estimates import RunTimes
 from contracts.events import EventType, TaskEvent
 from contracts.messages import (
     CONTENT_TYPE,
+    COST_HEADER,
     DELIVERY_COUNT_HEADER,
     EVENT_TYPE,
     OWNER_HEADER,
@@ -55,6 +57,7 @@ class Delivery:
     input_json: str
     attempt: int
     owner: str | None
+    cost: float | None
 
 
 def decode(task: str, message: AbstractIncomingMessage) -> Delivery:
@@ -75,6 +78,7 @@ def decode(task: str, message: AbstractIncomingMessage) -> Delivery:
         raise InvalidMessage("body is not UTF-8 JSON") from None
     count = headers.get(DELIVERY_COUNT_HEADER, 0)
     owner = headers.get(OWNER_HEADER)
+    cost = headers.get(COST_HEADER)
     return Delivery(
         task=task,
         task_id=message.message_id,
@@ -82,6 +86,7 @@ def decode(task: str, message: AbstractIncomingMessage) -> Delivery:
         input_json=body,
         attempt=(int(count) if isinstance(count, int) else 0) + 1,
         owner=owner if isinstance(owner, str) else None,
+        cost=float(cost) if isinstance(cost, int | float) and not isinstance(cost, bool) else None,
     )
 
 
@@ -112,6 +117,9 @@ class Worker:
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self.pool = Pool(settings.concurrency)
         self.cancels = CancelRegistry()
+        self.runtimes = {
+            task: RunTimes(min_samples=settings.estimate_min_samples) for task in self.tasks
+        }
         self.jobs: dict[str, runner.Job] = {}
         self.in_flight = 0
         self.stopping = asyncio.Event()
@@ -191,11 +199,10 @@ class Worker:
                 idle_checks = 0
                 continue
             waiting = 0
+            raw = await self._events.get_underlay_channel()  # no cached declare results
             for task in self.tasks:
-                queue = await self._events.declare_queue(
-                    self.topology.task_queue(task), passive=True
-                )
-                waiting += queue.declaration_result.message_count or 0
+                result = await raw.queue_declare(self.topology.task_queue(task), passive=True)
+                waiting += result.message_count or 0
             idle_checks = idle_checks + 1 if waiting == 0 else 0
 
     # -- control ---------------------------------------------------------------------
@@ -235,6 +242,13 @@ class Worker:
         margin = self.settings.reply_margin + self.settings.clock_skew
         if delivery.deadline.expired(margin):
             return Outcome(Kind.EXPIRED, reason="deadline passed before start")
+        expected = self.runtimes[delivery.task].expect(delivery.cost)
+        left = delivery.deadline.remaining() - margin
+        if self.settings.start_only_if_finishable and expected is not None and left < expected:
+            return Outcome(
+                Kind.EXPIRED,
+                reason=f"unmeetable: needs about {expected:.2f} s, {left:.2f} s left",
+            )
         return None
 
     async def _handle(self, task: str, message: AbstractIncomingMessage) -> None:
@@ -301,12 +315,17 @@ class Worker:
         return child
 
     async def _run(self, delivery: Delivery, job: runner.Job, child: Child) -> Outcome:
-        await self._emit(delivery, EventType.RUNNING, attempt=delivery.attempt)
+        await self._emit(
+            delivery, EventType.RUNNING, attempt=delivery.attempt, slots=self.pool.size
+        )
 
         async def on_progress(fraction: float, text: str | None) -> None:
             await self._emit(delivery, EventType.PROGRESS, progress=fraction, message=text)
 
-        return await runner.run(child, job, on_progress, self.settings.kill_grace)
+        outcome = await runner.run(child, job, on_progress, self.settings.kill_grace)
+        if outcome.kind is Kind.SUCCEEDED and outcome.ran is not None:
+            self.runtimes[delivery.task].add(outcome.ran, delivery.cost)
+        return outcome
 
     async def _settle(
         self, message: AbstractIncomingMessage, delivery: Delivery, outcome: Outcome

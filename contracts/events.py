@@ -55,7 +55,9 @@ class TaskEvent(BaseModel):
     task: str
     at: float = Field(default_factory=time.time, description="epoch seconds")
     deadline_ms: int | None = None
+    cost: float | None = Field(default=None, description="the input's cost hint (queued)")
     owner: str | None = None
+    slots: int | None = Field(default=None, description="the worker's slots (running)")
     worker: str | None = None
     attempt: int | None = None
     progress: Annotated[float, Field(ge=0.0, le=1.0)] | None = None

@@ -6,6 +6,7 @@ from pydantic import BaseModel, ConfigDict
 
 CONTENT_TYPE = "application/json"
 OWNER_HEADER = "x-owner"
+COST_HEADER = "x-cost"  # the input's cost hint, in its spec's unit
 DELIVERY_COUNT_HEADER = "x-delivery-count"  # set by quorum queues on redelivery
 PARK_REASON_HEADER = "x-park-reason"
 SYNC_TYPE = "timebox.sync"  # a gateway's own marker in the event stream

@@ -38,6 +38,9 @@ class CommonSettings(BaseSettings):
     queue_max_length: int | None = Field(default=None, ge=1)
     events_max_age: str = Field(default="1h", pattern=r"^[0-9]+[YMDhms]$")
     log_format: str = Field(default="text", pattern=r"^(text|json)$")
+    estimate_min_samples: int = Field(
+        default=5, ge=1, description="finished tasks of a type before its run time is trusted"
+    )
     task_plugins: str = Field(
         default="",
         description="comma-separated modules with extra task SPECS (and FUNCTIONS, for workers)",

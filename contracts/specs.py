@@ -80,6 +80,7 @@ class TaskSpec(Generic[I]):
     example: dict[str, Any]
     cost: Callable[[I], float] | None = None
     cost_unit: str | None = None
+    largest: Callable[[float], dict[str, Any]] | None = None  # biggest input of a cost
     limits: dict[str, Any] = field(default_factory=dict)
 
     def cost_of(self, task_input: BaseModel) -> float | None:
@@ -126,6 +127,7 @@ SPECS: dict[str, TaskSpec[Any]] = {
             example={"seconds": 3, "hold_gil": False},
             cost=_burn_cost,
             cost_unit="CPU second",
+            largest=lambda c: {"seconds": round(c, 3)},
             limits={"seconds": {"gt": 0, "le": 3600}},
         ),
         TaskSpec(
@@ -136,6 +138,7 @@ SPECS: dict[str, TaskSpec[Any]] = {
             example={"n": 300_000},
             cost=_primes_cost,
             cost_unit="n**1.5",
+            largest=lambda c: {"n": math.floor(c ** (2 / 3))},
             limits={"n": {"ge": 2, "le": MAX_PRIMES_N}},
         ),
         TaskSpec(
@@ -146,6 +149,7 @@ SPECS: dict[str, TaskSpec[Any]] = {
             example={"text": "The  quick brown fox\njumps over the lazy dog"},
             cost=_text_cost,
             cost_unit="character",
+            largest=lambda c: {"text": {"max_length": math.floor(c)}},
             limits={"text": {"max_length": MAX_TEXT}},
         ),
         TaskSpec(
@@ -158,6 +162,7 @@ SPECS: dict[str, TaskSpec[Any]] = {
             example={"a": "GATTACA" * 40, "b": "GCATGCT" * 40},
             cost=_align_cost,
             cost_unit="cell (len(a)*len(b))",
+            largest=lambda c: {"len(a)*len(b)": math.floor(c)},
             limits={"a": {"max_length": MAX_DNA}, "b": {"max_length": MAX_DNA}},
         ),
     )

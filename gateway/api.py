@@ -4,6 +4,7 @@
 # with models chosen at run time, which FastAPI must see as real objects.
 
 import asyncio
+import time
 import uuid
 from typing import Annotated, Any
 
@@ -142,6 +143,8 @@ async def submit(
     deadline = Deadline.from_timeout_header(
         request_timeout, default=settings.default_timeout, maximum=settings.max_timeout
     )
+    cost = spec.cost_of(body)
+    svc.admission.admit(spec, cost, deadline)
     task_id = str(uuid.uuid4())
     owner: str | None = None
     queued = TaskEvent(
@@ -149,6 +152,7 @@ async def submit(
         task_id=task_id,
         task=spec.name,
         deadline_ms=deadline.epoch_ms,
+        cost=cost,
         owner=owner,
     )
     # `queued` goes into the stream first, so that no worker's `running` can precede it
@@ -156,7 +160,7 @@ async def submit(
     record = svc.table.expect(queued)
     try:
         await svc.broker.publish_task(
-            spec.name, task_id, body.model_dump_json().encode(), deadline, owner
+            spec.name, task_id, body.model_dump_json().encode(), deadline, owner, cost
         )
     except TimeboxError as exc:
         rejected = TaskEvent(
@@ -295,6 +299,37 @@ def build_router(specs: dict[str, TaskSpec[Any]]) -> APIRouter:
             }
             for spec in specs.values()
         ]
+
+    @router.get("/v1/queues", tags=["operations"])
+    async def queues(request: Request) -> list[dict[str, Any]]:
+        """Per task type: the broker's figures (at most a second old), observed run
+        times, and the estimated wait for a request made now."""
+        admission = services(request).admission
+        out = []
+        for name in specs:
+            figures = admission.figures[name]
+            estimate = admission.estimate(name)
+            run_time = admission.summary(name)
+            out.append(
+                {
+                    "task": name,
+                    "messages_ready": figures.ready,
+                    "messages_unacked": figures.unacked,
+                    "consumers": figures.consumers,
+                    "running": estimate.running,
+                    "parallel_slots": estimate.parallelism,
+                    "run_time": {
+                        "samples": run_time.samples,
+                        "mean": run_time.mean,
+                        "p90": run_time.p90,
+                    },
+                    "estimated_wait": estimate.wait,
+                    "figures_age": round(max(0.0, time.time() - figures.at), 3)
+                    if figures.at
+                    else None,
+                }
+            )
+        return out
 
     @router.get("/healthz", tags=["operations"])
     async def healthz() -> dict[str, str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -9,6 +10,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from gateway import api, problems
+from gateway.admission import Admission, stop
 from gateway.broker import Broker
 from gateway.deadletters import DeadLetters
 from gateway.eventlog import EventLog
@@ -29,13 +31,16 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         await broker.start()
         table = TaskTable(settings.task_table_size)
         eventlog = EventLog(broker, table)
-        app.state.services = Services(settings, broker, table, eventlog)
+        admission = Admission(settings, broker, table, specs)
+        app.state.services = Services(settings, broker, table, eventlog, admission)
         await eventlog.start()
         await DeadLetters(broker, table).start()
+        figures = asyncio.create_task(admission.run())
         log.info("gateway ready on namespace %r", settings.namespace)
         try:
             yield
         finally:
+            await stop(figures)
             await broker.close()
 
     app = FastAPI(

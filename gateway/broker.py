@@ -22,6 +22,7 @@ from contracts.errors import BrokerUnavailable, Overloaded
 from contracts.events import TaskEvent
 from contracts.messages import (
     CONTENT_TYPE,
+    COST_HEADER,
     EVENT_TYPE,
     OWNER_HEADER,
     PARK_REASON_HEADER,
@@ -125,11 +126,19 @@ class Broker:
         )
 
     async def publish_task(
-        self, task: str, task_id: str, body: bytes, deadline: Deadline, owner: str | None
+        self,
+        task: str,
+        task_id: str,
+        body: bytes,
+        deadline: Deadline,
+        owner: str | None,
+        cost: float | None = None,
     ) -> None:
         headers: dict[str, aio_pika.abc.FieldValue] = dict(deadline.headers())
         if owner is not None:
             headers[OWNER_HEADER] = owner
+        if cost is not None:
+            headers[COST_HEADER] = cost
         await self._publish(
             self._tasks_exchange,
             aio_pika.Message(

@@ -13,6 +13,7 @@ from fastapi import Request
 from contracts.errors import TaskAlreadyEnded, TaskNotFound
 from contracts.events import EventType, TaskEvent, TaskState
 from contracts.messages import CancelRequest
+from gateway.admission import Admission
 from gateway.broker import Broker
 from gateway.eventlog import EventLog
 from gateway.settings import GatewaySettings
@@ -27,6 +28,7 @@ class Services:
     broker: Broker
     table: TaskTable
     eventlog: EventLog
+    admission: Admission
     background: set[asyncio.Task[Any]] = field(default_factory=set)
 
     @property

@@ -20,3 +20,9 @@ class GatewaySettings(CommonSettings):
         description="seconds a streaming client may take to reconnect before its task is cancelled",
     )
     publish_timeout: float = Field(default=5.0, gt=0, description="wait for a broker confirm")
+    admission: bool = Field(default=True, description="refuse what cannot finish in time")
+    management_url: str = Field(
+        default="auto",
+        description="RabbitMQ management API for unacked counts: a URL, 'auto' (the AMQP "
+        "host, port 15672) or 'off'",
+    )

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from contracts.events import TaskEvent, TaskStatus
@@ -38,6 +39,7 @@ class Subscriber:
 class Record:
     status: TaskStatus
     owner: str | None = None
+    cost: float | None = None
     events: list[tuple[int, TaskEvent]] = field(default_factory=list)
     subscribers: set[Subscriber] = field(default_factory=set)
     done: asyncio.Event = field(default_factory=asyncio.Event)
@@ -62,6 +64,7 @@ class TaskTable:
         self.max_tasks = max_tasks
         self._tasks: OrderedDict[str, Record] = OrderedDict()
         self.last_offset = -1
+        self.listeners: list[Callable[[Record, TaskEvent], None]] = []
 
     def __len__(self) -> int:
         return len(self._tasks)
@@ -92,9 +95,11 @@ class TaskTable:
             sub.push((offset, event))
         if event.terminal:
             record.done.set()
+        for listener in self.listeners:
+            listener(record, event)
 
     def _insert(self, event: TaskEvent) -> Record:
-        record = Record(TaskStatus.first(event), owner=event.owner)
+        record = Record(TaskStatus.first(event), owner=event.owner, cost=event.cost)
         self._tasks[event.task_id] = record
         while len(self._tasks) > self.max_tasks:
             self._tasks.popitem(last=False)

@@ -1,0 +1,67 @@
+"""Run-time estimates learned from finished tasks: used by the gateway to refuse work
+that cannot finish in time, and by workers to not start it."""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+
+
+def quantile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))
+    return ordered[index]
+
+
+@dataclass(frozen=True)
+class RunTimeSummary:
+    samples: int
+    mean: float | None
+    p90: float | None
+
+
+class RunTimes:
+    """The recent run times of one task type, with the cost (if its spec has a cost
+    hint) of each input, so a new input's run time scales with its cost."""
+
+    def __init__(self, window: int = 200, min_samples: int = 5) -> None:
+        self.min_samples = min_samples
+        self._seconds: deque[float] = deque(maxlen=window)
+        self._per_unit: deque[float] = deque(maxlen=window)
+
+    def add(self, seconds: float, cost: float | None = None) -> None:
+        if seconds < 0 or not math.isfinite(seconds):
+            return
+        self._seconds.append(seconds)
+        unit = cost if cost is not None and cost > 0 else 1.0
+        self._per_unit.append(seconds / unit)
+
+    def __len__(self) -> int:
+        return len(self._seconds)
+
+    @property
+    def trusted(self) -> bool:
+        return len(self._seconds) >= self.min_samples
+
+    def summary(self) -> RunTimeSummary:
+        if not self._seconds:
+            return RunTimeSummary(0, None, None)
+        values = list(self._seconds)
+        return RunTimeSummary(len(values), sum(values) / len(values), quantile(values, 0.9))
+
+    def mean(self) -> float | None:
+        return self.summary().mean if self.trusted else None
+
+    def expect(self, cost: float | None = None) -> float | None:
+        """Expected seconds for an input of this cost (the median rate, so that an
+        estimate refuses only what would most likely not finish); None until trusted."""
+        if not self.trusted:
+            return None
+        return quantile(list(self._per_unit), 0.5) * (cost if cost and cost > 0 else 1.0)
+
+    def largest_cost(self, seconds: float) -> float | None:
+        if not self.trusted:
+            return None
+        rate = quantile(list(self._per_unit), 0.5)
+        return seconds / rate if rate > 0 else None

@@ -1,0 +1,243 @@
+"""Admission control: refuse at once what cannot finish in time.
+
+Inputs: each task queue's depth and consumers (from the broker, refreshed once a
+second in the background — never a broker round trip per request), the run times of
+finished tasks and their inputs' cost hints (from the event stream, so every gateway
+learns from every task), and the slots of the workers seen running tasks."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote, unquote, urlsplit
+
+import httpx
+from aio_pika.abc import AbstractChannel
+
+from contracts.deadline import Deadline
+from contracts.errors import DeadlineUnmeetable, Overloaded
+from contracts.estimates import RunTimes, RunTimeSummary
+from contracts.events import EventType, TaskEvent, TaskState
+from contracts.specs import TaskSpec
+from gateway.broker import Broker
+from gateway.settings import GatewaySettings
+from gateway.tasktable import Record, TaskTable
+
+log = logging.getLogger("timebox.gateway.admission")
+
+WORKER_MEMORY = 600.0  # seconds a worker's slot count is remembered after its last task
+
+
+@dataclass
+class QueueFigures:
+    ready: int = 0
+    consumers: int = 0
+    unacked: int | None = None
+    at: float = 0.0
+
+
+@dataclass(frozen=True)
+class Estimate:
+    ready: int
+    running: int
+    parallelism: float
+    wait: float | None
+    run: float | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "queued_ahead": self.ready,
+            "running": self.running,
+            "parallel_slots": self.parallelism,
+            "estimated_wait": None if self.wait is None else round(self.wait, 3),
+            "estimated_run": None if self.run is None else round(self.run, 3),
+        }
+
+
+def management_base(settings: GatewaySettings) -> tuple[str, str, httpx.BasicAuth] | None:
+    """(base URL, vhost, credentials) of the management API, or None when turned off."""
+    if settings.management_url == "off":
+        return None
+    amqp = urlsplit(settings.amqp_url)
+    base = settings.management_url
+    if base == "auto":
+        base = f"http://{amqp.hostname or 'localhost'}:15672"
+    vhost = unquote(amqp.path[1:]) if len(amqp.path) > 1 else "/"
+    auth = httpx.BasicAuth(unquote(amqp.username or "guest"), unquote(amqp.password or "guest"))
+    return base.rstrip("/"), vhost, auth
+
+
+class Admission:
+    def __init__(
+        self,
+        settings: GatewaySettings,
+        broker: Broker,
+        table: TaskTable,
+        specs: dict[str, TaskSpec[Any]],
+    ) -> None:
+        self.settings = settings
+        self.broker = broker
+        self.table = table
+        self.specs = specs
+        self.runtimes = {
+            name: RunTimes(min_samples=settings.estimate_min_samples) for name in specs
+        }
+        self.figures = {name: QueueFigures() for name in specs}
+        # from the event stream, real time: tasks queued (held by the broker or by a
+        # worker waiting for a slot) and running, per task type
+        self._queued: dict[str, set[str]] = {name: set() for name in specs}
+        self._running: dict[str, set[str]] = {name: set() for name in specs}
+        self._worker_slots: dict[str, tuple[int, float]] = {}
+        self._management = management_base(settings)
+        self._management_failed_at = 0.0
+        table.listeners.append(self.observe)
+
+    # -- learning --------------------------------------------------------------------
+
+    def observe(self, record: Record, event: TaskEvent) -> None:
+        running, queued = self._running.get(event.task), self._queued.get(event.task)
+        if running is None or queued is None:
+            return
+        if event.type is EventType.QUEUED:
+            queued.add(event.task_id)
+        elif event.type is EventType.RUNNING:
+            queued.discard(event.task_id)
+            running.add(event.task_id)
+            if event.worker and event.slots:
+                self._worker_slots[event.worker] = (event.slots, time.time())
+        elif event.terminal:
+            queued.discard(event.task_id)
+            running.discard(event.task_id)
+            if event.type is EventType.SUCCEEDED and event.ran is not None:
+                self.runtimes[event.task].add(event.ran, record.cost)
+
+    # -- broker figures ----------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Refreshes the queue figures once a second while the gateway runs."""
+        assert self.broker.connection is not None
+        channel: AbstractChannel | None = None
+        async with httpx.AsyncClient(timeout=2.0) as http:
+            while True:
+                try:
+                    if channel is None or channel.is_closed:
+                        channel = await self.broker.connection.channel()
+                    await self._refresh(channel, http)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    log.debug("queue figures not refreshed: %r", exc)
+                    channel = None
+                await asyncio.sleep(1.0)
+
+    async def _refresh(self, channel: AbstractChannel, http: httpx.AsyncClient) -> None:
+        now = time.time()
+        # the raw channel: aio-pika's robust channel answers a passive declare of a
+        # queue it knows from a cache, with stale counts
+        raw = await channel.get_underlay_channel()
+        for name in self.specs:
+            result = await raw.queue_declare(self.broker.topology.task_queue(name), passive=True)
+            figures = self.figures[name]
+            figures.ready = result.message_count or 0
+            figures.consumers = result.consumer_count or 0
+            figures.at = now
+        self._prune(now)
+        await self._refresh_unacked(http, now)
+
+    async def _refresh_unacked(self, http: httpx.AsyncClient, now: float) -> None:
+        if self._management is None or now - self._management_failed_at < 30:
+            return
+        base, vhost, auth = self._management
+        url = f"{base}/api/queues/{quote(vhost, safe='')}"
+        params = {"columns": "name,messages_unacknowledged"}
+        try:
+            response = await http.get(url, params=params, auth=auth)
+            response.raise_for_status()
+        except httpx.HTTPError as exc:
+            self._management_failed_at = now
+            log.info("management API unavailable (%r): unacked counts not shown", exc)
+            return
+        by_name = {q["name"]: q.get("messages_unacknowledged") for q in response.json()}
+        for name, figures in self.figures.items():
+            figures.unacked = by_name.get(self.broker.topology.task_queue(name))
+
+    def _prune(self, now: float) -> None:
+        """Forgets tasks whose end never reached us (their worker or gateway died)."""
+        for state, by_task in (
+            (TaskState.QUEUED, self._queued),
+            (TaskState.RUNNING, self._running),
+        ):
+            for ids in by_task.values():
+                for task_id in list(ids):
+                    record = self.table.get(task_id)
+                    stale = record is None or record.status.state is not state
+                    deadline = record.status.deadline if record else None
+                    if stale or (deadline is not None and deadline.timestamp() < now - 5):
+                        ids.discard(task_id)
+        for worker, (_, seen) in list(self._worker_slots.items()):
+            if now - seen > WORKER_MEMORY:
+                del self._worker_slots[worker]
+
+    # -- estimates -------------------------------------------------------------------
+
+    def parallelism(self, task: str) -> float:
+        consumers = self.figures[task].consumers
+        slots = [s for s, _ in self._worker_slots.values()]
+        per_worker = sum(slots) / len(slots) if slots else 1.0
+        return consumers * per_worker
+
+    def estimate(self, task: str, cost: float | None = None) -> Estimate:
+        runtimes = self.runtimes[task]
+        ready = len(self._queued[task])
+        running = len(self._running[task])
+        parallel = self.parallelism(task)
+        mean = runtimes.mean()
+        wait: float | None = None
+        if mean is not None and parallel > 0:
+            ahead = ready + running - parallel
+            wait = 0.0 if ahead < 0 else (ahead / parallel + 0.5) * mean
+        return Estimate(ready, running, parallel, wait, runtimes.expect(cost))
+
+    def summary(self, task: str) -> RunTimeSummary:
+        return self.runtimes[task].summary()
+
+    def admit(self, spec: TaskSpec[Any], cost: float | None, deadline: Deadline) -> None:
+        """Raises DeadlineUnmeetable (422) or Overloaded (503) for work that cannot
+        finish before `deadline`; admits whenever there is no data to judge by."""
+        if not self.settings.admission:
+            return
+        estimate = self.estimate(spec.name, cost)
+        if estimate.run is None:
+            return
+        margin = self.settings.reply_margin + self.settings.clock_skew
+        time_left = deadline.remaining() - margin
+        if estimate.run > time_left:
+            largest = self.runtimes[spec.name].largest_cost(max(0.0, time_left))
+            fits = spec.largest(largest) if spec.largest and largest is not None else None
+            raise DeadlineUnmeetable(
+                f"this input needs about {estimate.run:.2f} s to run, but only "
+                f"{max(0.0, time_left):.2f} s are left before its deadline",
+                estimate=estimate.as_dict(),
+                time_left=round(time_left, 3),
+                largest_input_that_fits=fits,
+            )
+        if estimate.wait is not None and estimate.wait + estimate.run > time_left:
+            late_by = estimate.wait + estimate.run - time_left
+            raise Overloaded(
+                f"{estimate.ready} {spec.name} tasks are queued ahead: it would start in "
+                f"about {estimate.wait:.2f} s and end {late_by:.2f} s after its deadline",
+                retry_after=max(1, math.ceil(late_by)),
+                estimate=estimate.as_dict(),
+                time_left=round(time_left, 3),
+            )
+
+
+async def stop(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task

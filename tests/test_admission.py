@@ -1,0 +1,210 @@
+"""Admission control, backpressure and fair dispatch: refuse at once what cannot finish."""
+
+import collections
+import itertools
+import time
+from datetime import datetime
+
+import httpx
+import pytest
+
+from tests.conftest import Stack
+from tests.harness import task_events, wait_for_event, wait_until
+
+pytestmark = pytest.mark.timeout(90)
+
+
+def learn(client: httpx.Client, seconds: float, times: int = 5) -> None:
+    """Runs `times` burn_cpu tasks so gateway and worker trust their estimates."""
+    for _ in range(times):
+        r = client.post("/v1/tasks/burn_cpu", params={"wait": "true"}, json={"seconds": seconds})
+        assert r.status_code == 200
+
+
+def instant(value: str) -> float:
+    return datetime.fromisoformat(value).timestamp()
+
+
+def test_fair_dispatch_spreads_equal_tasks_evenly_over_workers(make_stack) -> None:
+    stack: Stack = make_stack()
+    stack.gateway()
+    stack.worker(1)
+    stack.worker(1)
+    with stack.client() as client:
+        ids = [
+            client.post("/v1/tasks/burn_cpu", json={"seconds": 0.5}).json()["id"] for _ in range(8)
+        ]
+        for task_id in ids:
+            assert task_events(client, task_id)[-1][0] == "succeeded"
+        statuses = [client.get(f"/v1/tasks/{i}").json() for i in ids]
+    per_worker = collections.Counter(s["worker"] for s in statuses)
+    assert len(per_worker) == 2
+    assert all(3 <= n <= 5 for n in per_worker.values()), per_worker
+    batch = max(instant(s["finished_at"]) for s in statuses) - min(
+        instant(s["created_at"]) for s in statuses
+    )
+    ideal = 8 * 0.5 / 2
+    print(f"fair dispatch: split {sorted(per_worker.values())}, batch {batch:.2f} s, ideal {ideal}")
+    assert batch < ideal * 1.5
+
+
+def test_queues_show_backlog_run_times_and_estimated_wait(make_stack) -> None:
+    stack: Stack = make_stack()
+    stack.gateway()
+    stack.worker(1)
+    with stack.client() as client:
+        learn(client, 0.2)
+        busy = [
+            client.post("/v1/tasks/burn_cpu", json={"seconds": 0.6}).json()["id"] for _ in range(4)
+        ]
+        wait_for_event(client, busy[0], "running")
+
+        def burn_figures() -> dict:
+            return next(q for q in client.get("/v1/queues").json() if q["task"] == "burn_cpu")
+
+        wait_until(lambda: burn_figures()["messages_ready"] >= 2, 5, "the backlog to show")
+        figures = burn_figures()
+        assert figures["consumers"] == 1
+        assert figures["running"] == 1
+        assert figures["parallel_slots"] == 1
+        assert figures["run_time"]["samples"] >= 5
+        assert 0.15 < figures["run_time"]["mean"] < 0.6
+        assert figures["run_time"]["p90"] >= figures["run_time"]["mean"]
+        assert figures["estimated_wait"] > 0
+        assert figures["figures_age"] <= 1.5
+        assert figures["messages_unacked"] in (None, 0, 1)  # management API: may lag
+        echo = next(q for q in client.get("/v1/queues").json() if q["task"] == "echo")
+        assert echo["messages_ready"] == 0
+        assert echo["estimated_wait"] is None  # no data yet
+
+
+def test_a_backlog_too_long_for_the_deadline_is_refused_at_once_with_503(make_stack) -> None:
+    stack: Stack = make_stack()
+    stack.gateway()
+    open_door = stack.gateway(TIMEBOX_ADMISSION="false")
+    stack.worker(1)
+    with stack.client() as client:
+        learn(client, 0.3)
+        for _ in range(6):  # about 3 s of work queued ahead
+            client.post("/v1/tasks/burn_cpu", json={"seconds": 0.5})
+        started = time.perf_counter()
+        refused = client.post(
+            "/v1/tasks/burn_cpu",
+            headers={"Prefer": "wait", "Request-Timeout": "1.5"},
+            json={"seconds": 0.3},
+        )
+        took = time.perf_counter() - started
+        assert refused.status_code == 503
+        assert took < 0.5
+        assert int(refused.headers["retry-after"]) >= 1
+        problem = refused.json()
+        assert problem["type"] == "/problems/overloaded"
+        assert problem["estimate"]["estimated_wait"] > 1.0
+        assert problem["estimate"]["queued_ahead"] >= 4
+        # the same request on a gateway with admission turned off is queued
+        with httpx.Client(base_url=open_door.url) as other:
+            accepted = other.post(
+                "/v1/tasks/burn_cpu", headers={"Request-Timeout": "1.5"}, json={"seconds": 0.3}
+            )
+            assert accepted.status_code == 202
+
+
+def test_an_input_too_big_for_its_deadline_is_a_permanent_422(make_stack) -> None:
+    stack: Stack = make_stack()
+    stack.gateway()
+    stack.worker(1)
+    with stack.client() as client:
+        # no data yet: admitted
+        first = client.post(
+            "/v1/tasks/burn_cpu", headers={"Request-Timeout": "2"}, json={"seconds": 0.1}
+        )
+        assert first.status_code == 202
+        learn(client, 0.25)
+        response = client.post(
+            "/v1/tasks/burn_cpu", headers={"Request-Timeout": "2"}, json={"seconds": 5}
+        )
+        assert response.status_code == 422
+        problem = response.json()
+        assert problem["type"] == "/problems/deadline-unmeetable"
+        assert problem["estimate"]["estimated_run"] > 4
+        fits = problem["largest_input_that_fits"]["seconds"]
+        assert 1.0 < fits < 2.0
+        ok = client.post(
+            "/v1/tasks/burn_cpu",
+            params={"wait": "true"},
+            headers={"Request-Timeout": "2"},
+            json={"seconds": fits * 0.8},
+        )
+        assert ok.status_code == 200
+
+
+def test_a_full_queue_refuses_with_503_and_the_task_is_rejected(make_stack) -> None:
+    stack: Stack = make_stack(TIMEBOX_QUEUE_MAX_LENGTH="2")
+    stack.gateway()  # no worker: the queue fills up
+    with stack.client() as client:
+        responses = [client.post("/v1/tasks/echo", json={"payload": 1}) for _ in range(5)]
+        codes = [r.status_code for r in responses]
+        # a quorum queue refuses once it is over its limit: the third may still get in
+        assert codes[:2] == [202, 202]
+        assert codes[3:] == [503, 503]
+        full = responses[3]
+        assert full.headers["retry-after"] == "1"
+        assert full.json()["type"] == "/problems/overloaded"
+        assert "full" in full.json()["detail"]
+        rejected = [r for r in client.get("/v1/queues").json() if r["task"] == "echo"]
+        assert rejected[0]["messages_ready"] <= 3
+
+
+def test_one_worker_slot_runs_strictly_one_task_at_a_time(make_stack) -> None:
+    stack: Stack = make_stack()
+    stack.gateway()
+    stack.worker(1)
+    with stack.client() as client:
+        ids = [
+            client.post("/v1/tasks/burn_cpu", json={"seconds": 0.3}).json()["id"] for _ in range(4)
+        ]
+
+        def ready() -> int:
+            q = client.get("/v1/queues").json()
+            return next(x for x in q if x["task"] == "burn_cpu")["messages_ready"]
+
+        wait_until(lambda: ready() >= 1, 5, "the backlog to show in /v1/queues")
+        assert client.get("/healthz").status_code == 200
+        spans = []
+        for task_id in ids:
+            events = task_events(client, task_id)
+            start = next(e[1]["at"] for e in events if e[0] == "running")
+            end = events[-1][1]["at"]
+            assert events[-1][0] == "succeeded"
+            spans.append((start, end))
+    spans.sort()
+    for (_, end), (start, _) in itertools.pairwise(spans):
+        assert start >= end - 0.01
+
+
+def test_a_worker_does_not_start_what_it_cannot_finish(make_stack) -> None:
+    stack: Stack = make_stack(TIMEBOX_ADMISSION="false")
+    stack.gateway()
+    stack.worker(1)
+    with stack.client() as client:
+        learn(client, 0.4)
+        task_id = client.post(
+            "/v1/tasks/burn_cpu", headers={"Request-Timeout": "0.45"}, json={"seconds": 0.4}
+        ).json()["id"]
+        events = task_events(client, task_id)
+        assert [e[0] for e in events] == ["queued", "expired"]
+        assert events[-1][1]["reason"].startswith("unmeetable")
+
+
+def test_without_start_only_if_finishable_the_task_starts_and_is_aborted(make_stack) -> None:
+    stack: Stack = make_stack(TIMEBOX_ADMISSION="false", TIMEBOX_START_ONLY_IF_FINISHABLE="false")
+    stack.gateway()
+    stack.worker(1)
+    with stack.client() as client:
+        learn(client, 0.4)
+        task_id = client.post(
+            "/v1/tasks/burn_cpu", headers={"Request-Timeout": "0.45"}, json={"seconds": 0.4}
+        ).json()["id"]
+        kinds = [e[0] for e in task_events(client, task_id)]
+        assert kinds[:2] == ["queued", "running"]
+        assert kinds[-1] == "aborted"
