@@ -7,6 +7,7 @@ import asyncio
 import signal
 import sys
 
+import prometheus_client
 from pydantic import ValidationError
 
 from compute.settings import WorkerSettings
@@ -48,6 +49,10 @@ def main(argv: list[str] | None = None) -> None:
 
 
 async def _serve(worker: Worker) -> None:
+    if worker.settings.metrics_port is not None:
+        prometheus_client.start_http_server(
+            worker.settings.metrics_port, addr=worker.settings.metrics_host
+        )
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, worker.stop)

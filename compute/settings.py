@@ -19,6 +19,7 @@ class WorkerSettings(CommonSettings):
         "by default): a task must always end, and be acked, before it",
     )
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    metrics_host: str = "127.0.0.1"
     start_only_if_finishable: bool = Field(
         default=True,
         description="do not start a task whose time left is below its expected run time "

@@ -22,7 +22,7 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 
-from compute import runner
+from compute import metrics, runner
 from compute.cancels import CancelRegistry
 from compute.outcome import Disposition, Kind, Outcome, settle
 from compute.pool import Child, Pool
@@ -58,6 +58,7 @@ class Delivery:
     attempt: int
     owner: str | None
     cost: float | None
+    published_at: float | None
 
 
 def decode(task: str, message: AbstractIncomingMessage) -> Delivery:
@@ -87,6 +88,7 @@ def decode(task: str, message: AbstractIncomingMessage) -> Delivery:
         attempt=(int(count) if isinstance(count, int) else 0) + 1,
         owner=owner if isinstance(owner, str) else None,
         cost=float(cost) if isinstance(cost, int | float) and not isinstance(cost, bool) else None,
+        published_at=message.timestamp.timestamp() if message.timestamp else None,
     )
 
 
@@ -139,6 +141,7 @@ class Worker:
             self._events = await self._connection.channel(publisher_confirms=True)
             await declare(self._events, self.topology, self.tasks)
             await self.pool.start()
+            metrics.SLOTS.set(self.pool.size)
             await self._consume_control()
             await self._consume_tasks()
             log.info(
@@ -315,6 +318,17 @@ class Worker:
         return child
 
     async def _run(self, delivery: Delivery, job: runner.Job, child: Child) -> Outcome:
+        if delivery.published_at is not None:
+            metrics.QUEUE_WAIT.labels(delivery.task).observe(
+                max(0.0, time.time() - delivery.published_at)
+            )
+        metrics.SLOTS_BUSY.inc()
+        try:
+            return await self._run_in(delivery, job, child)
+        finally:
+            metrics.SLOTS_BUSY.dec()
+
+    async def _run_in(self, delivery: Delivery, job: runner.Job, child: Child) -> Outcome:
         await self._emit(
             delivery, EventType.RUNNING, attempt=delivery.attempt, slots=self.pool.size
         )
@@ -352,6 +366,9 @@ class Worker:
                 late_by=outcome.late_by,
             )
         self._log_outcome(delivery, outcome)
+        expected = self.runtimes[delivery.task].expect(delivery.cost)
+        late = outcome.ran is not None and time.time() > delivery.deadline.epoch
+        metrics.record(delivery.task, outcome, late, expected)
         with contextlib.suppress(Exception):
             await message.ack()
 

@@ -6,10 +6,12 @@
 import asyncio
 import time
 import uuid
+from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, FastAPI, Header, Query, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sse_starlette import EventSourceResponse
 from starlette.types import Message
 
@@ -17,10 +19,13 @@ from contracts.deadline import Deadline
 from contracts.errors import TimeboxError, UnknownTaskType
 from contracts.events import EventType, TaskEvent, TaskState, TaskStatus
 from contracts.specs import TaskSpec
+from gateway import metrics
 from gateway.problems import PROBLEM_JSON, problem
 from gateway.services import Services, log, services
 from gateway.sse import parse_last_event_id, task_events
 from gateway.tasktable import Record
+
+DEMO_PAGE = (Path(__file__).parent / "static" / "index.html").read_text(encoding="utf-8")
 
 PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
     code: {"description": text, "content": {PROBLEM_JSON: {}}}
@@ -144,7 +149,12 @@ async def submit(
         request_timeout, default=settings.default_timeout, maximum=settings.max_timeout
     )
     cost = spec.cost_of(body)
-    svc.admission.admit(spec, cost, deadline)
+    try:
+        svc.admission.admit(spec, cost, deadline)
+    except TimeboxError as exc:
+        metrics.REFUSALS.labels(spec.name, exc.slug).inc()
+        metrics.REQUESTS.labels(spec.name, "rejected").inc()
+        raise
     task_id = str(uuid.uuid4())
     owner: str | None = None
     queued = TaskEvent(
@@ -163,6 +173,7 @@ async def submit(
             spec.name, task_id, body.model_dump_json().encode(), deadline, owner, cost
         )
     except TimeboxError as exc:
+        metrics.REFUSALS.labels(spec.name, exc.slug).inc()
         rejected = TaskEvent(
             type=EventType.REJECTED, task_id=task_id, task=spec.name, owner=owner, reason=exc.detail
         )
@@ -330,6 +341,14 @@ def build_router(specs: dict[str, TaskSpec[Any]]) -> APIRouter:
                 }
             )
         return out
+
+    @router.get("/", include_in_schema=False, response_class=HTMLResponse)
+    async def demo_page() -> HTMLResponse:
+        return HTMLResponse(DEMO_PAGE)
+
+    @router.get("/metrics", tags=["operations"], response_class=Response)
+    async def metrics_route() -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     @router.get("/healthz", tags=["operations"])
     async def healthz() -> dict[str, str]:

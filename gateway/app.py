@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from gateway import api, problems
+from gateway import api, metrics, problems
 from gateway.admission import Admission, stop
 from gateway.broker import Broker
 from gateway.deadletters import DeadLetters
@@ -30,6 +30,9 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         broker = Broker(settings, specs)
         await broker.start()
         table = TaskTable(settings.task_table_size)
+        table.listeners.append(metrics.observe)
+        metrics.BROKER_CONNECTED.set_function(lambda: float(broker.connected))
+        metrics.TASKS_KNOWN.set_function(lambda: float(len(table)))
         eventlog = EventLog(broker, table)
         admission = Admission(settings, broker, table, specs)
         app.state.services = Services(settings, broker, table, eventlog, admission)

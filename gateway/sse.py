@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from sse_starlette import ServerSentEvent
 
 from contracts.events import TaskEvent
+from gateway import metrics
 from gateway.tasktable import Record, SubscriberTooSlow
 
 log = logging.getLogger("timebox.gateway.sse")
@@ -32,6 +33,7 @@ def parse_last_event_id(raw: str | None) -> int:
 async def task_events(record: Record, after: int, buffer: int) -> AsyncIterator[ServerSentEvent]:
     # subscribe before the replay so nothing falls between the two; offsets dedupe
     sub = record.subscribe(buffer)
+    metrics.SSE_STREAMS.inc()
     try:
         last = after
         for offset, event in list(record.events):
@@ -52,4 +54,5 @@ async def task_events(record: Record, after: int, buffer: int) -> AsyncIterator[
     except SubscriberTooSlow:
         log.warning("cut off a slow SSE subscriber of task %s", record.status.id)
     finally:
+        metrics.SSE_STREAMS.dec()
         record.unsubscribe(sub)

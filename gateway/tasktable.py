@@ -40,6 +40,7 @@ class Record:
     status: TaskStatus
     owner: str | None = None
     cost: float | None = None
+    local: bool = False  # submitted through this gateway
     events: list[tuple[int, TaskEvent]] = field(default_factory=list)
     subscribers: set[Subscriber] = field(default_factory=set)
     done: asyncio.Event = field(default_factory=asyncio.Event)
@@ -78,6 +79,7 @@ class TaskTable:
         record = self._tasks.get(queued.task_id)
         if record is None:
             record = self._insert(queued)
+        record.local = True
         return record
 
     def apply(self, offset: int, event: TaskEvent) -> None:

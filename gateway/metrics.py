@@ -1,0 +1,44 @@
+"""The gateway's Prometheus metrics, on GET /metrics.
+
+Tasks are counted by the gateway they were submitted through, so that summing over
+replicas counts each task once (every replica reads every event)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from contracts.events import EventType, TaskEvent
+from gateway.tasktable import Record
+
+BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+
+REQUESTS = Counter(
+    "timebox_requests_total",
+    "Tasks submitted through this gateway, by final outcome (rejected: refused at once)",
+    ["task", "outcome"],
+)
+REFUSALS = Counter(
+    "timebox_refusals_total", "Requests refused before queueing, by reason", ["task", "reason"]
+)
+QUEUE_WAIT = Histogram(
+    "timebox_gateway_queue_wait_seconds", "From queued to running", ["task"], buckets=BUCKETS
+)
+END_TO_END = Histogram(
+    "timebox_gateway_task_seconds", "From queued to the terminal event", ["task"], buckets=BUCKETS
+)
+SSE_STREAMS = Gauge("timebox_sse_streams", "Open SSE streams on this gateway")
+BROKER_CONNECTED = Gauge("timebox_broker_connected", "1 while connected to RabbitMQ")
+TASKS_KNOWN = Gauge("timebox_tasks_known", "Tasks in this gateway's table")
+
+
+def observe(record: Record, event: TaskEvent) -> None:
+    """A table listener: counts the tasks submitted here."""
+    if not record.local:
+        return
+    created = record.status.created_at
+    if event.type is EventType.RUNNING and created is not None:
+        QUEUE_WAIT.labels(event.task).observe(max(0.0, event.at - created.timestamp()))
+    elif event.terminal:
+        REQUESTS.labels(event.task, event.type.value).inc()
+        if created is not None:
+            END_TO_END.labels(event.task).observe(max(0.0, event.at - created.timestamp()))
