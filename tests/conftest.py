@@ -92,8 +92,8 @@ class Stack:
     def url(self) -> str:
         return self.gateways[0].url
 
-    def gateway(self, **env: str) -> Gateway:
-        g = Gateway(f"gateway{len(self.gateways)}", {**self.env, **env}, self.log_dir)
+    def gateway(self, port: int | None = None, **env: str) -> Gateway:
+        g = Gateway(f"gateway{len(self.gateways)}", {**self.env, **env}, self.log_dir, port)
         self.gateways.append(g)
         g.wait_ready()
         return g

@@ -102,8 +102,10 @@ class Proc:
 
 
 class Gateway(Proc):
-    def __init__(self, name: str, env: dict[str, str], log_dir: Path) -> None:
-        self.port = free_port()
+    def __init__(
+        self, name: str, env: dict[str, str], log_dir: Path, port: int | None = None
+    ) -> None:
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         super().__init__(
             name, [sys.executable, "-m", "gateway", "--port", str(self.port)], env, log_dir
