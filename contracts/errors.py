@@ -2,6 +2,8 @@
 involved, one terminal event.
 
     TimeboxError
+     ├── Unauthorized            401  missing or unknown API key
+     ├── BodyTooLarge            413  request body over the limit
      ├── InvalidTimeout          422  Request-Timeout not a positive finite number ≤ max
      ├── UnknownTaskType         404  no spec with that name
      ├── TaskNotFound            404  no task with that id (or not yours)
@@ -25,6 +27,18 @@ class TimeboxError(Exception):
         super().__init__(detail)
         self.detail = detail
         self.extra = extra
+
+
+class Unauthorized(TimeboxError):
+    status = 401
+    slug = "unauthorized"
+    title = "Unauthorized"
+
+
+class BodyTooLarge(TimeboxError):
+    status = 413
+    slug = "body-too-large"
+    title = "Request body too large"
 
 
 class InvalidTimeout(TimeboxError, ValueError):

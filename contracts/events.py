@@ -57,6 +57,7 @@ class TaskEvent(BaseModel):
     deadline_ms: int | None = None
     cost: float | None = Field(default=None, description="the input's cost hint (queued)")
     owner: str | None = None
+    idempotency_key: str | None = None
     slots: int | None = Field(default=None, description="the worker's slots (running)")
     worker: str | None = None
     attempt: int | None = None
@@ -115,6 +116,9 @@ class TaskStatus(BaseModel):
     result: JsonValue = None
     error: ErrorInfo | None = None
     reason: str | None = None
+    events_url: str | None = Field(
+        default=None, description="in a 202: an SSE URL a browser's EventSource can open"
+    )
 
     @classmethod
     def first(cls, event: TaskEvent) -> TaskStatus:

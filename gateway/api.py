@@ -9,14 +9,14 @@ import uuid
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, FastAPI, Header, Query, Request, Response
+from fastapi import APIRouter, Body, Depends, FastAPI, Header, Query, Request, Response
 from fastapi.responses import HTMLResponse, JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sse_starlette import EventSourceResponse
 from starlette.types import Message
 
 from contracts.deadline import Deadline
-from contracts.errors import TimeboxError, UnknownTaskType
+from contracts.errors import TaskNotFound, TimeboxError, UnknownTaskType
 from contracts.events import EventType, TaskEvent, TaskState, TaskStatus
 from contracts.specs import TaskSpec
 from gateway import metrics
@@ -135,19 +135,67 @@ async def _wait(svc: Services, request: Request, record: Record, deadline: Deadl
     return outcome_response(record.status)
 
 
+def caller(request: Request) -> str | None:
+    """The owner id of the request's API key (None when the API is open); 401 if bad."""
+    return services(request).auth.caller(request)
+
+
+Caller = Annotated[str | None, Depends(caller)]
+
+
+def accepted(svc: Services, record: Record) -> JSONResponse:
+    """The `202` answer: status, plus an events URL a browser's EventSource can open."""
+    task_id = record.status.id
+    body = record.status.model_dump(mode="json")
+    events_url = f"/v1/tasks/{task_id}/events"
+    if not svc.auth.open:
+        events_url += f"?token={svc.auth.events_token(task_id)}"
+    body["events_url"] = events_url
+    return JSONResponse(body, status_code=202, headers={"Location": f"/v1/tasks/{task_id}"})
+
+
+async def respond(
+    svc: Services, request: Request, record: Record, deadline: Deadline, wait: bool
+) -> Response:
+    """Answers in the mode the client asked for: stream, RPC wait, or 202."""
+    if _wants_stream(request):
+
+        async def on_close(message: Message) -> None:
+            svc.spawn(_cancel_if_abandoned(svc, record))
+
+        return EventSourceResponse(
+            task_events(record, -1, svc.settings.subscriber_buffer),
+            ping=svc.settings.sse_heartbeat,
+            send_timeout=svc.settings.sse_send_timeout,
+            client_close_handler_callable=on_close,
+            headers={"Location": f"/v1/tasks/{record.status.id}"},
+        )
+    if wait:
+        return await _wait(svc, request, record, deadline)
+    return accepted(svc, record)
+
+
 async def submit(
     request: Request,
     spec: TaskSpec[Any],
     body: Any,
+    owner: str | None,
     wait: bool,
     request_timeout: str | None,
     prefer: str | None,
+    idempotency_key: str | None,
 ) -> Response:
     svc = services(request)
     settings = svc.settings
     deadline = Deadline.from_timeout_header(
         request_timeout, default=settings.default_timeout, maximum=settings.max_timeout
     )
+    wait = _wants_wait(prefer, wait)
+    if idempotency_key:
+        earlier = svc.table.by_idempotency_key(owner, idempotency_key)
+        if earlier is not None:
+            log.info("idempotent retry of %s %s", spec.name, earlier.status.id)
+            return await respond(svc, request, earlier, _deadline_of(earlier, deadline), wait)
     cost = spec.cost_of(body)
     try:
         svc.admission.admit(spec, cost, deadline)
@@ -156,7 +204,6 @@ async def submit(
         metrics.REQUESTS.labels(spec.name, "rejected").inc()
         raise
     task_id = str(uuid.uuid4())
-    owner: str | None = None
     queued = TaskEvent(
         type=EventType.QUEUED,
         task_id=task_id,
@@ -164,6 +211,7 @@ async def submit(
         deadline_ms=deadline.epoch_ms,
         cost=cost,
         owner=owner,
+        idempotency_key=idempotency_key or None,
     )
     # `queued` goes into the stream first, so that no worker's `running` can precede it
     await svc.broker.publish_event(queued)
@@ -180,21 +228,13 @@ async def submit(
         svc.spawn(svc.broker.publish_event(rejected))
         raise
     log.info("queued %s %s (deadline in %.3f s)", spec.name, task_id, deadline.remaining())
-    if _wants_stream(request):
+    return await respond(svc, request, record, deadline, wait)
 
-        async def on_close(message: Message) -> None:
-            svc.spawn(_cancel_if_abandoned(svc, record))
 
-        return EventSourceResponse(
-            task_events(record, -1, settings.subscriber_buffer),
-            ping=settings.sse_heartbeat,
-            send_timeout=settings.sse_send_timeout,
-            client_close_handler_callable=on_close,
-            headers={"Location": f"/v1/tasks/{task_id}"},
-        )
-    if _wants_wait(prefer, wait):
-        return await _wait(svc, request, record, deadline)
-    return status_response(record.status, 202, Location=f"/v1/tasks/{task_id}")
+def _deadline_of(record: Record, fallback: Deadline) -> Deadline:
+    if record.status.deadline is None:
+        return fallback
+    return Deadline(int(record.status.deadline.timestamp() * 1000))
 
 
 async def _cancel_if_abandoned(svc: Services, record: Record) -> None:
@@ -207,14 +247,25 @@ async def _cancel_if_abandoned(svc: Services, record: Record) -> None:
 def _submit_route(spec: TaskSpec[Any]) -> Any:
     async def submit_task(
         request: Request,
+        owner: Caller,
         body: Annotated[spec.input_model, Body()],  # type: ignore[name-defined]
         wait: Annotated[bool, Query(description="RPC: answer when the task ends")] = False,
         request_timeout: Annotated[
             str | None, Header(alias="Request-Timeout", description="seconds; default 60")
         ] = None,
         prefer: Annotated[str | None, Header(description="`wait` for RPC (RFC 7240)")] = None,
+        idempotency_key: Annotated[
+            str | None,
+            Header(
+                alias="Idempotency-Key",
+                max_length=200,
+                description="a retry with the same key returns the same task",
+            ),
+        ] = None,
     ) -> Response:
-        return await submit(request, spec, body, wait, request_timeout, prefer)
+        return await submit(
+            request, spec, body, owner, wait, request_timeout, prefer, idempotency_key
+        )
 
     submit_task.__name__ = f"submit_{spec.name}"
     submit_task.__doc__ = (
@@ -241,7 +292,7 @@ def build_router(specs: dict[str, TaskSpec[Any]]) -> APIRouter:
         )
 
     @router.post("/v1/tasks/{task}", include_in_schema=False)
-    async def unknown_task(task: str) -> Response:
+    async def unknown_task(task: str, owner: Caller) -> Response:
         raise UnknownTaskType(
             f"no task type {task!r}; known task types: {', '.join(specs)}",
             task_types=list(specs),
@@ -253,8 +304,8 @@ def build_router(specs: dict[str, TaskSpec[Any]]) -> APIRouter:
         responses=PROBLEM_RESPONSES,
         tags=["tasks"],
     )
-    async def get_task(request: Request, task_id: str) -> Response:
-        record = services(request).find(task_id, None)
+    async def get_task(request: Request, task_id: str, owner: Caller) -> Response:
+        record = services(request).find(task_id, owner)
         return status_response(record.status)
 
     @router.get(
@@ -270,9 +321,17 @@ def build_router(specs: dict[str, TaskSpec[Any]]) -> APIRouter:
         request: Request,
         task_id: str,
         last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
+        token: Annotated[
+            str | None, Query(description="the events URL's token, for EventSource")
+        ] = None,
     ) -> Response:
         svc = services(request)
-        record = svc.find(task_id, None)
+        if token is not None and svc.auth.token_allows(task_id, token):
+            record = svc.table.get(task_id)
+            if record is None:
+                raise TaskNotFound(f"no task with id {task_id!r}")
+        else:
+            record = svc.find(task_id, svc.auth.caller(request))
         after = parse_last_event_id(last_event_id)
         end = record.terminal_offset
         if end is not None and after >= end:
@@ -290,14 +349,14 @@ def build_router(specs: dict[str, TaskSpec[Any]]) -> APIRouter:
         responses=PROBLEM_RESPONSES,
         tags=["tasks"],
     )
-    async def cancel_task(request: Request, task_id: str) -> Response:
+    async def cancel_task(request: Request, task_id: str, owner: Caller) -> Response:
         svc = services(request)
-        record = svc.find(task_id, None)
+        record = svc.find(task_id, owner)
         await svc.cancel(record, "cancelled by DELETE")
         return status_response(record.status, 202)
 
     @router.get("/v1/task-types", tags=["tasks"])
-    async def task_types() -> list[dict[str, Any]]:
+    async def task_types(owner: Caller) -> list[dict[str, Any]]:
         return [
             {
                 "name": spec.name,
@@ -312,7 +371,7 @@ def build_router(specs: dict[str, TaskSpec[Any]]) -> APIRouter:
         ]
 
     @router.get("/v1/queues", tags=["operations"])
-    async def queues(request: Request) -> list[dict[str, Any]]:
+    async def queues(request: Request, owner: Caller) -> list[dict[str, Any]]:
         """Per task type: the broker's figures (at most a second old), observed run
         times, and the estimated wait for a request made now."""
         admission = services(request).admission

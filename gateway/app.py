@@ -11,9 +11,11 @@ from fastapi import FastAPI
 
 from gateway import api, metrics, problems
 from gateway.admission import Admission, stop
+from gateway.auth import Auth
 from gateway.broker import Broker
 from gateway.deadletters import DeadLetters
 from gateway.eventlog import EventLog
+from gateway.limits import BodyLimit
 from gateway.services import Services
 from gateway.settings import GatewaySettings
 from gateway.tasktable import TaskTable
@@ -35,7 +37,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         metrics.TASKS_KNOWN.set_function(lambda: float(len(table)))
         eventlog = EventLog(broker, table)
         admission = Admission(settings, broker, table, specs)
-        app.state.services = Services(settings, broker, table, eventlog, admission)
+        app.state.services = Services(settings, broker, table, eventlog, admission, Auth(settings))
         await eventlog.start()
         await DeadLetters(broker, table).start()
         figures = asyncio.create_task(admission.run())
@@ -53,5 +55,6 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     problems.install(app)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     api.include(app, specs)
     return app

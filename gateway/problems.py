@@ -33,6 +33,8 @@ def from_error(error: TimeboxError) -> JSONResponse:
     extra = dict(error.extra)
     headers = None
     retry_after = extra.get("retry_after")
+    if error.status == 401:
+        headers = {"WWW-Authenticate": 'Bearer realm="timebox"'}
     if error.status == 503:
         seconds = max(1, math.ceil(float(retry_after or 1)))
         headers = {"Retry-After": str(seconds)}

@@ -14,6 +14,7 @@ from contracts.errors import TaskAlreadyEnded, TaskNotFound
 from contracts.events import EventType, TaskEvent, TaskState
 from contracts.messages import CancelRequest
 from gateway.admission import Admission
+from gateway.auth import Auth
 from gateway.broker import Broker
 from gateway.eventlog import EventLog
 from gateway.settings import GatewaySettings
@@ -29,6 +30,7 @@ class Services:
     table: TaskTable
     eventlog: EventLog
     admission: Admission
+    auth: Auth
     background: set[asyncio.Task[Any]] = field(default_factory=set)
 
     @property

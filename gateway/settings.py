@@ -21,6 +21,19 @@ class GatewaySettings(CommonSettings):
     )
     publish_timeout: float = Field(default=5.0, gt=0, description="wait for a broker confirm")
     admission: bool = Field(default=True, description="refuse what cannot finish in time")
+    api_keys: str = Field(
+        default="",
+        description="comma-separated API keys; empty leaves the API open (local use)",
+        repr=False,
+    )
+    token_secret: str = Field(
+        default="",
+        description="signs the events URLs given to browsers; empty derives it from the API "
+        "keys, so replicas with the same keys accept each other's URLs",
+        repr=False,
+    )
+    events_token_ttl: float = Field(default=600.0, gt=0, description="life of an events URL")
+    max_body_bytes: int = Field(default=1024 * 1024, ge=1024, description="larger → 413")
     management_url: str = Field(
         default="auto",
         description="RabbitMQ management API for unacked counts: a URL, 'auto' (the AMQP "

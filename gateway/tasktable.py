@@ -41,6 +41,7 @@ class Record:
     owner: str | None = None
     cost: float | None = None
     local: bool = False  # submitted through this gateway
+    idempotency_key: str | None = None
     events: list[tuple[int, TaskEvent]] = field(default_factory=list)
     subscribers: set[Subscriber] = field(default_factory=set)
     done: asyncio.Event = field(default_factory=asyncio.Event)
@@ -66,12 +67,17 @@ class TaskTable:
         self._tasks: OrderedDict[str, Record] = OrderedDict()
         self.last_offset = -1
         self.listeners: list[Callable[[Record, TaskEvent], None]] = []
+        self._idempotent: dict[tuple[str | None, str], str] = {}
 
     def __len__(self) -> int:
         return len(self._tasks)
 
     def get(self, task_id: str) -> Record | None:
         return self._tasks.get(task_id)
+
+    def by_idempotency_key(self, owner: str | None, key: str) -> Record | None:
+        task_id = self._idempotent.get((owner, key))
+        return None if task_id is None else self._tasks.get(task_id)
 
     def expect(self, queued: TaskEvent) -> Record:
         """Records a task this gateway just queued, before its event comes back from the
@@ -103,8 +109,13 @@ class TaskTable:
     def _insert(self, event: TaskEvent) -> Record:
         record = Record(TaskStatus.first(event), owner=event.owner, cost=event.cost)
         self._tasks[event.task_id] = record
+        if event.idempotency_key is not None:
+            record.idempotency_key = event.idempotency_key
+            self._idempotent[(event.owner, event.idempotency_key)] = event.task_id
         while len(self._tasks) > self.max_tasks:
-            self._tasks.popitem(last=False)
+            _, old = self._tasks.popitem(last=False)
+            if old.idempotency_key is not None:
+                self._idempotent.pop((old.owner, old.idempotency_key), None)
         if event.terminal:
             record.done.set()
         return record
