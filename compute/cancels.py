@@ -1,29 +1,37 @@
-"""Task ids whose cancel this worker heard, kept until their deadlines pass."""
+"""Task ids a worker must remember until their deadlines pass: the ones whose cancel
+it heard, and the ones it already finished (a redelivery of those is not run again)."""
 
 from __future__ import annotations
 
 import time
+from typing import Generic, TypeVar
 
-from contracts.messages import CancelRequest
+T = TypeVar("T")
+
+# a message for a remembered id can still arrive until its deadline; the slack covers
+# clock skew between the gateway and us
+SLACK_MS = 60_000
 
 
-class CancelRegistry:
+class Remembered(Generic[T]):
     def __init__(self) -> None:
-        self._by_id: dict[str, CancelRequest] = {}
+        self._by_id: dict[str, tuple[int, T]] = {}
 
-    def add(self, request: CancelRequest) -> None:
+    def add(self, task_id: str, deadline_ms: int, value: T) -> None:
         self._prune()
-        self._by_id[request.task_id] = request
+        self._by_id[task_id] = (deadline_ms, value)
 
-    def get(self, task_id: str) -> CancelRequest | None:
-        return self._by_id.get(task_id)
+    def get(self, task_id: str) -> T | None:
+        entry = self._by_id.get(task_id)
+        return None if entry is None else entry[1]
+
+    def __contains__(self, task_id: object) -> bool:
+        return task_id in self._by_id
 
     def __len__(self) -> int:
         return len(self._by_id)
 
     def _prune(self) -> None:
-        # a cancelled message still queued expires at its deadline; a small slack
-        # covers clock skew between the gateway and us
-        cutoff = time.time() * 1000 - 60_000
-        for task_id in [k for k, r in self._by_id.items() if r.deadline_ms < cutoff]:
+        cutoff = time.time() * 1000 - SLACK_MS
+        for task_id in [k for k, (deadline, _) in self._by_id.items() if deadline < cutoff]:
             del self._by_id[task_id]

@@ -31,6 +31,7 @@ class Child:
     def __init__(self, proc: asyncio.subprocess.Process) -> None:
         self.proc = proc
         self.pid = proc.pid
+        self.broken = False
 
     @classmethod
     async def spawn(cls) -> Child:
@@ -52,7 +53,13 @@ class Child:
 
     @property
     def alive(self) -> bool:
-        return self.proc.returncode is None
+        return self.proc.returncode is None and not self.broken
+
+    def discard(self) -> None:
+        """Kills the child at once; the pool replaces it when it is released."""
+        self.broken = True
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.kill()
 
     def cpu(self) -> float:
         return cpu_seconds_of(self.pid) or 0.0

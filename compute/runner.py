@@ -29,6 +29,7 @@ class Job:
     deadline: Deadline
     stop_at: float  # epoch seconds: deadline minus reply margin and skew
     cancelled: asyncio.Event = field(default_factory=asyncio.Event)
+    finished: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 async def run(child: Child, job: Job, on_progress: OnProgress, kill_grace: float) -> Outcome:
@@ -43,6 +44,7 @@ async def run(child: Child, job: Job, on_progress: OnProgress, kill_grace: float
         }
     )
     cancel_wait = asyncio.ensure_future(job.cancelled.wait())
+    ended = False
     try:
         while True:
             receive = asyncio.ensure_future(child.receive())
@@ -53,8 +55,11 @@ async def run(child: Child, job: Job, on_progress: OnProgress, kill_grace: float
             if receive not in done:
                 receive.cancel()
                 kind = Kind.CANCELLED if cancel_wait in done else Kind.ABORTED
+                ended = True
                 return await _kill(child, job, kind, started, cpu0, kill_grace)
             message = receive.result()
+            if message is None or message["kind"] != "progress":
+                ended = True
             if message is None:
                 await child.proc.wait()
                 return Outcome(
@@ -79,6 +84,8 @@ async def run(child: Child, job: Job, on_progress: OnProgress, kill_grace: float
                 return Outcome(Kind.INVALID, error=error, reason=error.message, ran=ran)
             return Outcome(Kind.FAILED, error=error, cpu_seconds=cpu, ran=ran)
     finally:
+        if not ended:
+            child.discard()  # interrupted mid-task: its answer would reach the next one
         cancel_wait.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await cancel_wait

@@ -23,7 +23,7 @@ from aio_pika.abc import (
 )
 
 from compute import metrics, runner
-from compute.cancels import CancelRegistry
+from compute.cancels import Remembered
 from compute.outcome import Disposition, Kind, Outcome, settle
 from compute.pool import Child, Pool
 from compute.settings import WorkerSettings
@@ -31,6 +31,7 @@ from contracts.deadline import DEADLINE_HEADER, Deadline
 from contracts.errors import InvalidTimeout
 from contracts.estimates import RunTimes
 from contracts.events import EventType, TaskEvent
+from contracts.logs import log_reconnects
 from contracts.messages import (
     CONTENT_TYPE,
     COST_HEADER,
@@ -118,7 +119,9 @@ class Worker:
         self.tasks = tasks or list(settings.specs())
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self.pool = Pool(settings.concurrency)
-        self.cancels = CancelRegistry()
+        self.cancels: Remembered[CancelRequest] = Remembered()
+        self.finished: Remembered[bool] = Remembered()
+        self._handlers: set[asyncio.Task[None]] = set()
         self.runtimes = {
             task: RunTimes(min_samples=settings.estimate_min_samples) for task in self.tasks
         }
@@ -135,8 +138,12 @@ class Worker:
 
     async def run(self) -> None:
         self._connection = await aio_pika.connect_robust(
-            self.settings.amqp_url, client_properties={"connection_name": f"worker {self.name}"}
+            self.settings.amqp_url,
+            client_properties={"connection_name": f"worker {self.name}"},
+            heartbeat=self.settings.heartbeat,
+            reconnect_interval=self.settings.reconnect_interval,
         )
+        log_reconnects(self._connection, log)
         try:
             self._events = await self._connection.channel(publisher_confirms=True)
             await declare(self._events, self.topology, self.tasks)
@@ -168,7 +175,10 @@ class Worker:
         assert self._connection is not None
         channel = await self._connection.channel()
         exchange = await channel.get_exchange(self.topology.control_exchange)
-        queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+        # a name of our own, so that a reconnect re-declares the same queue
+        queue = await channel.declare_queue(
+            f"{self.topology.control_exchange}.{self.name}", exclusive=True, auto_delete=True
+        )
         await queue.bind(exchange)
         await queue.consume(self._on_control, no_ack=True)
 
@@ -216,7 +226,7 @@ class Worker:
         except ValueError:
             log.warning("ignoring an unreadable control message: %r", message.body[:200])
             return
-        self.cancels.add(request)
+        self.cancels.add(request.task_id, request.deadline_ms, request)
         job = self.jobs.get(request.task_id)
         if job is not None:
             job.cancelled.set()
@@ -224,8 +234,16 @@ class Worker:
     # -- tasks -----------------------------------------------------------------------
 
     async def _on_task(self, task: str, message: AbstractIncomingMessage) -> None:
+        # The handling runs in a task of our own: aio-pika cancels its callback tasks
+        # when the channel closes, but the task in the child keeps its worth — its
+        # outcome is still published, and the broker's redelivery is recognised.
         self.in_flight += 1
         self._idle.clear()
+        handler = asyncio.get_running_loop().create_task(self._handle_counted(task, message))
+        self._handlers.add(handler)
+        handler.add_done_callback(self._handlers.discard)
+
+    async def _handle_counted(self, task: str, message: AbstractIncomingMessage) -> None:
         try:
             await self._handle(task, message)
         except Exception:
@@ -262,6 +280,10 @@ class Worker:
             log.warning("parked a %s message: %s", task, exc)
             await message.ack()
             return
+        if await self._seen_before(delivery):
+            with contextlib.suppress(Exception):
+                await message.ack()
+            return
         margin = self.settings.reply_margin + self.settings.clock_skew
         job = runner.Job(
             task=delivery.task,
@@ -289,9 +311,20 @@ class Worker:
                         )
                     finally:
                         self.pool.release(child)
+            await self._settle(message, delivery, outcome)
+            self.finished.add(job.task_id, delivery.deadline.epoch_ms, True)
         finally:
             self.jobs.pop(job.task_id, None)
-        await self._settle(message, delivery, outcome)
+            job.finished.set()
+
+    async def _seen_before(self, delivery: Delivery) -> bool:
+        """A redelivery (after a lost connection) of a task this worker is running or
+        has finished: it waits for the first run instead of running it twice."""
+        running = self.jobs.get(delivery.task_id)
+        if running is not None:
+            await running.finished.wait()
+            return True
+        return delivery.task_id in self.finished
 
     async def _slot_for(self, job: runner.Job) -> Child | None:
         """A free child, or None if the job was cancelled or hit its stop time first."""

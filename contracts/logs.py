@@ -25,6 +25,20 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+def log_reconnects(connection: Any, log: logging.Logger) -> None:
+    """Makes each loss and recovery of a robust aio-pika connection one log line."""
+
+    def lost(_sender: object, exc: BaseException | None = None) -> None:
+        if exc is not None:
+            log.warning("lost the connection to RabbitMQ (%s); reconnecting", exc)
+
+    def back(_sender: object, *_: object) -> None:
+        log.warning("reconnected to RabbitMQ")
+
+    connection.close_callbacks.add(lost)
+    connection.reconnect_callbacks.add(back)
+
+
 def configure_logging(fmt: str = "text", level: int = logging.INFO) -> None:
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
@@ -36,3 +50,7 @@ def configure_logging(fmt: str = "text", level: int = logging.INFO) -> None:
     root.setLevel(level)
     logging.getLogger("aio_pika").setLevel(logging.WARNING)
     logging.getLogger("aiormq").setLevel(logging.WARNING)
+    # aio-pika logs each channel callback of a dropped connection as an ERROR with a
+    # traceback; the reconnect itself is what matters, and it is logged by us
+    logging.getLogger("aio_pika.tools").setLevel(logging.CRITICAL)
+    logging.getLogger("httpx").setLevel(logging.WARNING)

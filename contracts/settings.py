@@ -35,6 +35,10 @@ class CommonSettings(BaseSettings):
     kill_grace: float = Field(default=0.1, gt=0, le=30, description="SIGTERM → SIGKILL")
     clock_skew: float = Field(default=0.05, ge=0, le=60, description="tolerated clock skew")
     delivery_limit: int = Field(default=3, ge=1, le=100)
+    heartbeat: int = Field(
+        default=10, ge=1, le=600, description="AMQP heartbeat: a dead link is noticed within ~2x"
+    )
+    reconnect_interval: float = Field(default=1.0, gt=0, le=60)
     queue_max_length: int | None = Field(default=None, ge=1)
     events_max_age: str = Field(default="1h", pattern=r"^[0-9]+[YMDhms]$")
     log_format: str = Field(default="text", pattern=r"^(text|json)$")

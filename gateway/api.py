@@ -167,6 +167,8 @@ async def respond(
             task_events(record, -1, svc.settings.subscriber_buffer),
             ping=svc.settings.sse_heartbeat,
             send_timeout=svc.settings.sse_send_timeout,
+            shutdown_event=svc.shutting_down,
+            shutdown_grace_period=2.0,
             client_close_handler_callable=on_close,
             headers={"Location": f"/v1/tasks/{record.status.id}"},
         )
@@ -340,6 +342,8 @@ def build_router(specs: dict[str, TaskSpec[Any]]) -> APIRouter:
             task_events(record, after, svc.settings.subscriber_buffer),
             ping=svc.settings.sse_heartbeat,
             send_timeout=svc.settings.sse_send_timeout,
+            shutdown_event=svc.shutting_down,
+            shutdown_grace_period=2.0,
         )
 
     @router.delete(

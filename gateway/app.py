@@ -41,11 +41,13 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         await eventlog.start()
         await DeadLetters(broker, table).start()
         figures = asyncio.create_task(admission.run())
+        streams = asyncio.create_task(app.state.services.end_streams_on_shutdown())
         log.info("gateway ready on namespace %r", settings.namespace)
         try:
             yield
         finally:
             await stop(figures)
+            await stop(streams)
             await broker.close()
 
     app = FastAPI(

@@ -20,6 +20,7 @@ from aiormq.exceptions import DeliveryError, PublishError
 from contracts.deadline import Deadline
 from contracts.errors import BrokerUnavailable, Overloaded
 from contracts.events import TaskEvent
+from contracts.logs import log_reconnects
 from contracts.messages import (
     CONTENT_TYPE,
     COST_HEADER,
@@ -51,7 +52,10 @@ class Broker:
         self.connection = await aio_pika.connect_robust(
             self.settings.amqp_url,
             client_properties={"connection_name": f"gateway {self.instance[:8]}"},
+            heartbeat=self.settings.heartbeat,
+            reconnect_interval=self.settings.reconnect_interval,
         )
+        log_reconnects(self.connection, log)
         self.channel = await self.connection.channel(publisher_confirms=True, on_return_raises=True)
         await self._declare(self.channel)
         self._tasks_exchange = await self.channel.get_exchange(self.topology.tasks_exchange)

@@ -8,6 +8,7 @@ from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
+import anyio
 from fastapi import Request
 
 from contracts.errors import TaskAlreadyEnded, TaskNotFound
@@ -32,6 +33,13 @@ class Services:
     admission: Admission
     auth: Auth
     background: set[asyncio.Task[Any]] = field(default_factory=set)
+    # set by sse-starlette when the server is asked to stop
+    shutting_down: anyio.Event = field(default_factory=anyio.Event)
+
+    async def end_streams_on_shutdown(self) -> None:
+        await self.shutting_down.wait()
+        closed = self.table.close_subscriptions()
+        log.info("shutting down: ended %d event streams", closed)
 
     @property
     def ready(self) -> bool:

@@ -10,7 +10,7 @@ from sse_starlette import ServerSentEvent
 
 from contracts.events import TaskEvent
 from gateway import metrics
-from gateway.tasktable import Record, SubscriberTooSlow
+from gateway.tasktable import Record, SubscriberTooSlow, SubscriptionClosed
 
 log = logging.getLogger("timebox.gateway.sse")
 
@@ -53,6 +53,8 @@ async def task_events(record: Record, after: int, buffer: int) -> AsyncIterator[
                 return
     except SubscriberTooSlow:
         log.warning("cut off a slow SSE subscriber of task %s", record.status.id)
+    except SubscriptionClosed:
+        pass  # shutting down: the stream ends cleanly; the client resumes elsewhere
     finally:
         metrics.SSE_STREAMS.dec()
         record.unsubscribe(sub)

@@ -6,6 +6,7 @@ table is bounded: the oldest tasks are forgotten first."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,10 +18,15 @@ class SubscriberTooSlow(Exception):
     """The subscriber's buffer filled up: it is cut off so it slows nobody else."""
 
 
+class SubscriptionClosed(Exception):
+    """The gateway is shutting down: the stream ends, and the client reconnects."""
+
+
 @dataclass(eq=False)
 class Subscriber:
-    queue: asyncio.Queue[tuple[int, TaskEvent]]
+    queue: asyncio.Queue[tuple[int, TaskEvent] | None]
     overflowed: bool = False
+    closed: bool = False
 
     def push(self, item: tuple[int, TaskEvent]) -> None:
         try:
@@ -28,10 +34,20 @@ class Subscriber:
         except asyncio.QueueFull:
             self.overflowed = True
 
+    def close(self) -> None:
+        self.closed = True
+        with contextlib.suppress(asyncio.QueueFull):
+            self.queue.put_nowait(None)
+
     async def get(self) -> tuple[int, TaskEvent]:
-        if self.overflowed and self.queue.empty():
-            raise SubscriberTooSlow()
+        if self.queue.empty():
+            if self.closed:
+                raise SubscriptionClosed()
+            if self.overflowed:
+                raise SubscriberTooSlow()
         item = await self.queue.get()
+        if item is None:
+            raise SubscriptionClosed()
         return item
 
 
@@ -105,6 +121,14 @@ class TaskTable:
             record.done.set()
         for listener in self.listeners:
             listener(record, event)
+
+    def close_subscriptions(self) -> int:
+        closed = 0
+        for record in self._tasks.values():
+            for sub in record.subscribers:
+                sub.close()
+                closed += 1
+        return closed
 
     def _insert(self, event: TaskEvent) -> Record:
         record = Record(TaskStatus.first(event), owner=event.owner, cost=event.cost)

@@ -37,8 +37,30 @@ def crash(inp: CrashInput, ctx: TaskContext) -> Nothing:
     return Nothing()
 
 
+class ChattyInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    events: int = 100
+    size: int = 1000
+
+
+def kill_parent(inp: Nothing, ctx: TaskContext) -> Nothing:
+    """Kills the worker that runs it: a poison message."""
+    os.kill(os.getppid(), signal.SIGKILL)
+    return Nothing()
+
+
+def chatty(inp: ChattyInput, ctx: TaskContext) -> Nothing:
+    """Sends many large progress events, unthrottled."""
+    filler = "x" * inp.size
+    for i in range(inp.events):
+        ctx._sink(i / inp.events, filler)
+    return Nothing()
+
+
 SPECS: dict[str, TaskSpec[Any]] = {
     "explode": TaskSpec("explode", "raises ValueError(message)", ExplodeInput, Nothing, {}),
     "crash": TaskSpec("crash", "kills its own process", CrashInput, Nothing, {}),
+    "kill_parent": TaskSpec("kill_parent", "kills its worker", Nothing, Nothing, {}),
+    "chatty": TaskSpec("chatty", "floods progress events", ChattyInput, Nothing, {}),
 }
-FUNCTIONS = {"explode": explode, "crash": crash}
+FUNCTIONS = {"explode": explode, "crash": crash, "kill_parent": kill_parent, "chatty": chatty}

@@ -1,0 +1,318 @@
+"""Faults: lose nothing across worker, child, broker and gateway failures. After each
+fault an invariant checker counts tasks lost, duplicated terminal events and tasks
+that never ended."""
+
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from urllib.parse import urlsplit
+
+import httpx
+import pytest
+from httpx_sse import connect_sse
+
+from tests import invariants
+from tests.conftest import LOCAL_AMQP_URL, Stack
+from tests.harness import Worker, alive, process_tree, task_events, wait_for_event, wait_until
+from tests.proxy import Proxy
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def assert_clean(stack: Stack, client: httpx.Client, task_ids: list[str]) -> invariants.Tally:
+    tally = invariants.check(client, task_ids, stack.amqp_url, stack.namespace)
+    print(f"invariants: {tally}")
+    assert tally.clean, tally
+    return tally
+
+
+def test_a_worker_killed_mid_task_is_redelivered_and_finished_by_another(make_stack) -> None:
+    stack: Stack = make_stack()
+    stack.gateway()
+    workers = [stack.worker(1), stack.worker(1)]
+    with stack.client() as client:
+        task_id = client.post(
+            "/v1/tasks/burn_cpu", headers={"Request-Timeout": "30"}, json={"seconds": 1.5}
+        ).json()["id"]
+        running = wait_for_event(client, task_id, "running")
+        victim = next(w for w in workers if running["worker"].endswith(f":{w.pid}"))
+        children = [p for p in process_tree(victim.pid) if p != victim.pid]
+        victim.signal(signal.SIGKILL)
+        wait_until(lambda: not any(alive(p) for p in children), 5, "the killed worker's children")
+        events = task_events(client, task_id)
+        runs = [e for e in events if e[0] == "running"]
+        assert len(runs) == 2
+        assert runs[1][1]["attempt"] == 2
+        assert runs[1][1]["worker"] != running["worker"]
+        assert events[-1][0] == "succeeded"
+        assert client.get(f"/v1/tasks/{task_id}").json()["attempts"] == 2
+        assert_clean(stack, client, [task_id])
+
+
+def test_a_redelivered_task_past_its_deadline_ends_expired(make_stack) -> None:
+    stack: Stack = make_stack(TIMEBOX_ADMISSION="false")
+    stack.gateway()
+    first = stack.worker(1)
+    with stack.client() as client:
+        task_id = client.post(
+            "/v1/tasks/burn_cpu", headers={"Request-Timeout": "1.5"}, json={"seconds": 1}
+        ).json()["id"]
+        wait_for_event(client, task_id, "running")
+        first.signal(signal.SIGKILL)
+        events = task_events(client, task_id)  # the broker keeps it; nobody can run it in time
+        assert events[-1][0] == "expired"
+        assert_clean(stack, client, [task_id])
+
+
+@pytest.mark.parametrize("how", ["kill", "segfault", "exit"])
+def test_a_crashed_child_fails_its_task_and_the_worker_serves_on(session_stack, how) -> None:
+    with session_stack.client() as client:
+        response = client.post("/v1/tasks/crash", params={"wait": "true"}, json={"how": how})
+        assert response.status_code == 500
+        task = response.json()["task"]
+        assert task["state"] == "failed"
+        assert task["reason"] == "worker process crashed"
+        ok = client.post("/v1/tasks/echo", params={"wait": "true"}, json={"payload": how})
+        assert ok.status_code == 200
+
+
+def test_a_poison_message_is_parked_after_the_delivery_limit(make_stack) -> None:
+    stack: Stack = make_stack(TIMEBOX_DELIVERY_LIMIT="2")
+    stack.gateway()
+    with stack.client() as client:
+        poison = client.post("/v1/tasks/kill_parent", json={}).json()["id"]
+        others = [client.post("/v1/tasks/echo", json={"payload": i}).json()["id"] for i in range(3)]
+        deaths = 0
+        while client.get(f"/v1/tasks/{poison}").json()["state"] != "failed" and deaths < 6:
+            # each worker dies on the poison (maybe before it says ready), until the broker
+            # parks the message
+            worker = Worker(f"doomed{deaths}", stack.env, stack.log_dir, 1)
+            worker.popen.wait(30)
+            worker.stop()
+            deaths += 1
+        status = client.get(f"/v1/tasks/{poison}").json()
+        assert status["state"] == "failed"
+        assert "delivery_limit" in status["reason"]
+        assert deaths in (2, 3)
+        stack.worker(1)
+        for task_id in others:
+            assert task_events(client, task_id)[-1][0] == "succeeded"
+        assert_clean(stack, client, [poison, *others])
+
+
+def _local_broker(amqp_url: str) -> bool:
+    return amqp_url == LOCAL_AMQP_URL and shutil.which("rabbitmqctl") is not None
+
+
+def test_the_broker_closing_every_connection_loses_nothing(make_stack, amqp_url) -> None:
+    if not _local_broker(amqp_url):
+        pytest.skip("needs the local broker and rabbitmqctl")
+    stack: Stack = make_stack()
+    stack.gateway()
+    stack.worker(2)
+    with stack.client() as client:
+        ids = [
+            client.post("/v1/tasks/burn_cpu", json={"seconds": 0.3}).json()["id"] for _ in range(12)
+        ]
+        watched = ids[-1]
+        seen: list[str] = []
+        done = threading.Event()
+
+        def watch() -> None:  # an SSE subscriber that stays connected across the outage
+            with (
+                stack.client(timeout=60) as c,
+                connect_sse(c, "GET", f"/v1/tasks/{watched}/events") as source,
+            ):
+                seen.extend(e.event for e in source.iter_sse() if e.data)
+            done.set()
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        wait_for_event(client, ids[0], "running")
+        started = time.monotonic()
+        subprocess.run(
+            ["rabbitmqctl", "close_all_connections", "timebox fault test"],
+            check=True,
+            capture_output=True,
+            timeout=30,
+        )
+        # a POST during the outage is refused fast, never left hanging
+        during = client.post("/v1/tasks/echo", json={"payload": 1}, timeout=10)
+        assert during.status_code in (202, 503)
+        if during.status_code == 202:
+            ids.append(during.json()["id"])
+        wait_until(lambda: client.get("/readyz").status_code == 200, 30, "readiness")
+        recovery = time.monotonic() - started
+        print(f"recovered in {recovery:.3f} s")
+        after = client.post("/v1/tasks/echo", params={"wait": "true"}, json={"payload": 2})
+        assert after.status_code == 200
+        ids.append(after.json()["id"])
+        for task_id in ids:
+            assert task_events(client, task_id)[-1][0] in ("succeeded", "expired")
+        assert done.wait(30)
+        watcher.join()
+        assert seen[-1] == "succeeded"
+        assert_clean(stack, client, ids)
+
+
+def test_a_client_resumes_on_another_gateway_with_no_gap_and_no_duplicate(make_stack) -> None:
+    stack: Stack = make_stack()
+    first = stack.gateway()
+    second = stack.gateway()
+    stack.worker(1)
+    with (
+        httpx.Client(base_url=first.url, timeout=30) as a,
+        httpx.Client(base_url=second.url, timeout=30) as b,
+    ):
+        task_id = a.post("/v1/tasks/burn_cpu", json={"seconds": 1.5}).json()["id"]
+        got = []
+        with connect_sse(a, "GET", f"/v1/tasks/{task_id}/events") as source:
+            for e in source.iter_sse():
+                got.append((e.event, e.id))
+                if e.event == "progress":
+                    break
+        first.signal(signal.SIGKILL)
+        with connect_sse(
+            b, "GET", f"/v1/tasks/{task_id}/events", headers={"Last-Event-ID": got[-1][1]}
+        ) as source:
+            got.extend((e.event, e.id) for e in source.iter_sse() if e.data)
+        everything = [(e[0], e[2]) for e in task_events(b, task_id)]
+        assert got == everything
+        again = b.get(f"/v1/tasks/{task_id}/events", headers={"Last-Event-ID": got[-1][1]})
+        assert again.status_code == 204
+
+
+def test_a_partition_between_gateway_and_broker_is_noticed_and_heals(make_stack, amqp_url):
+    url = urlsplit(amqp_url)
+    proxy = Proxy(url.port or 5672, url.hostname or "127.0.0.1")
+    try:
+        via_proxy = url._replace(netloc=f"{url.username}:{url.password}@127.0.0.1:{proxy.port}")
+        stack: Stack = make_stack(TIMEBOX_HEARTBEAT="2")
+        gateway = stack.gateway(TIMEBOX_AMQP_URL=via_proxy.geturl())
+        stack.worker(1)
+        with stack.client() as client:
+            before = client.post("/v1/tasks/echo", params={"wait": "true"}, json={"payload": 0})
+            assert before.status_code == 200
+            proxy.cut()
+            cut_at = time.monotonic()
+            wait_until(lambda: client.get("/readyz").status_code == 503, 15, "not ready")
+            noticed = time.monotonic() - cut_at
+            print(f"partition noticed after {noticed:.2f} s (heartbeat 2 s)")
+            t = time.monotonic()
+            refused = client.post("/v1/tasks/echo", json={"payload": 1})
+            assert refused.status_code == 503
+            assert time.monotonic() - t < 1.0
+            assert "Retry-After" in refused.headers
+            proxy.heal()
+            wait_until(lambda: client.get("/readyz").status_code == 200, 30, "ready again")
+            after = client.post("/v1/tasks/echo", params={"wait": "true"}, json={"payload": 2})
+            assert after.status_code == 200
+            gateway.wait_for_line("reconnected to RabbitMQ")
+            assert_clean(stack, client, [before.json()["id"], after.json()["id"]])
+    finally:
+        proxy.close()
+
+
+def test_a_subscriber_that_stops_reading_is_cut_off_and_slows_nobody(make_stack) -> None:
+    import socket
+
+    stack: Stack = make_stack(TIMEBOX_SUBSCRIBER_BUFFER="20", TIMEBOX_SSE_SEND_TIMEOUT="1")
+    gateway = stack.gateway()
+    stack.worker(1)
+    with stack.client() as client:
+        busy = client.post("/v1/tasks/burn_cpu", json={"seconds": 0.5}).json()["id"]
+        task_id = client.post("/v1/tasks/chatty", json={"events": 3000, "size": 4000}).json()["id"]
+        stuck = socket.socket()
+        stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        stuck.connect(("127.0.0.1", gateway.port))
+        stuck.sendall(f"GET /v1/tasks/{task_id}/events HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        started = time.monotonic()
+        events = task_events(client, task_id)  # a reader that keeps up gets everything
+        took = time.monotonic() - started
+        assert events[-1][0] == "succeeded"
+        assert sum(1 for e in events if e[0] == "progress") == 3000
+        assert task_events(client, busy)[-1][0] == "succeeded"
+        gateway.wait_for_line("cut off a slow SSE subscriber|send timeout|SendTimeout", 30)
+        stuck.settimeout(10)
+        received = b""
+        while chunk := stuck.recv(1 << 20):
+            received += chunk
+        stuck.close()
+        assert b"event: succeeded" not in received
+        print(f"the reading subscriber got 3000 events in {took:.2f} s")
+
+
+def test_sigterm_lets_a_worker_finish_its_task_and_hand_back_the_rest(make_stack) -> None:
+    stack: Stack = make_stack()
+    stack.gateway()
+    worker = stack.worker(1)
+    with stack.client() as client:
+        running = client.post("/v1/tasks/burn_cpu", json={"seconds": 1}).json()["id"]
+        waiting = client.post("/v1/tasks/burn_cpu", json={"seconds": 0.2}).json()["id"]
+        wait_for_event(client, running, "running")
+        worker.signal(signal.SIGTERM)
+        assert worker.popen.wait(30) == 0
+        assert client.get(f"/v1/tasks/{running}").json()["state"] == "succeeded"
+        assert client.get(f"/v1/tasks/{waiting}").json()["state"] == "queued"
+        stack.worker(1)  # the handed-back task runs on the next worker
+        assert task_events(client, waiting)[-1][0] == "succeeded"
+        assert_clean(stack, client, [running, waiting])
+
+
+def test_sigterm_to_a_gateway_ends_its_streams_cleanly(make_stack) -> None:
+    stack: Stack = make_stack()
+    gateway = stack.gateway()
+    stack.worker(1)
+    with stack.client() as client:
+        task_id = client.post("/v1/tasks/burn_cpu", json={"seconds": 20}).json()["id"]
+    following, ended = threading.Event(), threading.Event()
+    kinds: list[str] = []
+
+    def follow() -> None:
+        with (
+            stack.client(timeout=60) as c,
+            connect_sse(c, "GET", f"/v1/tasks/{task_id}/events") as source,
+        ):
+            for e in source.iter_sse():
+                kinds.append(e.event)
+                if e.event == "running":
+                    following.set()
+        ended.set()
+
+    follower = threading.Thread(target=follow)
+    follower.start()
+    assert following.wait(15)
+    gateway.signal(signal.SIGTERM)
+    assert ended.wait(15)
+    follower.join()
+    # uvicorn re-raises the signal once it has shut down cleanly
+    assert gateway.popen.wait(15) in (0, -signal.SIGTERM)
+    gateway.wait_for_line("Application shutdown complete")
+    assert "succeeded" not in kinds  # the stream ended early, without an error
+
+
+def test_the_same_idempotency_key_returns_the_same_task(make_stack) -> None:
+    stack: Stack = make_stack(TIMEBOX_API_KEYS="k1,k2")
+    stack.gateway()
+    stack.gateway()
+    stack.worker(1)
+    k1 = {"Authorization": "Bearer k1", "Idempotency-Key": "order-42"}
+    k2 = {"Authorization": "Bearer k2", "Idempotency-Key": "order-42"}
+    with stack.client(0) as a, stack.client(1) as b:
+        first = a.post("/v1/tasks/echo", json={"payload": 1}, headers=k1).json()["id"]
+        again = a.post("/v1/tasks/echo", json={"payload": 1}, headers=k1).json()["id"]
+        assert again == first
+        wait_until(lambda: b.get(f"/v1/tasks/{first}", headers=k1).status_code == 200, 5, "replica")
+        elsewhere = b.post("/v1/tasks/echo", json={"payload": 1}, headers=k1)
+        assert elsewhere.json()["id"] == first
+        rpc = b.post("/v1/tasks/echo", params={"wait": "true"}, json={"payload": 1}, headers=k1)
+        assert rpc.status_code == 200
+        assert rpc.json()["id"] == first
+        other_key = a.post("/v1/tasks/echo", json={"payload": 1}, headers=k2).json()["id"]
+        assert other_key != first
+        fresh = a.post(
+            "/v1/tasks/echo", json={"payload": 1}, headers={"Authorization": "Bearer k1"}
+        ).json()["id"]
+        assert fresh not in (first, other_key)
