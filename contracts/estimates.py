@@ -33,9 +33,12 @@ class RunTimes:
     def add(self, seconds: float, cost: float | None = None) -> None:
         if seconds < 0 or not math.isfinite(seconds):
             return
-        self._seconds.append(seconds)
         unit = cost if cost is not None and cost > 0 else 1.0
-        self._per_unit.append(seconds / unit)
+        rate = seconds / unit
+        if not math.isfinite(rate):
+            return  # a vanishing cost (say 1e-300 s of burn_cpu) says nothing of the rate
+        self._seconds.append(seconds)
+        self._per_unit.append(rate)
 
     def __len__(self) -> int:
         return len(self._seconds)

@@ -25,8 +25,19 @@ def problem(
     **extra: Any,
 ) -> JSONResponse:
     body = {"type": f"/problems/{slug}", "title": title, "status": status, "detail": detail}
-    body.update(extra)
+    body.update(_finite(extra))
     return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON, headers=headers)
+
+
+def _finite(value: Any) -> Any:
+    """JSON has no infinities or NaN: such numbers become null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
 
 
 def from_error(error: TimeboxError) -> JSONResponse:

@@ -35,3 +35,17 @@ def test_events_refuse_unknown_fields() -> None:
 
     with pytest.raises(pydantic.ValidationError):
         TaskEvent.model_validate({"type": "queued", "task_id": "a", "task": "b", "extra": 1})
+
+
+def test_run_time_estimates_ignore_samples_that_say_nothing() -> None:
+    from contracts.estimates import RunTimes
+
+    rt = RunTimes(min_samples=2)
+    rt.add(0.5, 1e-320)  # a vanishing cost: an infinite rate
+    rt.add(float("nan"))
+    rt.add(-1.0)
+    assert len(rt) == 0
+    rt.add(1.0, 2.0)
+    rt.add(2.0, 4.0)
+    assert rt.expect(10.0) == 5.0
+    assert rt.largest_cost(1.0) == 2.0
