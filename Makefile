@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: install broker run test lint bench bench-quick clean
+.PHONY: install broker run test test-cluster lint bench bench-quick clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -22,6 +22,9 @@ run: install broker  ## gateway on :8000 and one worker against the local broker
 
 test: install broker
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-cluster: install  ## starts a three-node RabbitMQ cluster here, stops a node under load
+	$(PY) -m pytest -m cluster tests/test_cluster.py $(PYTEST_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -1,5 +1,7 @@
 """A TCP proxy on loopback between a program and the broker, which a test can cut
-(bytes are swallowed both ways: a silent partition, as on a real network) and heal."""
+(bytes are swallowed both ways: a silent partition, as on a real network) and heal.
+Given several targets it connects to the first that answers, like a load balancer in
+front of a cluster."""
 
 from __future__ import annotations
 
@@ -11,8 +13,8 @@ from tests.harness import free_port
 
 
 class Proxy:
-    def __init__(self, target_port: int, target_host: str = "127.0.0.1") -> None:
-        self.target = (target_host, target_port)
+    def __init__(self, target_port: int, target_host: str = "127.0.0.1", *more: int) -> None:
+        self.targets = [(target_host, p) for p in (target_port, *more)]
         self.port = free_port()
         self.cut_off = False
         self._writers: set[asyncio.StreamWriter] = set()
@@ -30,11 +32,21 @@ class Proxy:
         self._ready.set()
         self._loop.run_forever()
         server.close()
+        pending = asyncio.all_tasks(self._loop)
+        for task in pending:
+            task.cancel()
+        self._loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        self._loop.run_until_complete(server.wait_closed())
+        self._loop.close()
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            up_reader, up_writer = await asyncio.open_connection(*self.target)
-        except OSError:
+        for target in self.targets:
+            try:
+                up_reader, up_writer = await asyncio.open_connection(*target)
+                break
+            except OSError:
+                continue
+        else:
             writer.close()
             return
         self._writers.update({writer, up_writer})

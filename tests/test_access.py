@@ -239,6 +239,7 @@ def test_slow_and_idle_clients_do_not_stop_normal_requests(make_stack) -> None:
             await asyncio.gather(*subscribers, return_exceptions=True)
         for w in loris:
             w.close()
+        await asyncio.gather(*(w.wait_closed() for w in loris), return_exceptions=True)
         return slowest
 
     slowest = asyncio.run(scenario())
