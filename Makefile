@@ -26,6 +26,14 @@ test: install broker
 test-cluster: install  ## starts a three-node RabbitMQ cluster here, stops a node under load
 	$(PY) -m pytest -m cluster tests/test_cluster.py $(PYTEST_ARGS)
 
+bench: install broker  ## every benchmark, full size (several minutes); results in bench/results/
+	$(PY) -m pip install -q -e '.[bench]'
+	$(PY) -m bench
+
+bench-quick: install broker  ## the same, smaller, in under two minutes
+	$(PY) -m pip install -q -e '.[bench]'
+	$(PY) -m bench --quick
+
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .

@@ -23,6 +23,7 @@ from pydantic import ValidationError
 PR_SET_PDEATHSIG = 1
 PARENT_ENV = "TIMEBOX_PARENT_PID"
 PLUGINS_ENV = "TIMEBOX_TASK_PLUGINS"
+NICE_ENV = "TIMEBOX_CHILD_NICE"
 
 _specs: dict[str, Any] = {}
 _functions: dict[str, Any] = {}
@@ -93,6 +94,7 @@ def _run(request: dict[str, Any], out: IO[str]) -> dict[str, Any]:
 
 def main() -> None:
     die_with_parent()
+    os.nice(int(os.environ.get(NICE_ENV, "0")))
     out = os.fdopen(os.dup(sys.stdout.fileno()), "w", encoding="utf-8")
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     signal.signal(signal.SIGTERM, _on_sigterm)

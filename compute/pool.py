@@ -11,7 +11,7 @@ import signal
 import sys
 from typing import Any
 
-from compute.child import PARENT_ENV
+from compute.child import NICE_ENV, PARENT_ENV
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PROTOCOL_LIMIT = 256 * 1024 * 1024  # one result line may be large (process_text)
@@ -34,14 +34,14 @@ class Child:
         self.broken = False
 
     @classmethod
-    async def spawn(cls) -> Child:
+    async def spawn(cls, nice: int = 0) -> Child:
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
             "compute.child",
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
-            env={**os.environ, PARENT_ENV: str(os.getpid())},
+            env={**os.environ, PARENT_ENV: str(os.getpid()), NICE_ENV: str(nice)},
             limit=PROTOCOL_LIMIT,
         )
         child = cls(proc)
@@ -100,18 +100,19 @@ class Child:
 class Pool:
     """`size` idle-or-busy children and one warm spare."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, nice: int = 0) -> None:
         self.size = size
+        self.nice = nice
         self._idle: asyncio.Queue[Child] = asyncio.Queue()
         self._spare: asyncio.Task[Child] | None = None
         self._all: set[Child] = set()
 
     async def start(self) -> None:
-        children = await asyncio.gather(*(Child.spawn() for _ in range(self.size)))
+        children = await asyncio.gather(*(Child.spawn(self.nice) for _ in range(self.size)))
         for child in children:
             self._all.add(child)
             self._idle.put_nowait(child)
-        self._spare = asyncio.create_task(Child.spawn())
+        self._spare = asyncio.create_task(Child.spawn(self.nice))
 
     @property
     def free(self) -> int:
@@ -130,11 +131,11 @@ class Pool:
         """Puts the warm spare in the dead child's place and warms a new spare."""
         self._all.discard(dead)
         spare = self._spare
-        self._spare = asyncio.create_task(Child.spawn())
+        self._spare = asyncio.create_task(Child.spawn(self.nice))
         try:
-            child = await spare if spare is not None else await Child.spawn()
+            child = await spare if spare is not None else await Child.spawn(self.nice)
         except Exception:
-            child = await Child.spawn()
+            child = await Child.spawn(self.nice)
         self._all.add(child)
         self._idle.put_nowait(child)
 

@@ -20,6 +20,13 @@ class WorkerSettings(CommonSettings):
     )
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
     metrics_host: str = "127.0.0.1"
+    child_nice: int = Field(
+        default=10,
+        ge=0,
+        le=19,
+        description="niceness of task processes: the worker's own loop (events, acks, "
+        "kills) and anything else on the machine stay responsive while tasks burn CPU",
+    )
     start_only_if_finishable: bool = Field(
         default=True,
         description="do not start a task whose time left is below its expected run time "

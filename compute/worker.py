@@ -118,7 +118,7 @@ class Worker:
         self.burst = burst
         self.tasks = tasks or list(settings.specs())
         self.name = f"{socket.gethostname()}:{os.getpid()}"
-        self.pool = Pool(settings.concurrency)
+        self.pool = Pool(settings.concurrency, settings.child_nice)
         self.cancels: Remembered[CancelRequest] = Remembered()
         self.finished: Remembered[bool] = Remembered()
         self._handlers: set[asyncio.Task[None]] = set()
@@ -362,14 +362,21 @@ class Worker:
             metrics.SLOTS_BUSY.dec()
 
     async def _run_in(self, delivery: Delivery, job: runner.Job, child: Child) -> Outcome:
-        await self._emit(
-            delivery, EventType.RUNNING, attempt=delivery.attempt, slots=self.pool.size
+        # the task starts while `running` is being confirmed; later events wait for it,
+        # so the stream keeps their order
+        running = asyncio.ensure_future(
+            self._emit(delivery, EventType.RUNNING, attempt=delivery.attempt, slots=self.pool.size)
         )
+        await asyncio.sleep(0)  # let it write its frames before anything else
 
         async def on_progress(fraction: float, text: str | None) -> None:
+            await running
             await self._emit(delivery, EventType.PROGRESS, progress=fraction, message=text)
 
-        outcome = await runner.run(child, job, on_progress, self.settings.kill_grace)
+        try:
+            outcome = await runner.run(child, job, on_progress, self.settings.kill_grace)
+        finally:
+            await running
         if outcome.kind is Kind.SUCCEEDED and outcome.ran is not None:
             self.runtimes[delivery.task].add(outcome.ran, delivery.cost)
         return outcome

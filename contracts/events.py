@@ -116,6 +116,7 @@ class TaskStatus(BaseModel):
     result: JsonValue = None
     error: ErrorInfo | None = None
     reason: str | None = None
+    cpu_seconds: float | None = Field(default=None, description="CPU the run used")
     events_url: str | None = Field(
         default=None, description="in a 202: an SSE URL a browser's EventSource can open"
     )
@@ -152,6 +153,7 @@ class TaskStatus(BaseModel):
                 self.result = event.result
                 self.error = event.error
                 self.reason = event.reason
+                self.cpu_seconds = event.cpu_seconds
                 if event.type is EventType.SUCCEEDED:
                     self.progress = 1.0
         return True

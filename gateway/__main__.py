@@ -29,6 +29,7 @@ def main(argv: list[str] | None = None) -> None:
         host=settings.host,
         port=settings.port,
         log_config=None,
+        access_log=settings.access_log,
         timeout_graceful_shutdown=5,
     )
 

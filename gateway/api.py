@@ -18,6 +18,7 @@ from starlette.types import Message
 from contracts.deadline import Deadline
 from contracts.errors import TaskNotFound, TimeboxError, UnknownTaskType
 from contracts.events import EventType, TaskEvent, TaskState, TaskStatus
+from contracts.messages import CancelRequest
 from contracts.specs import TaskSpec
 from gateway import metrics
 from gateway.problems import PROBLEM_JSON, problem
@@ -195,7 +196,7 @@ async def submit(
     wait = _wants_wait(prefer, wait)
     if idempotency_key:
         earlier = svc.table.by_idempotency_key(owner, idempotency_key)
-        if earlier is not None:
+        if earlier is not None and not earlier.refused:
             log.info("idempotent retry of %s %s", spec.name, earlier.status.id)
             return await respond(svc, request, earlier, _deadline_of(earlier, deadline), wait)
     cost = spec.cost_of(body)
@@ -215,14 +216,24 @@ async def submit(
         owner=owner,
         idempotency_key=idempotency_key or None,
     )
-    # `queued` goes into the stream first, so that no worker's `running` can precede it
-    await svc.broker.publish_event(queued)
+    # Both go out back to back on one channel and are confirmed together: `queued`
+    # reaches the stream long before a worker can receive the task and say `running`
+    # (and the table folds events in any order should it not).
     record = svc.table.expect(queued)
+    event_sent = asyncio.ensure_future(svc.broker.publish_event(queued))
+    task_sent = False
     try:
         await svc.broker.publish_task(
             spec.name, task_id, body.model_dump_json().encode(), deadline, owner, cost
         )
+        task_sent = True
+        await event_sent
     except TimeboxError as exc:
+        event_sent.cancel()
+        record.refused = True  # an idempotent retry must not find it
+        if task_sent:  # queued, but unannounced: make sure it never runs
+            cancel = CancelRequest(task_id=task_id, deadline_ms=deadline.epoch_ms, announced=True)
+            svc.spawn(svc.broker.publish_cancel(cancel))
         metrics.REFUSALS.labels(spec.name, exc.slug).inc()
         rejected = TaskEvent(
             type=EventType.REJECTED, task_id=task_id, task=spec.name, owner=owner, reason=exc.detail

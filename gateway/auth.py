@@ -52,7 +52,10 @@ class Auth:
 
     def token_allows(self, task_id: str, token: str) -> bool:
         expires_text, _, signature = token.partition(".")
-        if not expires_text.isdigit() or int(expires_text) < time.time():
+        # isdigit() also accepts '²' and the like, which int() refuses
+        if not (expires_text.isascii() and expires_text.isdigit()):
+            return False
+        if int(expires_text) < time.time():
             return False
         return hmac.compare_digest(signature, self._sign(task_id, int(expires_text)))
 

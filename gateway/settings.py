@@ -9,6 +9,7 @@ from contracts.settings import CommonSettings
 
 class GatewaySettings(CommonSettings):
     host: str = "127.0.0.1"
+    access_log: bool = Field(default=False, description="uvicorn's line per HTTP request")
     port: int = Field(default=8000, ge=0, le=65535)
     task_table_size: int = Field(default=100_000, ge=100, description="tasks kept in memory")
     sse_heartbeat: float = Field(default=15.0, gt=0, description="seconds between SSE comments")

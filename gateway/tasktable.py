@@ -58,6 +58,7 @@ class Record:
     cost: float | None = None
     local: bool = False  # submitted through this gateway
     idempotency_key: str | None = None
+    refused: bool = False  # the broker refused it: the 503 told the client so
     events: list[tuple[int, TaskEvent]] = field(default_factory=list)
     subscribers: set[Subscriber] = field(default_factory=set)
     done: asyncio.Event = field(default_factory=asyncio.Event)

@@ -255,3 +255,11 @@ def test_compose_uses_its_own_broker_user_and_keeps_the_ui_local() -> None:
     assert all(p.startswith("127.0.0.1:") for p in broker["ports"])
     assert all(p.startswith("127.0.0.1:") for p in compose["services"]["gateway"]["ports"])
     assert compose["services"]["compute"]["deploy"]["replicas"] == 2
+
+
+def test_a_malformed_events_token_is_refused_not_a_crash(keyed: Stack) -> None:
+    with keyed.client() as c:
+        task_id = c.post("/v1/tasks/echo", json={"payload": 1}, headers=ALICE).json()["id"]
+        for token in ["²", "²³.abc", "", ".", "9" * 400, "12.zz", "-5.x"]:
+            r = c.get(f"/v1/tasks/{task_id}/events", params={"token": token})
+            is_problem(r, 401)

@@ -23,7 +23,10 @@ class ProblemError(Exception):
         self.title = str(body.get("title", ""))
         self.detail = str(body.get("detail", ""))
         retry = headers.get("retry-after")
-        self.retry_after = float(retry) if retry and retry.replace(".", "", 1).isdigit() else None
+        try:
+            self.retry_after: float | None = float(retry) if retry else None
+        except ValueError:
+            self.retry_after = None
         super().__init__(f"{status} {self.title}: {self.detail}")
 
     @property

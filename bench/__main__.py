@@ -1,0 +1,214 @@
+"""Runs every benchmark, prints each table, writes JSON and PNG under bench/results/.
+
+python -m bench            full run
+python -m bench --quick    under two minutes (shorter windows, fewer samples)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from bench import abort, fanout, latency, overload, throughput
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def machine() -> dict[str, Any]:
+    def version(pkg: str) -> str:
+        try:
+            return metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            return "?"
+
+    cpu = "?"
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    try:
+        rabbit = subprocess.run(
+            ["rabbitmqctl", "version"], capture_output=True, text=True, timeout=20
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        rabbit = "?"
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "kernel": platform.release(),
+        "rabbitmq": rabbit,
+        "versions": {
+            p: version(p) for p in ("fastapi", "uvicorn", "aio-pika", "sse-starlette", "pydantic")
+        },
+        "when": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+
+
+def table(title: str, header: list[str], rows: list[list[Any]]) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=False)]
+    line = " | ".join(h.ljust(w) for h, w in zip(header, widths, strict=False))
+    out = [f"\n{title}", line, "-+-".join("-" * w for w in widths)]
+    out += [" | ".join(str(x).ljust(w) for x, w in zip(r, widths, strict=False)) for r in rows]
+    return "\n".join(out)
+
+
+def report(results: dict[str, Any]) -> str:
+    parts = []
+    o = results["overload"]
+    rows = []
+    for system, by_load in o["systems"].items():
+        for load, r in by_load.items():
+            rows.append(
+                [
+                    system,
+                    load,
+                    r["sent"],
+                    r["on_time"],
+                    f"{r['goodput_pct']}%",
+                    f"{r['goodput_second_half_pct']}%",
+                    r["refused_503"],
+                    f"{r['wasted_cpu_pct']}%",
+                ]
+            )
+    parts.append(
+        table(
+            f"Overload: burn_cpu {overload.TASK_SECONDS} s, {overload.SLOTS} slots "
+            f"(capacity {overload.CAPACITY:g}/s), deadline {overload.DEADLINE:g} s, "
+            f"{o['parameters']['window_s']:g} s window",
+            ["system", "load", "sent", "on time", "goodput", "2nd half", "503", "wasted CPU"],
+            rows,
+        )
+    )
+    lat = results["latency"]
+    parts.append(
+        table(
+            "Latency (sequential calls)",
+            ["path", "n", "p50 ms", "p99 ms", "p99.9 ms"],
+            [
+                [k, v["n"], v["p50_ms"], v["p99_ms"], v["p999_ms"]]
+                for k, v in lat.items()
+                if k != "parameters"
+            ],
+        )
+    )
+    t = results["throughput"]
+    parts.append(
+        table(
+            "Throughput",
+            ["measure", "value"],
+            [
+                [
+                    "echo end to end (202, counted at succeeded)",
+                    f"{t['echo_202']['end_to_end_per_s']}/s",
+                ],
+                ["echo submits (202)", f"{t['echo_202']['submit_per_s']}/s"],
+                [
+                    f"echo RPC, {t['echo_rpc']['in_flight']} in flight",
+                    f"{t['echo_rpc']['calls_per_s']}/s",
+                ],
+            ],
+        )
+    )
+    a = results["abort"]
+    parts.append(
+        table(
+            "Abort (kill time minus deadline; slot ready = next task's start minus kill)",
+            ["task", "lateness p50 ms", "p99 ms", "slot ready p50 ms", "p99 ms"],
+            [
+                [
+                    k,
+                    a[f"{k}_lateness"]["p50_ms"],
+                    a[f"{k}_lateness"]["p99_ms"],
+                    a[f"{k}_slot_ready"]["p50_ms"],
+                    a[f"{k}_slot_ready"]["p99_ms"],
+                ]
+                for k in ("python", "hold_gil")
+            ],
+        )
+    )
+    f = results["fanout"]
+    parts.append(
+        table(
+            "SSE fan-out on one gateway",
+            ["measure", "value"],
+            [
+                [
+                    "subscribers (finished)",
+                    f"{f['parameters']['subscribers']} ({f['subscribers_finished']})",
+                ],
+                ["memory per subscriber", f"{f['memory_per_subscriber_kb']} KiB"],
+                ["delivery p50 / p99", f"{f['delivery']['p50_ms']} / {f['delivery']['p99_ms']} ms"],
+            ],
+        )
+    )
+    return "\n".join(parts)
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for system, by_load in results["overload"]["systems"].items():
+        loads = [int(k.rstrip("x")) for k in by_load]
+        ax.plot(loads, [r["goodput_pct"] for r in by_load.values()], marker="o", label=system)
+    ax.set_xlabel("offered load (x capacity)")
+    ax.set_ylabel("goodput: answers within the deadline (% of capacity)")
+    ax.set_xticks([1, 2, 4])
+    ax.set_ylim(0, 110)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title("Goodput under overload (2 s deadline, 0.2 s tasks, 2 slots)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--only", default="", help="comma-separated sections")
+    args = parser.parse_args()
+    q = args.quick
+    sections = {
+        "overload": lambda: overload.run(window=4 if q else 15, drain=3),
+        "latency": lambda: latency.run(300 if q else 2000),
+        "throughput": lambda: throughput.run(1000 if q else 5000, 3 if q else 10),
+        "abort": lambda: abort.run(3 if q else 20),
+        "fanout": lambda: fanout.run(1000 if q else 10_000),
+    }
+    chosen = [s for s in args.only.split(",") if s] or list(sections)
+    results: dict[str, Any] = {"mode": "quick" if q else "full", "machine": machine()}
+    started = time.time()
+    for name in chosen:
+        t = time.time()
+        results[name] = sections[name]()
+        print(f"[{name}: {time.time() - t:.0f} s]", flush=True)
+    results["took_s"] = round(time.time() - started, 1)
+    RESULTS.mkdir(exist_ok=True)
+    stem = f"bench-{results['mode']}"
+    (RESULTS / f"{stem}.json").write_text(json.dumps(results, indent=2))
+    if set(chosen) == set(sections):
+        text = report(results)
+        print(text)
+        (RESULTS / f"{stem}.txt").write_text(text + "\n")
+        plot(results, RESULTS / f"{stem}-goodput.png")
+    m = results["machine"]
+    print(
+        f"\nmachine: {m['cpu']}, {m['cores']} cores, Python {m['python']}, "
+        f"RabbitMQ {m['rabbitmq']}; took {results['took_s']} s; results in {RESULTS}/"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""Latency of the system's own path, next to the floors under it, measured in the same
+run: an aio-pika publish→consume round trip and a FastAPI hello-world GET."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from typing import Any
+
+import aio_pika
+import httpx
+
+from bench.stack import AMQP_URL, Baseline, Stack
+
+
+def percentiles(samples: list[float]) -> dict[str, float]:
+    ordered = sorted(samples)
+
+    def at(q: float) -> float:
+        return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000, 3)
+
+    return {"n": len(ordered), "p50_ms": at(0.5), "p99_ms": at(0.99), "p999_ms": at(0.999)}
+
+
+def _timed(n: int, call: Any) -> list[float]:
+    samples = []
+    for i in range(n):
+        t = time.perf_counter()
+        call(i)
+        samples.append(time.perf_counter() - t)
+    return samples
+
+
+async def _amqp_round_trips(n: int) -> list[float]:
+    name = f"tbbench-floor-{uuid.uuid4().hex[:8]}"
+    connection = await aio_pika.connect(AMQP_URL)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        queue = await channel.declare_queue(
+            name, durable=True, arguments={"x-queue-type": "quorum"}
+        )
+        got: asyncio.Queue[float] = asyncio.Queue()
+
+        async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+            await message.ack()
+            got.put_nowait(time.perf_counter())
+
+        tag = await queue.consume(on_message)
+        samples = []
+        for _ in range(n):
+            t = time.perf_counter()
+            await channel.default_exchange.publish(aio_pika.Message(b"{}", delivery_mode=2), name)
+            samples.append(await got.get() - t)
+        await queue.cancel(tag)
+        await channel.queue_delete(name, if_unused=False, if_empty=False)
+    return samples
+
+
+def run(n: int) -> dict[str, Any]:
+    out: dict[str, Any] = {"parameters": {"calls": n, "sequential": True, "client": "httpx"}}
+    with Stack() as stack:
+        gateway = stack.gateway()
+        stack.worker(2)
+        with httpx.Client(base_url=gateway.url, timeout=10) as c:
+            for _ in range(50):  # warm-up
+                c.post("/v1/tasks/echo", params={"wait": "true"}, json={"payload": 0})
+
+            def rpc(i: int) -> None:
+                r = c.post("/v1/tasks/echo", headers={"Prefer": "wait"}, json={"payload": i})
+                assert r.status_code == 200, r.text
+
+            def submit(i: int) -> None:
+                assert c.post("/v1/tasks/echo", json={"payload": i}).status_code == 202
+
+            out["rpc_echo"] = percentiles(_timed(n, rpc))
+            out["submit_202"] = percentiles(_timed(n, submit))
+    out["floor_amqp_publish_consume_quorum"] = percentiles(asyncio.run(_amqp_round_trips(n)))
+    with Baseline(None) as app, httpx.Client(base_url=app.url, timeout=10) as c:
+        _timed(50, lambda i: c.get("/hello"))
+        out["floor_fastapi_hello_get"] = percentiles(_timed(n, lambda i: c.get("/hello")))
+    return out

@@ -1,0 +1,174 @@
+"""Overload: open-loop load at 1x, 2x and 4x capacity, against Timebox and against
+the usual in-process recipes, with the same client: it waits (RPC) and gives up at
+the deadline. Goodput counts answers that arrive within it."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import httpx
+
+from bench.stack import Baseline, Stack, tree_cpu
+
+TASK_SECONDS = 0.2
+SLOTS = 2
+CAPACITY = SLOTS / TASK_SECONDS  # tasks per second
+DEADLINE = 2.0
+MULTIPLES = (1, 2, 4)
+
+
+@dataclass
+class Result:
+    sent_at: float
+    status: int | str
+    latency: float
+    cpu: float | None
+
+
+async def open_loop(
+    url: str,
+    path: str,
+    body: dict[str, Any] | None,
+    params: dict[str, Any] | None,
+    headers: dict[str, str],
+    rate: float,
+    window: float,
+) -> list[Result]:
+    """Sends `rate` requests a second for `window` seconds, whatever the answers do."""
+    results: list[Result] = []
+    # aiohttp: a load generator light enough not to take the machine's CPU from the
+    # system under test (httpx costs several ms of CPU a request)
+    timeout = aiohttp.ClientTimeout(total=DEADLINE)
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(url, connector=connector, timeout=timeout) as client:
+
+        async def one(sent_at: float) -> None:
+            t = time.perf_counter()
+            status: int | str
+            cpu = None
+            try:
+                async with client.post(path, json=body, params=params, headers=headers) as r:
+                    status = r.status
+                    if r.status == 200:
+                        cpu = (await r.json(content_type=None)).get("cpu_seconds")
+                    else:
+                        await r.read()
+            except TimeoutError:
+                status = "gave up"
+            except aiohttp.ClientError as exc:
+                status = type(exc).__name__
+            results.append(Result(sent_at, status, time.perf_counter() - t, cpu))
+
+        start = time.perf_counter()
+        tasks = []
+        for i in range(int(rate * window)):
+            delay = start + i / rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one(i / rate)))
+        await asyncio.gather(*tasks)
+    return results
+
+
+def summarize(results: list[Result], window: float, cpu: float) -> dict[str, Any]:
+    on_time = [r for r in results if r.status == 200 and r.latency <= DEADLINE]
+    late_half = [r for r in on_time if r.sent_at >= window / 2]
+    useful = sum(r.cpu or 0.0 for r in on_time)
+    statuses: dict[str, int] = {}
+    for r in results:
+        statuses[str(r.status)] = statuses.get(str(r.status), 0) + 1
+    return {
+        "sent": len(results),
+        "on_time": len(on_time),
+        "goodput_pct": round(100 * len(on_time) / window / CAPACITY, 1),
+        "goodput_second_half_pct": round(100 * len(late_half) / (window / 2) / CAPACITY, 1),
+        "refused_503": statuses.get("503", 0),
+        "statuses": statuses,
+        "tree_cpu_s": round(cpu, 2),
+        "useful_cpu_s": round(useful, 2),
+        "wasted_cpu_pct": round(100 * (cpu - useful) / cpu, 1) if cpu > 0 else 0.0,
+    }
+
+
+async def _measure(
+    pid: int,
+    url: str,
+    path: str,
+    body: dict[str, Any] | None,
+    params: dict[str, Any] | None,
+    headers: dict[str, str],
+    rate: float,
+    window: float,
+    drain: float,
+    include_root: bool,
+) -> dict[str, Any]:
+    before = tree_cpu(pid, include_root)
+    results = await open_loop(url, path, body, params, headers, rate, window)
+    await asyncio.sleep(max(0.0, drain - DEADLINE))  # the same wall interval for everyone
+    return summarize(results, window, tree_cpu(pid, include_root) - before)
+
+
+def run(window: float, drain: float) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "parameters": {
+            "task": f"burn_cpu {TASK_SECONDS} s",
+            "slots": SLOTS,
+            "capacity_per_s": CAPACITY,
+            "deadline_s": DEADLINE,
+            "window_s": window,
+            "cpu_measured_until_s_after_window": drain,
+            "client": "open loop, waits for the answer, gives up at the deadline",
+        },
+        "systems": {},
+    }
+    body = {"seconds": TASK_SECONDS}
+    with Stack() as stack:
+        gateway = stack.gateway()
+        worker = stack.worker(SLOTS)
+        with httpx.Client(base_url=gateway.url, timeout=10) as c:
+            for _ in range(10):  # the run time every layer learns from
+                c.post("/v1/tasks/burn_cpu", params={"wait": "true"}, json=body)
+        headers = {"Prefer": "wait", "Request-Timeout": str(DEADLINE)}
+        out["systems"]["timebox"] = {
+            f"{m}x": asyncio.run(
+                _measure(
+                    worker.pid,
+                    gateway.url,
+                    "/v1/tasks/burn_cpu",
+                    body,
+                    None,
+                    headers,
+                    CAPACITY * m,
+                    window,
+                    drain,
+                    True,
+                )
+            )
+            for m in MULTIPLES
+        }
+    for name, wait_for in (
+        ("fastapi+processpool", None),
+        ("fastapi+processpool+wait_for", DEADLINE),
+    ):
+        out["systems"][name] = {}
+        for m in MULTIPLES:
+            with Baseline(wait_for) as app:  # a fresh pool each time: no backlog carried over
+                out["systems"][name][f"{m}x"] = asyncio.run(
+                    _measure(
+                        app.pid,
+                        app.url,
+                        "/burn",
+                        None,
+                        {"seconds": TASK_SECONDS},
+                        {},
+                        CAPACITY * m,
+                        window,
+                        drain,
+                        False,
+                    )
+                )
+    return out

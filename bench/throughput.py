@@ -1,0 +1,118 @@
+"""Throughput: echo tasks per second end to end (submitted with 202, counted when the
+`succeeded` event is in the stream), and RPC calls per second with 64 in flight."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+
+import aio_pika
+import aiohttp
+
+from bench.stack import AMQP_URL, Stack
+
+IN_FLIGHT = 64
+
+
+async def _count_succeeded(
+    namespace: str, want: set[str], submitted: asyncio.Event, done: asyncio.Event
+) -> float:
+    """Reads the event stream until every task in `want` (complete once `submitted` is
+    set) has succeeded; returns that time. A task may succeed before its 202 is read."""
+    connection = await aio_pika.connect(AMQP_URL)
+    async with connection:
+        channel = await connection.channel()
+        await channel.set_qos(prefetch_count=2000)
+        queue = await channel.get_queue(f"{namespace}.events", ensure=False)
+        succeeded: set[str] = set()
+        finished_at = 0.0
+
+        def check() -> None:
+            nonlocal finished_at
+            if submitted.is_set() and not done.is_set() and want <= succeeded:
+                finished_at = time.perf_counter()
+                done.set()
+
+        async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+            await message.ack()
+            if message.type != "timebox.event":
+                return
+            event = json.loads(message.body)
+            if event["type"] == "succeeded":
+                succeeded.add(event["task_id"])
+                check()
+
+        await queue.consume(on_message, arguments={"x-stream-offset": "next"})
+        await submitted.wait()
+        check()
+        await done.wait()
+        return finished_at
+
+
+async def _end_to_end(url: str, namespace: str, n: int) -> dict[str, Any]:
+    want: set[str] = set()
+    done, all_submitted = asyncio.Event(), asyncio.Event()
+    ids: asyncio.Queue[int] = asyncio.Queue()
+    for i in range(n):
+        ids.put_nowait(i)
+    counter = asyncio.create_task(_count_succeeded(namespace, want, all_submitted, done))
+    await asyncio.sleep(0.5)  # the stream consumer is attached
+    connector = aiohttp.TCPConnector(limit=IN_FLIGHT)
+    async with aiohttp.ClientSession(url, connector=connector) as client:
+
+        async def submitter() -> None:
+            while not ids.empty():
+                i = ids.get_nowait()
+                async with client.post("/v1/tasks/echo", json={"payload": i}) as r:
+                    if r.status == 202:
+                        want.add((await r.json())["id"])
+
+        start = time.perf_counter()
+        await asyncio.gather(*(submitter() for _ in range(IN_FLIGHT)))
+        submitted = time.perf_counter()
+        all_submitted.set()
+        finished = await asyncio.wait_for(counter, 300)
+    return {
+        "tasks": n,
+        "submit_per_s": round(n / (submitted - start), 1),
+        "end_to_end_per_s": round(n / (finished - start), 1),
+    }
+
+
+async def _rpc(url: str, seconds: float) -> dict[str, Any]:
+    count = 0
+    connector = aiohttp.TCPConnector(limit=IN_FLIGHT)
+    async with aiohttp.ClientSession(url, connector=connector) as client:
+        end = time.perf_counter() + seconds
+
+        async def caller() -> None:
+            nonlocal count
+            while time.perf_counter() < end:
+                async with client.post(
+                    "/v1/tasks/echo", params={"wait": "true"}, json={"payload": 1}
+                ) as r:
+                    await r.read()
+                    if r.status == 200:
+                        count += 1
+
+        start = time.perf_counter()
+        await asyncio.gather(*(caller() for _ in range(IN_FLIGHT)))
+        took = time.perf_counter() - start
+    return {
+        "in_flight": IN_FLIGHT,
+        "seconds": round(took, 2),
+        "calls_per_s": round(count / took, 1),
+    }
+
+
+def run(n: int, rpc_seconds: float) -> dict[str, Any]:
+    with Stack() as stack:
+        gateway = stack.gateway()
+        stack.worker(4)
+        return {
+            "parameters": {"worker_slots": 4, "in_flight": IN_FLIGHT},
+            "echo_202": asyncio.run(_end_to_end(gateway.url, stack.namespace, n)),
+            "echo_rpc": asyncio.run(_rpc(gateway.url, rpc_seconds)),
+        }
