@@ -28,6 +28,7 @@ from compute.outcome import Disposition, Kind, Outcome, settle
 from compute.pool import Child, Pool
 from compute.settings import WorkerSettings
 from contracts.deadline import DEADLINE_HEADER, Deadline
+from contracts.declare import declare
 from contracts.errors import InvalidTimeout
 from contracts.estimates import RunTimes
 from contracts.events import EventType, TaskEvent
@@ -41,7 +42,6 @@ from contracts.messages import (
     PARK_REASON_HEADER,
     CancelRequest,
 )
-from contracts.topology import BindingDecl, ExchangeDecl, QueueDecl, Topology
 
 log = logging.getLogger("timebox.worker")
 
@@ -91,22 +91,6 @@ def decode(task: str, message: AbstractIncomingMessage) -> Delivery:
         cost=float(cost) if isinstance(cost, int | float) and not isinstance(cost, bool) else None,
         published_at=message.timestamp.timestamp() if message.timestamp else None,
     )
-
-
-async def declare(channel: AbstractChannel, topology: Topology, tasks: list[str]) -> None:
-    queues: dict[str, AbstractQueue] = {}
-    exchanges = {}
-    for decl in topology.declarations(tasks):
-        if isinstance(decl, ExchangeDecl):
-            exchanges[decl.name] = await channel.declare_exchange(
-                decl.name, aio_pika.ExchangeType(decl.kind), durable=True
-            )
-        elif isinstance(decl, QueueDecl):
-            queues[decl.name] = await channel.declare_queue(
-                decl.name, durable=True, arguments=decl.arguments
-            )
-        elif isinstance(decl, BindingDecl):
-            await queues[decl.queue].bind(exchanges[decl.exchange], decl.routing_key)
 
 
 class Worker:

@@ -12,12 +12,12 @@ from aio_pika.abc import (
     AbstractChannel,
     AbstractExchange,
     AbstractIncomingMessage,
-    AbstractQueue,
     AbstractRobustConnection,
 )
 from aiormq.exceptions import DeliveryError, PublishError
 
 from contracts.deadline import Deadline
+from contracts.declare import declare
 from contracts.errors import BrokerUnavailable, Overloaded
 from contracts.events import TaskEvent
 from contracts.logs import log_reconnects
@@ -31,7 +31,7 @@ from contracts.messages import (
     CancelRequest,
 )
 from contracts.specs import TaskSpec
-from contracts.topology import BindingDecl, ExchangeDecl, QueueDecl, Topology
+from contracts.topology import Topology
 from gateway.settings import GatewaySettings
 
 log = logging.getLogger("timebox.gateway.broker")
@@ -57,7 +57,7 @@ class Broker:
         )
         log_reconnects(self.connection, log)
         self.channel = await self.connection.channel(publisher_confirms=True, on_return_raises=True)
-        await self._declare(self.channel)
+        await declare(self.channel, self.topology, self.specs)
         self._tasks_exchange = await self.channel.get_exchange(self.topology.tasks_exchange)
         self._control_exchange = await self.channel.get_exchange(self.topology.control_exchange)
 
@@ -73,21 +73,6 @@ class Broker:
             and self.channel is not None
             and not self.channel.is_closed
         )
-
-    async def _declare(self, channel: AbstractChannel) -> None:
-        queues: dict[str, AbstractQueue] = {}
-        exchanges: dict[str, AbstractExchange] = {}
-        for decl in self.topology.declarations(self.specs):
-            if isinstance(decl, ExchangeDecl):
-                exchanges[decl.name] = await channel.declare_exchange(
-                    decl.name, aio_pika.ExchangeType(decl.kind), durable=True
-                )
-            elif isinstance(decl, QueueDecl):
-                queues[decl.name] = await channel.declare_queue(
-                    decl.name, durable=True, arguments=decl.arguments
-                )
-            elif isinstance(decl, BindingDecl):
-                await queues[decl.queue].bind(exchanges[decl.exchange], decl.routing_key)
 
     async def _publish(
         self, exchange: AbstractExchange | None, message: aio_pika.Message, routing_key: str

@@ -6,19 +6,11 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 
-from sse_starlette import ServerSentEvent
-
 from contracts.events import TaskEvent
 from gateway import metrics
-from gateway.tasktable import Record, SubscriberTooSlow, SubscriptionClosed
+from gateway.tasktable import Record, Subscriber, SubscriberTooSlow, SubscriptionClosed
 
 log = logging.getLogger("timebox.gateway.sse")
-
-
-def to_sse(offset: int, event: TaskEvent) -> ServerSentEvent:
-    return ServerSentEvent(
-        data=event.model_dump_json(exclude_none=True), event=event.type.value, id=str(offset)
-    )
 
 
 def parse_last_event_id(raw: str | None) -> int:
@@ -30,24 +22,18 @@ def parse_last_event_id(raw: str | None) -> int:
         return -1
 
 
-async def task_events(record: Record, after: int, buffer: int) -> AsyncIterator[ServerSentEvent]:
+async def task_events(record: Record, after: int, buffer: int) -> AsyncIterator[bytes]:
+    """The task's events after offset `after`: first those already seen, then live ones.
+    Each event is encoded once, however many subscribers it goes to."""
     # subscribe before the replay so nothing falls between the two; offsets dedupe
     sub = record.subscribe(buffer)
     metrics.SSE_STREAMS.inc()
     try:
         last = after
-        for offset, event in list(record.events):
+        async for offset, event in _replay_then_follow(record, sub):
             if offset <= last:
                 continue
-            yield to_sse(offset, event)
-            last = offset
-            if event.terminal:
-                return
-        while True:
-            offset, event = await sub.get()
-            if offset <= last:
-                continue
-            yield to_sse(offset, event)
+            yield record.encoded(offset, event)
             last = offset
             if event.terminal:
                 return
@@ -58,3 +44,12 @@ async def task_events(record: Record, after: int, buffer: int) -> AsyncIterator[
     finally:
         metrics.SSE_STREAMS.dec()
         record.unsubscribe(sub)
+
+
+async def _replay_then_follow(
+    record: Record, sub: Subscriber
+) -> AsyncIterator[tuple[int, TaskEvent]]:
+    for item in list(record.events):
+        yield item
+    while True:
+        yield await sub.get()

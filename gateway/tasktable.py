@@ -58,10 +58,19 @@ class Record:
     cost: float | None = None
     local: bool = False  # submitted through this gateway
     idempotency_key: str | None = None
+    _frames: dict[int, bytes] = field(default_factory=dict, repr=False)
     refused: bool = False  # the broker refused it: the 503 told the client so
     events: list[tuple[int, TaskEvent]] = field(default_factory=list)
     subscribers: set[Subscriber] = field(default_factory=set)
     done: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def encoded(self, offset: int, event: TaskEvent) -> bytes:
+        """The SSE frame of one event, encoded once for all its subscribers."""
+        frame = self._frames.get(offset)
+        if frame is None:
+            frame = sse_frame(offset, event)
+            self._frames[offset] = frame
+        return frame
 
     @property
     def terminal_offset(self) -> int | None:
@@ -76,6 +85,11 @@ class Record:
 
     def unsubscribe(self, sub: Subscriber) -> None:
         self.subscribers.discard(sub)
+
+
+def sse_frame(offset: int, event: TaskEvent) -> bytes:
+    data = event.model_dump_json(exclude_none=True)
+    return f"id: {offset}\r\nevent: {event.type.value}\r\ndata: {data}\r\n\r\n".encode()
 
 
 class TaskTable:

@@ -1,0 +1,28 @@
+"""Declares the topology on a channel its caller hands it: the one place where the
+order of declarations lives (the gateway and the workers both declare everything, so
+either may start first). contracts itself opens no connection."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import aio_pika
+from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
+
+from contracts.topology import BindingDecl, ExchangeDecl, QueueDecl, Topology
+
+
+async def declare(channel: AbstractChannel, topology: Topology, tasks: Iterable[str]) -> None:
+    queues: dict[str, AbstractQueue] = {}
+    exchanges: dict[str, AbstractExchange] = {}
+    for decl in topology.declarations(tasks):
+        if isinstance(decl, ExchangeDecl):
+            exchanges[decl.name] = await channel.declare_exchange(
+                decl.name, aio_pika.ExchangeType(decl.kind), durable=True
+            )
+        elif isinstance(decl, QueueDecl):
+            queues[decl.name] = await channel.declare_queue(
+                decl.name, durable=True, arguments=decl.arguments
+            )
+        elif isinstance(decl, BindingDecl):
+            await queues[decl.queue].bind(exchanges[decl.exchange], decl.routing_key)
