@@ -125,17 +125,24 @@ def _make_stack(amqp_url: str, log_dir: Path, **env: str) -> Stack:
     return Stack(amqp_url, namespace, log_dir, base)
 
 
-@pytest.fixture(scope="session")
-def session_stack(amqp_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    """One gateway and one worker (2 slots) shared by the tests that only submit and read."""
-    stack = _make_stack(amqp_url, tmp_path_factory.mktemp("session-stack"))
+@contextlib.contextmanager
+def running_stack(amqp_url: str, log_dir: Path, workers: int, **env: str) -> Iterator[Stack]:
+    """A gateway and a worker of `workers` slots in a namespace of their own, deleted after."""
+    stack = _make_stack(amqp_url, log_dir, **env)
     try:
         stack.gateway()
-        stack.worker(2)
+        stack.worker(workers)
         yield stack
     finally:
         stack.stop()
         asyncio.run(delete_namespace(amqp_url, stack.namespace))
+
+
+@pytest.fixture(scope="session")
+def session_stack(amqp_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """One gateway and one worker (2 slots) shared by the tests that only submit and read."""
+    with running_stack(amqp_url, tmp_path_factory.mktemp("session-stack"), 2) as stack:
+        yield stack
 
 
 @pytest.fixture

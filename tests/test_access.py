@@ -33,21 +33,16 @@ def is_problem(response: httpx.Response, status: int) -> dict:
 
 @pytest.fixture(scope="module")
 def keyed(amqp_url: str, tmp_path_factory: pytest.TempPathFactory):
-    from tests.conftest import _make_stack, delete_namespace
+    from tests.conftest import running_stack
 
-    stack = _make_stack(
+    with running_stack(
         amqp_url,
         tmp_path_factory.mktemp("keyed"),
+        1,
         TIMEBOX_API_KEYS="alice-key,bob-key",
         TIMEBOX_TOKEN_SECRET="s3cret",
-    )
-    try:
-        stack.gateway()
-        stack.worker(1)
+    ) as stack:
         yield stack
-    finally:
-        stack.stop()
-        asyncio.run(delete_namespace(amqp_url, stack.namespace))
 
 
 def test_requests_without_a_valid_key_get_401(keyed: Stack) -> None:

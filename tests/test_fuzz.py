@@ -1,7 +1,6 @@
 """Schemathesis against the gateway's own OpenAPI document: no 5xx but the documented
 503 (refused, broker) and 504 (deadline)."""
 
-import asyncio
 import collections
 from collections.abc import Iterator
 
@@ -9,7 +8,7 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
 
-from tests.conftest import Stack, _make_stack, delete_namespace
+from tests.conftest import Stack, running_stack
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -19,21 +18,16 @@ SENT: collections.Counter[int] = collections.Counter()
 @pytest.fixture(scope="module")
 def fuzz_stack(amqp_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     # short deadlines so RPC examples end fast; no test-only task types
-    stack = _make_stack(
+    with running_stack(
         amqp_url,
         tmp_path_factory.mktemp("fuzz"),
+        1,
         TIMEBOX_DEFAULT_TIMEOUT="0.5",
         TIMEBOX_MAX_TIMEOUT="1",
         TIMEBOX_TASK_PLUGINS="",
-    )
-    try:
-        stack.gateway()
-        stack.worker(1)
+    ) as stack:
         yield stack
-    finally:
-        stack.stop()
-        asyncio.run(delete_namespace(amqp_url, stack.namespace))
-        print(f"\nfuzz: {sum(SENT.values())} requests, status codes {dict(sorted(SENT.items()))}")
+    print(f"\nfuzz: {sum(SENT.values())} requests, status codes {dict(sorted(SENT.items()))}")
 
 
 def test_no_unexpected_server_errors(fuzz_stack: Stack) -> None:
