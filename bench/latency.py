@@ -57,6 +57,36 @@ async def _amqp_round_trips(n: int) -> list[float]:
     return samples
 
 
+def refusals(n: int) -> dict[str, Any]:
+    """How long a refusal takes: a backlog too long for the deadline (503), and an
+    input too big for it (422), once run times are known."""
+    with Stack() as stack:
+        gateway = stack.gateway()
+        stack.worker(1)
+        with httpx.Client(base_url=gateway.url, timeout=30) as c:
+            for _ in range(6):
+                c.post("/v1/tasks/burn_cpu", params={"wait": "true"}, json={"seconds": 0.3})
+            for _ in range(20):  # about 10 s of work queued ahead
+                c.post("/v1/tasks/burn_cpu", json={"seconds": 0.5})
+
+            def backlog(i: int) -> None:
+                r = c.post(
+                    "/v1/tasks/burn_cpu", headers={"Request-Timeout": "2"}, json={"seconds": 0.3}
+                )
+                assert r.status_code == 503, r.text
+
+            def too_big(i: int) -> None:
+                r = c.post(
+                    "/v1/tasks/burn_cpu", headers={"Request-Timeout": "2"}, json={"seconds": 10}
+                )
+                assert r.status_code == 422, r.text
+
+            return {
+                "refusal_503_backlog": percentiles(_timed(n, backlog)),
+                "refusal_422_unmeetable": percentiles(_timed(n, too_big)),
+            }
+
+
 def run(n: int) -> dict[str, Any]:
     out: dict[str, Any] = {"parameters": {"calls": n, "sequential": True, "client": "httpx"}}
     with Stack() as stack:
@@ -75,6 +105,7 @@ def run(n: int) -> dict[str, Any]:
 
             out["rpc_echo"] = percentiles(_timed(n, rpc))
             out["submit_202"] = percentiles(_timed(n, submit))
+    out.update(refusals(max(100, n // 4)))
     out["floor_amqp_publish_consume_quorum"] = percentiles(asyncio.run(_amqp_round_trips(n)))
     with Baseline(None) as app, httpx.Client(base_url=app.url, timeout=10) as c:
         _timed(50, lambda i: c.get("/hello"))

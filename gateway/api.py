@@ -318,7 +318,7 @@ def build_router(specs: dict[str, TaskSpec[Any]]) -> APIRouter:
         tags=["tasks"],
     )
     async def get_task(request: Request, task_id: str, owner: Caller) -> Response:
-        record = services(request).find(task_id, owner)
+        record = await services(request).find(task_id, owner)
         return status_response(record.status)
 
     @router.get(
@@ -340,11 +340,12 @@ def build_router(specs: dict[str, TaskSpec[Any]]) -> APIRouter:
     ) -> Response:
         svc = services(request)
         if token is not None and svc.auth.token_allows(task_id, token):
-            record = svc.table.get(task_id)
-            if record is None:
+            found = await svc.table.arrival(task_id, svc.settings.arrival_wait)
+            if found is None:
                 raise TaskNotFound(f"no task with id {task_id!r}")
+            record = found
         else:
-            record = svc.find(task_id, svc.auth.caller(request))
+            record = await svc.find(task_id, svc.auth.caller(request))
         after = parse_last_event_id(last_event_id)
         end = record.terminal_offset
         if end is not None and after >= end:
@@ -366,7 +367,7 @@ def build_router(specs: dict[str, TaskSpec[Any]]) -> APIRouter:
     )
     async def cancel_task(request: Request, task_id: str, owner: Caller) -> Response:
         svc = services(request)
-        record = svc.find(task_id, owner)
+        record = await svc.find(task_id, owner)
         await svc.cancel(record, "cancelled by DELETE")
         return status_response(record.status, 202)
 

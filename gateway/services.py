@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,11 +51,23 @@ class Services:
         self.background.add(task)
         task.add_done_callback(self.background.discard)
 
-    def find(self, task_id: str, owner: str | None) -> Record:
-        record = self.table.get(task_id)
+    async def find(self, task_id: str, owner: str | None) -> Record:
+        wait = self._arrival_wait(task_id)
+        record = await self.table.arrival(task_id, wait)
+        if record is not None and record.owner != owner:
+            await asyncio.sleep(wait)  # as slow as an unknown id: existence does not leak
         if record is None or record.owner != owner:
             raise TaskNotFound(f"no task with id {task_id!r}")
         return record
+
+    def _arrival_wait(self, task_id: str) -> float:
+        """How long to wait for an unknown id to show up in the stream: only ids that
+        could be ours (UUIDs), and only briefly."""
+        try:
+            uuid.UUID(task_id)
+        except ValueError:
+            return 0.0
+        return self.settings.arrival_wait
 
     async def cancel(self, record: Record, why: str) -> None:
         """Cancels a task that has not ended. A queued one is announced `cancelled` at

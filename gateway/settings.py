@@ -21,6 +21,13 @@ class GatewaySettings(CommonSettings):
         description="seconds a streaming client may take to reconnect before its task is cancelled",
     )
     publish_timeout: float = Field(default=5.0, gt=0, description="wait for a broker confirm")
+    arrival_wait: float = Field(
+        default=1.0,
+        ge=0,
+        le=10,
+        description="seconds to wait for an unknown task id to arrive in the event stream "
+        "(a task submitted through another gateway a moment ago) before answering 404",
+    )
     admission: bool = Field(default=True, description="refuse what cannot finish in time")
     api_keys: str = Field(
         default="",

@@ -99,12 +99,32 @@ class TaskTable:
         self.last_offset = -1
         self.listeners: list[Callable[[Record, TaskEvent], None]] = []
         self._idempotent: dict[tuple[str | None, str], str] = {}
+        self._arrivals: dict[str, list[asyncio.Future[Record]]] = {}
 
     def __len__(self) -> int:
         return len(self._tasks)
 
     def get(self, task_id: str) -> Record | None:
         return self._tasks.get(task_id)
+
+    async def arrival(self, task_id: str, patience: float) -> Record | None:
+        """The task's record, waiting up to `patience` seconds for its first event to be
+        read: a task just submitted through another gateway is known here a moment later."""
+        record = self._tasks.get(task_id)
+        if record is not None or patience <= 0:
+            return record
+        future: asyncio.Future[Record] = asyncio.get_running_loop().create_future()
+        self._arrivals.setdefault(task_id, []).append(future)
+        try:
+            return await asyncio.wait_for(future, patience)
+        except TimeoutError:
+            return None
+        finally:
+            waiting = self._arrivals.get(task_id, [])
+            if future in waiting:
+                waiting.remove(future)
+            if not waiting:
+                self._arrivals.pop(task_id, None)
 
     def by_idempotency_key(self, owner: str | None, key: str) -> Record | None:
         task_id = self._idempotent.get((owner, key))
@@ -148,6 +168,9 @@ class TaskTable:
     def _insert(self, event: TaskEvent) -> Record:
         record = Record(TaskStatus.first(event), owner=event.owner, cost=event.cost)
         self._tasks[event.task_id] = record
+        for future in self._arrivals.pop(event.task_id, []):
+            if not future.done():
+                future.set_result(record)
         if event.idempotency_key is not None:
             record.idempotency_key = event.idempotency_key
             self._idempotent[(event.owner, event.idempotency_key)] = event.task_id
