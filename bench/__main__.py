@@ -197,8 +197,14 @@ def main() -> None:
     results["took_s"] = round(time.time() - started, 1)
     RESULTS.mkdir(exist_ok=True)
     stem = f"bench-{results['mode']}"
-    (RESULTS / f"{stem}.json").write_text(json.dumps(results, indent=2))
-    if set(chosen) == set(sections):
+    path = RESULTS / f"{stem}.json"
+    if args.only and path.exists():  # re-running some sections updates them in place
+        merged = json.loads(path.read_text())
+        merged.update({k: results[k] for k in chosen})
+        merged.setdefault("reruns", []).append({"sections": chosen, **results["machine"]})
+        results = merged
+    path.write_text(json.dumps(results, indent=2))
+    if set(sections) <= set(results):
         text = report(results)
         print(text)
         (RESULTS / f"{stem}.txt").write_text(text + "\n")
