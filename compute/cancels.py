@@ -3,6 +3,7 @@ it heard, and the ones it already finished (a redelivery of those is not run aga
 
 from __future__ import annotations
 
+import heapq
 import time
 from typing import Generic, TypeVar
 
@@ -16,10 +17,12 @@ SLACK_MS = 60_000
 class Remembered(Generic[T]):
     def __init__(self) -> None:
         self._by_id: dict[str, tuple[int, T]] = {}
+        self._expiry: list[tuple[int, str]] = []  # a heap: forgetting costs O(log n)
 
     def add(self, task_id: str, deadline_ms: int, value: T) -> None:
         self._prune()
         self._by_id[task_id] = (deadline_ms, value)
+        heapq.heappush(self._expiry, (deadline_ms, task_id))
 
     def get(self, task_id: str) -> T | None:
         entry = self._by_id.get(task_id)
@@ -33,5 +36,8 @@ class Remembered(Generic[T]):
 
     def _prune(self) -> None:
         cutoff = time.time() * 1000 - SLACK_MS
-        for task_id in [k for k, (deadline, _) in self._by_id.items() if deadline < cutoff]:
-            del self._by_id[task_id]
+        while self._expiry and self._expiry[0][0] < cutoff:
+            deadline, task_id = heapq.heappop(self._expiry)
+            entry = self._by_id.get(task_id)
+            if entry is not None and entry[0] == deadline:
+                del self._by_id[task_id]

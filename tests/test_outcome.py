@@ -26,3 +26,20 @@ def test_each_outcome_maps_to_one_event_and_one_disposition(
 def test_every_outcome_kind_is_settled() -> None:
     for kind in Kind:
         settle(Outcome(kind))
+
+
+def test_remembered_ids_are_forgotten_after_their_deadline() -> None:
+    import time
+
+    from compute.cancels import SLACK_MS, Remembered
+
+    now_ms = int(time.time() * 1000)
+    seen: Remembered[bool] = Remembered()
+    seen.add("old", now_ms - SLACK_MS - 1000, True)
+    seen.add("renewed", now_ms - SLACK_MS - 1000, True)
+    seen.add("renewed", now_ms + 60_000, True)  # a later deadline replaces the first
+    seen.add("fresh", now_ms + 60_000, True)
+    assert "old" not in seen
+    assert "renewed" in seen
+    assert seen.get("fresh") is True
+    assert len(seen) == 2
