@@ -30,6 +30,7 @@ class Job:
     stop_at: float  # epoch seconds: deadline minus reply margin and skew
     cancelled: asyncio.Event = field(default_factory=asyncio.Event)
     finished: asyncio.Event = field(default_factory=asyncio.Event)
+    announced: asyncio.Future[None] | None = None  # the `running` event, being confirmed
 
 
 async def run(child: Child, job: Job, on_progress: OnProgress, kill_grace: float) -> Outcome:

@@ -296,6 +296,8 @@ class Worker:
                     finally:
                         self.pool.release(child)
             await self._settle(message, delivery, outcome)
+            if job.announced is not None:
+                await job.announced
             self.finished.add(job.task_id, delivery.deadline.epoch_ms, True)
         finally:
             self.jobs.pop(job.task_id, None)
@@ -346,21 +348,21 @@ class Worker:
             metrics.SLOTS_BUSY.dec()
 
     async def _run_in(self, delivery: Delivery, job: runner.Job, child: Child) -> Outcome:
-        # the task starts while `running` is being confirmed; later events wait for it,
-        # so the stream keeps their order
+        # The task starts while `running` is being confirmed. Its frames go out first on
+        # the channel, so the stream keeps the order; progress waits for its confirm, the
+        # outcome does not (should a reconnect reorder them, a gateway ignores a
+        # `running` after the terminal event).
         running = asyncio.ensure_future(
             self._emit(delivery, EventType.RUNNING, attempt=delivery.attempt, slots=self.pool.size)
         )
+        job.announced = running
         await asyncio.sleep(0)  # let it write its frames before anything else
 
         async def on_progress(fraction: float, text: str | None) -> None:
             await running
             await self._emit(delivery, EventType.PROGRESS, progress=fraction, message=text)
 
-        try:
-            outcome = await runner.run(child, job, on_progress, self.settings.kill_grace)
-        finally:
-            await running
+        outcome = await runner.run(child, job, on_progress, self.settings.kill_grace)
         if outcome.kind is Kind.SUCCEEDED and outcome.ran is not None:
             self.runtimes[delivery.task].add(outcome.ran, delivery.cost)
         return outcome
