@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
 import httpx
 
-from bench.stack import Baseline, Stack, tree_cpu
+from bench.stack import Baseline, Stack
+from tests.harness import tree_cpu
 
 TASK_SECONDS = 0.2
 SLOTS = 2
@@ -29,29 +30,36 @@ class Result:
     cpu: float | None
 
 
-async def open_loop(
-    url: str,
-    path: str,
-    body: dict[str, Any] | None,
-    params: dict[str, Any] | None,
-    headers: dict[str, str],
-    rate: float,
-    window: float,
-) -> list[Result]:
+@dataclass(frozen=True)
+class Target:
+    """What one request of the load is, and which process tree does the work."""
+
+    url: str
+    path: str
+    pid: int
+    include_root: bool  # the root's own CPU counts (a worker) or not (uvicorn serving HTTP)
+    body: dict[str, Any] | None = None
+    params: dict[str, Any] | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+async def open_loop(target: Target, rate: float, window: float) -> list[Result]:
     """Sends `rate` requests a second for `window` seconds, whatever the answers do."""
     results: list[Result] = []
     # aiohttp: a load generator light enough not to take the machine's CPU from the
     # system under test (httpx costs several ms of CPU a request)
     timeout = aiohttp.ClientTimeout(total=DEADLINE)
     connector = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(url, connector=connector, timeout=timeout) as client:
+    async with aiohttp.ClientSession(target.url, connector=connector, timeout=timeout) as client:
 
         async def one(sent_at: float) -> None:
             t = time.perf_counter()
             status: int | str
             cpu = None
             try:
-                async with client.post(path, json=body, params=params, headers=headers) as r:
+                async with client.post(
+                    target.path, json=target.body, params=target.params, headers=target.headers
+                ) as r:
                     status = r.status
                     if r.status == 200:
                         cpu = (await r.json(content_type=None)).get("cpu_seconds")
@@ -94,22 +102,11 @@ def summarize(results: list[Result], window: float, cpu: float) -> dict[str, Any
     }
 
 
-async def _measure(
-    pid: int,
-    url: str,
-    path: str,
-    body: dict[str, Any] | None,
-    params: dict[str, Any] | None,
-    headers: dict[str, str],
-    rate: float,
-    window: float,
-    drain: float,
-    include_root: bool,
-) -> dict[str, Any]:
-    before = tree_cpu(pid, include_root)
-    results = await open_loop(url, path, body, params, headers, rate, window)
+async def _measure(target: Target, rate: float, window: float, drain: float) -> dict[str, Any]:
+    before = tree_cpu(target.pid, target.include_root)
+    results = await open_loop(target, rate, window)
     await asyncio.sleep(max(0.0, drain - DEADLINE))  # the same wall interval for everyone
-    return summarize(results, window, tree_cpu(pid, include_root) - before)
+    return summarize(results, window, tree_cpu(target.pid, target.include_root) - before)
 
 
 def run(window: float, drain: float) -> dict[str, Any]:
@@ -132,23 +129,16 @@ def run(window: float, drain: float) -> dict[str, Any]:
         with httpx.Client(base_url=gateway.url, timeout=10) as c:
             for _ in range(10):  # the run time every layer learns from
                 c.post("/v1/tasks/burn_cpu", params={"wait": "true"}, json=body)
-        headers = {"Prefer": "wait", "Request-Timeout": str(DEADLINE)}
+        target = Target(
+            gateway.url,
+            "/v1/tasks/burn_cpu",
+            worker.pid,
+            include_root=True,
+            body=body,
+            headers={"Prefer": "wait", "Request-Timeout": str(DEADLINE)},
+        )
         out["systems"]["timebox"] = {
-            f"{m}x": asyncio.run(
-                _measure(
-                    worker.pid,
-                    gateway.url,
-                    "/v1/tasks/burn_cpu",
-                    body,
-                    None,
-                    headers,
-                    CAPACITY * m,
-                    window,
-                    drain,
-                    True,
-                )
-            )
-            for m in MULTIPLES
+            f"{m}x": asyncio.run(_measure(target, CAPACITY * m, window, drain)) for m in MULTIPLES
         }
     for name, wait_for in (
         ("fastapi+processpool", None),
@@ -157,18 +147,14 @@ def run(window: float, drain: float) -> dict[str, Any]:
         out["systems"][name] = {}
         for m in MULTIPLES:
             with Baseline(wait_for) as app:  # a fresh pool each time: no backlog carried over
+                target = Target(
+                    app.url,
+                    "/burn",
+                    app.pid,
+                    include_root=False,
+                    params={"seconds": TASK_SECONDS},
+                )
                 out["systems"][name][f"{m}x"] = asyncio.run(
-                    _measure(
-                        app.pid,
-                        app.url,
-                        "/burn",
-                        None,
-                        {"seconds": TASK_SECONDS},
-                        {},
-                        CAPACITY * m,
-                        window,
-                        drain,
-                        False,
-                    )
+                    _measure(target, CAPACITY * m, window, drain)
                 )
     return out

@@ -13,33 +13,9 @@ import uuid
 from pathlib import Path
 
 from tests.conftest import delete_namespace
-from tests.harness import Gateway, Proc, Worker, free_port, process_tree
+from tests.harness import Gateway, Proc, Worker, free_port
 
-TICK = os.sysconf("SC_CLK_TCK")
 AMQP_URL = os.environ.get("TIMEBOX_BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
-
-
-def _stat(pid: int) -> list[bytes] | None:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()
-    except OSError:
-        return None
-
-
-def tree_cpu(root: int, include_root: bool = True) -> float:
-    """CPU seconds of a process and all its descendants, dead ones included: a reaped
-    child's time is in its parent's cutime/cstime, a live one's is read directly.
-    Without the root: only its children's (the root's own user+system left out)."""
-    total = 0.0
-    for pid in process_tree(root):
-        fields = _stat(pid)
-        if fields is None:
-            continue
-        own = int(fields[11]) + int(fields[12])
-        reaped = int(fields[13]) + int(fields[14])
-        total += (reaped + (own if include_root or pid != root else 0)) / TICK
-    return total
 
 
 def rss_bytes(pid: int) -> int:

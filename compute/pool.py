@@ -114,10 +114,6 @@ class Pool:
             self._idle.put_nowait(child)
         self._spare = asyncio.create_task(Child.spawn(self.nice))
 
-    @property
-    def free(self) -> int:
-        return self._idle.qsize()
-
     async def acquire(self) -> Child:
         return await self._idle.get()
 

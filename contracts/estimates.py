@@ -54,7 +54,8 @@ class RunTimes:
         return RunTimeSummary(len(values), sum(values) / len(values), quantile(values, 0.9))
 
     def mean(self) -> float | None:
-        return self.summary().mean if self.trusted else None
+        # on the admission path of every request: no sort, unlike summary()
+        return sum(self._seconds) / len(self._seconds) if self.trusted else None
 
     def expect(self, cost: float | None = None) -> float | None:
         """Expected seconds for an input of this cost (the median rate, so that an

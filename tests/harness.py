@@ -11,7 +11,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -138,18 +137,24 @@ class Worker(Proc):
         self.wait_for_line(r"worker \S+ ready", timeout)
 
 
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _stat(pid: int) -> list[bytes] | None:
+    """The fields of /proc/PID/stat after the command name; None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
 def process_tree(pid: int) -> list[int]:
     """pid and all its descendants, from /proc."""
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(entry))
+        if entry.isdigit() and (fields := _stat(int(entry))) is not None:
+            children.setdefault(int(fields[1]), []).append(int(entry))
     out, todo = [], [pid]
     while todo:
         p = todo.pop()
@@ -158,27 +163,24 @@ def process_tree(pid: int) -> list[int]:
     return out
 
 
-def tree_cpu_seconds(pids: list[int]) -> float:
-    """CPU seconds (user+system) used so far by the given live processes."""
+def tree_cpu(root: int, include_root: bool = True) -> float:
+    """CPU seconds of a process and all its descendants, dead ones included: a reaped
+    child's time is in its parent's cutime/cstime, a live one's is read directly.
+    Without the root: only its children's (the root's own user+system left out)."""
     total = 0.0
-    tick = os.sysconf("SC_CLK_TCK")
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                fields = f.read().rsplit(b")", 1)[1].split()
-        except OSError:
+    for pid in process_tree(root):
+        fields = _stat(pid)
+        if fields is None:
             continue
-        total += (int(fields[11]) + int(fields[12])) / tick
+        own = int(fields[11]) + int(fields[12])
+        reaped = int(fields[13]) + int(fields[14])
+        total += (reaped + (own if include_root or pid != root else 0)) / TICK
     return total
 
 
 def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            state = f.read().rsplit(b")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != b"Z"
+    fields = _stat(pid)
+    return fields is not None and fields[0] != b"Z"
 
 
 def wait_until(predicate: object, timeout: float, what: str) -> None:
@@ -189,15 +191,6 @@ def wait_until(predicate: object, timeout: float, what: str) -> None:
         if time.monotonic() > end:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.02)
-
-
-@contextlib.contextmanager
-def running(*procs: Proc) -> Iterator[None]:
-    try:
-        yield
-    finally:
-        for p in procs:
-            p.stop()
 
 
 def task_events(
