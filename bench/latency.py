@@ -87,11 +87,10 @@ def refusals(n: int) -> dict[str, Any]:
             }
 
 
-def run(n: int) -> dict[str, Any]:
-    out: dict[str, Any] = {"parameters": {"calls": n, "sequential": True, "client": "httpx"}}
+def _rpc_and_submit(n: int, *worker_args: str) -> dict[str, dict[str, float]]:
     with Stack() as stack:
         gateway = stack.gateway()
-        stack.worker(2)
+        stack.worker(2, *worker_args)
         with httpx.Client(base_url=gateway.url, timeout=10) as c:
             for _ in range(50):  # warm-up
                 c.post("/v1/tasks/echo", params={"wait": "true"}, json={"payload": 0})
@@ -103,8 +102,22 @@ def run(n: int) -> dict[str, Any]:
             def submit(i: int) -> None:
                 assert c.post("/v1/tasks/echo", json={"payload": i}).status_code == 202
 
-            out["rpc_echo"] = percentiles(_timed(n, rpc))
-            out["submit_202"] = percentiles(_timed(n, submit))
+            return {"rpc": percentiles(_timed(n, rpc)), "submit": percentiles(_timed(n, submit))}
+
+
+def run(n: int) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "parameters": {
+            "calls": n,
+            "sequential": True,
+            "client": "httpx",
+            "worker": "2 slots; every task type (pulls) or --tasks echo (consumes)",
+        }
+    }
+    pulling = _rpc_and_submit(n)
+    out["rpc_echo"] = pulling["rpc"]
+    out["submit_202"] = pulling["submit"]
+    out["rpc_echo_worker_of_one_type"] = _rpc_and_submit(n, "--tasks", "echo")["rpc"]
     out.update(refusals(max(100, n // 4)))
     out["floor_amqp_publish_consume_quorum"] = percentiles(asyncio.run(_amqp_round_trips(n)))
     with Baseline(None) as app, httpx.Client(base_url=app.url, timeout=10) as c:

@@ -46,8 +46,10 @@ class Stack:
         g.wait_ready(60)
         return g
 
-    def worker(self, concurrency: int, **env: str) -> Worker:
-        w = Worker(f"worker{len(self.procs)}", {**self.env, **env}, self.log_dir, concurrency)
+    def worker(self, concurrency: int, *extra: str, **env: str) -> Worker:
+        w = Worker(
+            f"worker{len(self.procs)}", {**self.env, **env}, self.log_dir, concurrency, *extra
+        )
         self.procs.append(w)
         w.wait_ready(60)
         return w

@@ -33,6 +33,15 @@ class WorkerSettings(CommonSettings):
         "(once enough tasks of its type have finished here to trust the estimate)",
     )
 
+    poll_interval: float = Field(
+        default=1.0,
+        gt=0,
+        le=60,
+        description="a worker of several task types pulls one message per free slot; it "
+        "looks at a queue when a gateway announces a message there, and at every queue "
+        "this often (messages nobody announced: redeliveries after a worker died)",
+    )
+
     @model_validator(mode="after")
     def _below_consumer_timeout(self) -> Self:
         if self.max_timeout >= self.broker_consumer_timeout:

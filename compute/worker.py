@@ -24,6 +24,7 @@ from aio_pika.abc import (
 
 from compute import metrics, runner
 from compute.cancels import Remembered
+from compute.dispatch import Credit, Puller
 from compute.outcome import Disposition, Kind, Outcome, settle
 from compute.pool import Child, Pool
 from compute.settings import WorkerSettings
@@ -40,7 +41,9 @@ from contracts.messages import (
     EVENT_TYPE,
     OWNER_HEADER,
     PARK_REASON_HEADER,
+    WORK_TYPE,
     CancelRequest,
+    WorkNotice,
 )
 
 log = logging.getLogger("timebox.worker")
@@ -117,6 +120,8 @@ class Worker:
         self._connection: AbstractRobustConnection | None = None
         self._events: AbstractChannel | None = None
         self._consumers: list[tuple[AbstractQueue, str]] = []
+        self.puller: Puller | None = None
+        self._pulling: asyncio.Task[None] | None = None
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -136,9 +141,10 @@ class Worker:
             await self._consume_control()
             await self._consume_tasks()
             log.info(
-                "worker %s ready: %d slots, queues %s",
+                "worker %s ready: %d slots, %s %s",
                 self.name,
                 self.settings.concurrency,
+                "pulling from" if self.puller else "consuming",
                 ", ".join(self.topology.task_queue(t) for t in self.tasks),
             )
             if self.burst:
@@ -167,20 +173,43 @@ class Worker:
         await queue.consume(self._on_control, no_ack=True)
 
     async def _consume_tasks(self) -> None:
+        """One task queue: a consumer whose prefetch is the slot count, so the broker
+        never hands over more than the free slots. Several: a puller (compute/dispatch.py)
+        takes one message per free slot. Either way the worker consumes the task's
+        workers queue, where the gateways count it."""
         assert self._connection is not None
         channel = await self._connection.channel()
         # per-consumer prefetch: quorum queues refuse a channel-wide (global) one
         await channel.set_qos(prefetch_count=self.settings.concurrency)
+        queues: dict[str, AbstractQueue] = {}
         for task in self.tasks:
-            queue = await channel.declare_queue(
+            queues[task] = await channel.declare_queue(
                 self.topology.task_queue(task),
                 durable=True,
                 arguments=self.topology.task_queue_arguments(),
             )
+            presence = await channel.declare_queue(self.topology.workers_queue(task), passive=True)
+            self._consumers.append((presence, await presence.consume(_ignore, no_ack=True)))
+        if len(queues) == 1:
+            [(task, queue)] = queues.items()
             tag = await queue.consume(functools.partial(self._on_task, task))
             self._consumers.append((queue, tag))
+            return
+
+        async def get(task: str) -> AbstractIncomingMessage | None:
+            return await queues[task].get(no_ack=False, fail=False, timeout=5)
+
+        self.puller = Puller(
+            self.tasks, get, self.settings.concurrency, self.settings.poll_interval
+        )
+        self._pulling = asyncio.get_running_loop().create_task(self.puller.run(self._on_pulled))
 
     async def _stop_consuming(self) -> None:
+        if self._pulling is not None:
+            self._pulling.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._pulling
+            self._pulling = None
         for queue, tag in self._consumers:
             with contextlib.suppress(Exception):
                 await queue.cancel(tag)
@@ -205,6 +234,11 @@ class Worker:
     # -- control ---------------------------------------------------------------------
 
     async def _on_control(self, message: AbstractIncomingMessage) -> None:
+        if message.type == WORK_TYPE:
+            with contextlib.suppress(ValueError):
+                if self.puller is not None:
+                    self.puller.notice(WorkNotice.model_validate_json(message.body).task)
+            return
         try:
             request = CancelRequest.model_validate_json(message.body)
         except ValueError:
@@ -218,23 +252,34 @@ class Worker:
     # -- tasks -----------------------------------------------------------------------
 
     async def _on_task(self, task: str, message: AbstractIncomingMessage) -> None:
+        self._on_pulled(task, message, None)
+
+    def _on_pulled(
+        self, task: str, message: AbstractIncomingMessage, credit: Credit | None
+    ) -> None:
         # The handling runs in a task of our own: aio-pika cancels its callback tasks
         # when the channel closes, but the task in the child keeps its worth — its
         # outcome is still published, and the broker's redelivery is recognised.
         self.in_flight += 1
         self._idle.clear()
-        handler = asyncio.get_running_loop().create_task(self._handle_counted(task, message))
+        handler = asyncio.get_running_loop().create_task(
+            self._handle_counted(task, message, credit)
+        )
         self._handlers.add(handler)
         handler.add_done_callback(self._handlers.discard)
 
-    async def _handle_counted(self, task: str, message: AbstractIncomingMessage) -> None:
+    async def _handle_counted(
+        self, task: str, message: AbstractIncomingMessage, credit: Credit | None
+    ) -> None:
         try:
-            await self._handle(task, message)
+            await self._handle(task, message, credit)
         except Exception:
             log.exception("unexpected error handling a %s message; it goes back to the queue", task)
             with contextlib.suppress(Exception):
                 await message.nack(requeue=True)
         finally:
+            if credit is not None:
+                credit.release()
             self.in_flight -= 1
             if not self.in_flight:
                 self._idle.set()
@@ -256,7 +301,9 @@ class Worker:
             )
         return None
 
-    async def _handle(self, task: str, message: AbstractIncomingMessage) -> None:
+    async def _handle(
+        self, task: str, message: AbstractIncomingMessage, credit: Credit | None = None
+    ) -> None:
         try:
             delivery = decode(task, message)
         except InvalidMessage as exc:
@@ -295,6 +342,8 @@ class Worker:
                         )
                     finally:
                         self.pool.release(child)
+                        if credit is not None:
+                            credit.release()  # the next message may come while this one settles
             await self._settle(message, delivery, outcome)
             if job.announced is not None:
                 await job.announced
@@ -478,3 +527,7 @@ class Worker:
                 log.warning("publish to %s failed (%s); retrying", routing_key, exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
+
+
+async def _ignore(message: AbstractIncomingMessage) -> None:
+    """Nothing is ever published to a workers queue."""

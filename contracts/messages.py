@@ -1,4 +1,5 @@
-"""Messages other than events: the task message's headers, and cancel requests."""
+"""Messages other than events: the task message's headers, cancel requests and work
+notices."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ DELIVERY_COUNT_HEADER = "x-delivery-count"  # set by quorum queues on redelivery
 PARK_REASON_HEADER = "x-park-reason"
 SYNC_TYPE = "timebox.sync"  # a gateway's own marker in the event stream
 EVENT_TYPE = "timebox.event"
+WORK_TYPE = "timebox.work"  # on the control exchange: a task message was just queued
 
 
 class CancelRequest(BaseModel):
@@ -21,3 +23,12 @@ class CancelRequest(BaseModel):
     task_id: str
     deadline_ms: int
     announced: bool = False  # the gateway already emitted `cancelled` (task was queued)
+
+
+class WorkNotice(BaseModel):
+    """Sent on the control exchange once a task message is confirmed in its queue, so
+    that idle workers that pull (see compute/dispatch.py) look there at once."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    task: str

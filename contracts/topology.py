@@ -32,6 +32,8 @@ class BindingDecl:
 
 Declaration = ExchangeDecl | QueueDecl | BindingDecl
 
+WORKERS_QUEUE_ARGUMENTS: dict[str, Any] = {"x-queue-type": "classic", "x-max-length": 0}
+
 
 @dataclass(frozen=True)
 class Topology:
@@ -68,6 +70,12 @@ class Topology:
     def task_queue(self, task: str) -> str:
         return f"{self.namespace}.tasks.{task}"
 
+    def workers_queue(self, task: str) -> str:
+        """Never holds a message: its consumers are the workers serving `task`, for
+        the gateways (and the management UI) to count — workers that pull their tasks
+        do not show as consumers of the task queue."""
+        return f"{self.namespace}.workers.{task}"
+
     def task_queue_arguments(self) -> dict[str, Any]:
         args: dict[str, Any] = {
             "x-queue-type": "quorum",
@@ -103,6 +111,7 @@ class Topology:
             queue = self.task_queue(task)
             decls.append(QueueDecl(queue, self.task_queue_arguments()))
             decls.append(BindingDecl(queue, self.tasks_exchange, task))
+            decls.append(QueueDecl(self.workers_queue(task), WORKERS_QUEUE_ARGUMENTS))
         return decls
 
     def owned_names(self, tasks: Iterable[str]) -> tuple[list[str], list[str]]:

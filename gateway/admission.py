@@ -1,6 +1,6 @@
 """Admission control: refuse at once what cannot finish in time.
 
-Inputs: each task queue's depth and consumers (from the broker, refreshed once a
+Inputs: each task queue's depth and the workers serving it (from the broker, refreshed once a
 second in the background — never a broker round trip per request), the run times of
 finished tasks and their inputs' cost hints (from the event stream, so every gateway
 learns from every task), and the slots of the workers seen running tasks."""
@@ -37,6 +37,7 @@ WORKER_MEMORY = 600.0  # seconds a worker's slot count is remembered after its l
 class QueueFigures:
     ready: int = 0
     consumers: int = 0
+    workers: int = 0
     unacked: int | None = None
     at: float = 0.0
 
@@ -145,6 +146,10 @@ class Admission:
             figures = self.figures[name]
             figures.ready = result.message_count or 0
             figures.consumers = result.consumer_count or 0
+            presence = await raw.queue_declare(
+                self.broker.topology.workers_queue(name), passive=True
+            )
+            figures.workers = presence.consumer_count or 0
             figures.at = now
         self._prune(now)
         await self._refresh_unacked(http, now)
@@ -186,10 +191,10 @@ class Admission:
     # -- estimates -------------------------------------------------------------------
 
     def parallelism(self, task: str) -> float:
-        consumers = self.figures[task].consumers
+        workers = self.figures[task].workers
         slots = [s for s, _ in self._worker_slots.values()]
         per_worker = sum(slots) / len(slots) if slots else 1.0
-        return consumers * per_worker
+        return workers * per_worker
 
     def estimate(self, task: str, cost: float | None = None) -> Estimate:
         runtimes = self.runtimes[task]

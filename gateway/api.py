@@ -402,6 +402,7 @@ def build_router(specs: dict[str, TaskSpec[Any]]) -> APIRouter:
                     "messages_ready": figures.ready,
                     "messages_unacked": figures.unacked,
                     "consumers": figures.consumers,
+                    "workers": figures.workers,
                     "running": estimate.running,
                     "parallel_slots": estimate.parallelism,
                     "run_time": {

@@ -28,7 +28,9 @@ from contracts.messages import (
     OWNER_HEADER,
     PARK_REASON_HEADER,
     SYNC_TYPE,
+    WORK_TYPE,
     CancelRequest,
+    WorkNotice,
 )
 from contracts.specs import TaskSpec
 from contracts.topology import Topology
@@ -47,6 +49,7 @@ class Broker:
         self.channel: AbstractChannel | None = None
         self._tasks_exchange: AbstractExchange | None = None
         self._control_exchange: AbstractExchange | None = None
+        self._notices: AbstractExchange | None = None
 
     async def start(self) -> None:
         self.connection = await aio_pika.connect_robust(
@@ -60,6 +63,9 @@ class Broker:
         await declare(self.channel, self.topology, self.specs)
         self._tasks_exchange = await self.channel.get_exchange(self.topology.tasks_exchange)
         self._control_exchange = await self.channel.get_exchange(self.topology.control_exchange)
+        # work notices need no confirm: a lost one costs a worker's poll interval
+        notices = await self.connection.channel(publisher_confirms=False)
+        self._notices = await notices.get_exchange(self.topology.control_exchange)
 
     async def close(self) -> None:
         if self.connection is not None:
@@ -142,6 +148,25 @@ class Broker:
             ),
             task,
         )
+        await self._notify(task)
+
+    async def _notify(self, task: str) -> None:
+        """Tells the workers that pull (compute/dispatch.py) that `task` has a message:
+        sent after the task's confirm, so that a worker looking finds it."""
+        if self._notices is None:
+            return
+        try:
+            await self._notices.publish(
+                aio_pika.Message(
+                    WorkNotice(task=task).model_dump_json().encode(),
+                    content_type=CONTENT_TYPE,
+                    type=WORK_TYPE,
+                    delivery_mode=aio_pika.DeliveryMode.NOT_PERSISTENT,
+                ),
+                "",
+            )
+        except Exception as exc:
+            log.debug("work notice for %s not sent: %r", task, exc)
 
     async def publish_cancel(self, request: CancelRequest) -> None:
         await self._publish(

@@ -136,6 +136,11 @@ class Worker(Proc):
     def wait_ready(self, timeout: float = 20.0) -> None:
         self.wait_for_line(r"worker \S+ ready", timeout)
 
+    @property
+    def status_name(self) -> str:
+        """How a task's status names this worker."""
+        return f"{socket.gethostname()}:{self.pid}"
+
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -219,3 +224,20 @@ def wait_for_event(client: httpx.Client, task_id: str, kind: str) -> dict[str, o
                 data: dict[str, object] = json.loads(e.data)
                 return data
     raise AssertionError(f"task {task_id} ended without a {kind!r} event")
+
+
+def messages_ready(amqp_url: str, queue: str) -> int:
+    """The broker's own count of a queue's ready messages (a passive declare)."""
+    import aio_pika
+
+    async def count() -> int:
+        connection = await aio_pika.connect(amqp_url)
+        async with connection:
+            channel = await connection.channel()
+            raw = await channel.get_underlay_channel()
+            result = await raw.queue_declare(queue, passive=True)
+            return result.message_count or 0
+
+    import asyncio
+
+    return asyncio.run(count())

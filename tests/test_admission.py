@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from tests.conftest import Stack
-from tests.harness import task_events, wait_for_event, wait_until
+from tests.harness import messages_ready, task_events, wait_for_event, wait_until
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -48,6 +48,47 @@ def test_fair_dispatch_spreads_equal_tasks_evenly_over_workers(make_stack) -> No
     assert batch < ideal * 1.5
 
 
+@pytest.mark.parametrize(
+    ("tasks", "extra"),
+    [(["burn_cpu", "echo"], ()), (["burn_cpu"], ("--tasks", "burn_cpu"))],
+    ids=["several-task-types-pull", "one-task-type-consumes"],
+)
+def test_messages_wait_in_the_broker_for_any_free_slot_not_in_a_busy_worker(
+    make_stack, amqp_url, tasks, extra
+) -> None:
+    """Prefetch never exceeds the free slots: while a 1-slot worker runs a long task,
+    the tasks queued behind it (of its own type and of others) stay ready in RabbitMQ,
+    and a worker started later runs all of them while the first is still busy."""
+    stack: Stack = make_stack()
+    stack.gateway()
+    busy = stack.worker(1, *extra)
+    with stack.client() as client:
+        long = client.post("/v1/tasks/burn_cpu", json={"seconds": 6}).json()["id"]
+        wait_for_event(client, long, "running")
+        waiting = {
+            task: [
+                client.post(f"/v1/tasks/{task}", json=SMALL_INPUTS[task]).json()["id"]
+                for _ in range(2)
+            ]
+            for task in tasks
+        }
+        for task in tasks:
+            queue = f"{stack.namespace}.tasks.{task}"
+            wait_until(lambda q=queue: messages_ready(amqp_url, q) == 2, 5, f"2 ready in {queue}")
+        idle = stack.worker(1, *extra)
+        for ids in waiting.values():
+            for task_id in ids:
+                assert task_events(client, task_id)[-1][0] == "succeeded"
+        ran_on = {
+            client.get(f"/v1/tasks/{i}").json()["worker"] for ids in waiting.values() for i in ids
+        }
+        assert client.get(f"/v1/tasks/{long}").json()["state"] == "running"
+    assert ran_on == {idle.status_name}, (ran_on, busy.status_name)
+
+
+SMALL_INPUTS = {"burn_cpu": {"seconds": 0.05}, "echo": {"payload": "x"}}
+
+
 def test_queues_show_backlog_run_times_and_estimated_wait(make_stack) -> None:
     stack: Stack = make_stack()
     stack.gateway()
@@ -64,7 +105,8 @@ def test_queues_show_backlog_run_times_and_estimated_wait(make_stack) -> None:
 
         wait_until(lambda: burn_figures()["messages_ready"] >= 2, 5, "the backlog to show")
         figures = burn_figures()
-        assert figures["consumers"] == 1
+        assert figures["workers"] == 1
+        assert figures["consumers"] <= 1  # a pulling worker counts while it holds a message
         assert figures["running"] == 1
         assert figures["parallel_slots"] == 1
         assert figures["run_time"]["samples"] >= 5
