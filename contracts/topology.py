@@ -32,7 +32,9 @@ class BindingDecl:
 
 Declaration = ExchangeDecl | QueueDecl | BindingDecl
 
-WORKERS_QUEUE_ARGUMENTS: dict[str, Any] = {"x-queue-type": "classic", "x-max-length": 0}
+# replicated like the task queues: a classic queue would be unreachable, and every
+# client's reconnect would fail, while its home node is down
+WORKERS_QUEUE_ARGUMENTS: dict[str, Any] = {"x-queue-type": "quorum"}
 
 
 @dataclass(frozen=True)
