@@ -136,8 +136,9 @@ async def _wait(svc: Services, request: Request, record: Record, deadline: Deadl
     return outcome_response(record.status)
 
 
-def caller(request: Request) -> str | None:
-    """The owner id of the request's API key (None when the API is open); 401 if bad."""
+async def caller(request: Request) -> str | None:
+    """The owner id of the request's API key (None when the API is open); 401 if bad.
+    (async: FastAPI would run a plain function in its thread pool, on every request.)"""
     return services(request).auth.caller(request)
 
 
@@ -240,7 +241,7 @@ async def submit(
         )
         svc.spawn(svc.broker.publish_event(rejected))
         raise
-    log.info("queued %s %s (deadline in %.3f s)", spec.name, task_id, deadline.remaining())
+    log.debug("queued %s %s (deadline in %.3f s)", spec.name, task_id, deadline.remaining())
     return await respond(svc, request, record, deadline, wait)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from datetime import UTC, datetime
@@ -50,6 +51,8 @@ class Broker:
         self._tasks_exchange: AbstractExchange | None = None
         self._control_exchange: AbstractExchange | None = None
         self._notices: AbstractExchange | None = None
+        self._to_notify: set[str] = set()
+        self._sending: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         self.connection = await aio_pika.connect_robust(
@@ -148,11 +151,24 @@ class Broker:
             ),
             task,
         )
-        await self._notify(task)
+        self._notify(task)
 
-    async def _notify(self, task: str) -> None:
+    def _notify(self, task: str) -> None:
         """Tells the workers that pull (compute/dispatch.py) that `task` has a message:
-        sent after the task's confirm, so that a worker looking finds it."""
+        after the task's confirm, so that a worker looking finds it. The tasks confirmed
+        in one turn of the loop share one notice per type."""
+        if not self._to_notify:
+            asyncio.get_running_loop().call_soon(self._send_notices)
+        self._to_notify.add(task)
+
+    def _send_notices(self) -> None:
+        tasks, self._to_notify = self._to_notify, set()
+        for task in tasks:
+            sending = asyncio.get_running_loop().create_task(self._send_notice(task))
+            self._sending.add(sending)
+            sending.add_done_callback(self._sending.discard)
+
+    async def _send_notice(self, task: str) -> None:
         if self._notices is None:
             return
         try:
@@ -165,7 +181,7 @@ class Broker:
                 ),
                 "",
             )
-        except Exception as exc:
+        except Exception as exc:  # a lost notice costs a worker's poll interval
             log.debug("work notice for %s not sent: %r", task, exc)
 
     async def publish_cancel(self, request: CancelRequest) -> None:

@@ -4,6 +4,7 @@ task table, and keeps following it."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
@@ -25,6 +26,8 @@ class EventLog:
         self.table = table
         self.caught_up = asyncio.Event()
         self._queue: AbstractQueue | None = None
+        self._unacked: AbstractIncomingMessage | None = None
+        self._acks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         assert self.broker.connection is not None
@@ -47,4 +50,24 @@ class EventLog:
         except ValidationError as exc:
             log.warning("skipping an unreadable event at offset %s: %s", offset, exc)
         finally:
-            await message.ack()
+            self._ack_soon(message)
+
+    def _ack_soon(self, message: AbstractIncomingMessage) -> None:
+        """One ack (`multiple`) for the messages handled in one turn of the loop: a
+        write per event was a large part of a busy gateway's CPU."""
+        pending = self._unacked is not None
+        self._unacked = message
+        if not pending:
+            asyncio.get_running_loop().call_soon(self._flush_acks)
+
+    def _flush_acks(self) -> None:
+        message, self._unacked = self._unacked, None
+        if message is not None:
+            task = asyncio.get_running_loop().create_task(self._ack(message))
+            self._acks.add(task)
+            task.add_done_callback(self._acks.discard)
+
+    @staticmethod
+    async def _ack(message: AbstractIncomingMessage) -> None:
+        with contextlib.suppress(Exception):  # a channel closed since: nothing to ack
+            await message.ack(multiple=True)
