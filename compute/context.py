@@ -17,7 +17,8 @@ class TaskContext:
     deadline: Deadline
     _sink: ProgressSink
     min_interval: float = 0.1
-    _last: float = field(default=0.0, init=False)
+    # from the start: a report at 0 % would say nothing `running` has not said
+    _last: float = field(default_factory=time.monotonic, init=False)
 
     def remaining(self) -> float:
         """Seconds left until the deadline."""

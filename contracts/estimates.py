@@ -57,12 +57,13 @@ class RunTimes:
         # on the admission path of every request: no sort, unlike summary()
         return sum(self._seconds) / len(self._seconds) if self.trusted else None
 
-    def expect(self, cost: float | None = None) -> float | None:
-        """Expected seconds for an input of this cost (the median rate, so that an
-        estimate refuses only what would most likely not finish); None until trusted."""
+    def expect(self, cost: float | None = None, q: float = 0.5) -> float | None:
+        """Seconds for an input of this cost at the q-quantile of the rates seen: the
+        median by default, so that an estimate refuses only what would most likely not
+        finish; None until trusted."""
         if not self.trusted:
             return None
-        return quantile(list(self._per_unit), 0.5) * (cost if cost and cost > 0 else 1.0)
+        return quantile(list(self._per_unit), q) * (cost if cost and cost > 0 else 1.0)
 
     def largest_cost(self, seconds: float) -> float | None:
         if not self.trusted:

@@ -49,3 +49,16 @@ def test_run_time_estimates_ignore_samples_that_say_nothing() -> None:
     rt.add(2.0, 4.0)
     assert rt.expect(10.0) == 5.0
     assert rt.largest_cost(1.0) == 2.0
+
+
+def test_run_time_quantiles_from_the_recent_rates() -> None:
+    from contracts.estimates import RunTimes
+
+    rt = RunTimes(min_samples=5)
+    for seconds in (1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 3.0):
+        rt.add(seconds)
+    assert rt.expect() == 1.0  # the median: what most runs take
+    assert rt.expect(q=0.9) == 1.0
+    rt.add(3.0)
+    rt.add(3.0)
+    assert rt.expect(q=0.9) == 3.0  # a tail of slow runs: a start needs that much time
