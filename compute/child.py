@@ -1,6 +1,7 @@
-"""A child process that runs task functions, one at a time, for its parent worker.
+"""A child process that runs task functions, one at a time, for its worker. It is
+forked by the worker's fork server (compute/forkserver.py) with the task code loaded.
 
-Protocol: the parent writes one JSON request a line on our stdin; we answer on a
+Protocol: the worker writes one JSON request a line on our stdin; we answer on a
 private copy of the original stdout with JSON lines: `ready` once, then for each
 request any number of `progress` and one `result`. The task's own prints go to
 stderr so they cannot corrupt the protocol.
@@ -16,28 +17,25 @@ import sys
 import time
 import traceback
 from types import FrameType
-from typing import IO, Any
+from typing import IO, Any, NoReturn
 
 from pydantic import ValidationError
 
 PR_SET_PDEATHSIG = 1
-PARENT_ENV = "TIMEBOX_PARENT_PID"
 PLUGINS_ENV = "TIMEBOX_TASK_PLUGINS"
-NICE_ENV = "TIMEBOX_CHILD_NICE"
 
 _specs: dict[str, Any] = {}
 _functions: dict[str, Any] = {}
 
 
-def die_with_parent() -> None:
-    """Asks the kernel to SIGKILL us when the worker dies, so no task outlives it."""
+def die_with_parent(parent: int) -> None:
+    """Asks the kernel to SIGKILL us when our parent dies, so no task outlives it."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     except (OSError, AttributeError):  # not Linux: stdin EOF still ends us when idle
         pass
-    expected = os.environ.get(PARENT_ENV)
-    if expected is not None and os.getppid() != int(expected):
+    if os.getppid() != parent:
         os._exit(1)  # the parent died before prctl took effect
 
 
@@ -92,14 +90,8 @@ def _run(request: dict[str, Any], out: IO[str]) -> dict[str, Any]:
     }
 
 
-def main() -> None:
-    die_with_parent()
-    os.nice(int(os.environ.get(NICE_ENV, "0")))
-    out = os.fdopen(os.dup(sys.stdout.fileno()), "w", encoding="utf-8")
-    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
-    signal.signal(signal.SIGTERM, _on_sigterm)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the worker, which decides
-    # import the task code before saying ready, so the first task starts at once
+def load() -> None:
+    """Imports the task code (the fork server does it once, for every child)."""
     from compute.tasks import load_functions
     from contracts.specs import load_specs, plugin_names
 
@@ -107,8 +99,17 @@ def main() -> None:
     _specs.update(load_specs(plugins))
     _functions.update(load_functions(plugins))
 
-    _write(out, {"kind": "ready", "pid": os.getpid()})
+
+def serve(parent: int) -> NoReturn:
+    """The life of one child, forked by the fork server (`parent`) with the request
+    pipe on stdin and the answer pipe on stdout. Never returns."""
     try:
+        die_with_parent(parent)
+        out = os.fdopen(os.dup(sys.stdout.fileno()), "w", encoding="utf-8")
+        os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+        signal.signal(signal.SIGTERM, _on_sigterm)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the worker, which decides
+        _write(out, {"kind": "ready", "pid": os.getpid()})
         for line in sys.stdin:
             try:
                 request = json.loads(line)
@@ -119,7 +120,7 @@ def main() -> None:
             _write(out, _run(request, out))
     except Terminated:
         os._exit(143)
-
-
-if __name__ == "__main__":
-    main()
+    except BaseException:
+        traceback.print_exc(file=sys.stderr)
+        os._exit(1)
+    os._exit(0)

@@ -6,12 +6,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import signal
-import sys
 from typing import Any
 
-from compute.child import NICE_ENV, PARENT_ENV
+from compute.forkserver import Forked, ForkServer
+
+log = logging.getLogger("timebox.worker.pool")
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PROTOCOL_LIMIT = 256 * 1024 * 1024  # one result line may be large (process_text)
@@ -28,27 +30,25 @@ def cpu_seconds_of(pid: int) -> float | None:
 
 
 class Child:
-    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+    def __init__(self, proc: Forked) -> None:
         self.proc = proc
-        self.pid = proc.pid
         self.broken = False
 
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
     @classmethod
-    async def spawn(cls, nice: int = 0) -> Child:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "compute.child",
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            env={**os.environ, PARENT_ENV: str(os.getpid()), NICE_ENV: str(nice)},
-            limit=PROTOCOL_LIMIT,
-        )
-        child = cls(proc)
-        hello = await child.receive()
-        if hello is None or hello.get("kind") != "ready":
-            await child.stop(0.1)
-            raise RuntimeError(f"task child process did not start: {hello!r}")
+    async def spawn(cls, server: ForkServer) -> Child:
+        child = cls(await server.fork())
+        try:
+            hello = await child.receive()
+            if hello is None or hello.get("kind") != "ready":
+                raise RuntimeError(f"task child process did not start: {hello!r}")
+        except BaseException:
+            child.proc.stdin.close()  # the child reads EOF and ends
+            raise
+        child.proc.pid = int(hello["pid"])
         return child
 
     @property
@@ -62,6 +62,8 @@ class Child:
             self.proc.kill()
 
     def cpu(self) -> float:
+        if self.proc.cpu_at_exit is not None:
+            return self.proc.cpu_at_exit
         return cpu_seconds_of(self.pid) or 0.0
 
     async def send(self, request: dict[str, Any]) -> None:
@@ -94,7 +96,9 @@ class Child:
                 with contextlib.suppress(ProcessLookupError):
                     self.proc.kill()
                 await self.proc.wait()
-        return cpu
+        self.proc.stdin.close()
+        # the fork server reaps it and reports all it used, the grace included
+        return max(cpu, self.proc.cpu_at_exit or 0.0)
 
 
 class Pool:
@@ -103,16 +107,35 @@ class Pool:
     def __init__(self, size: int, nice: int = 0) -> None:
         self.size = size
         self.nice = nice
+        self.server = ForkServer(nice, PROTOCOL_LIMIT)
         self._idle: asyncio.Queue[Child] = asyncio.Queue()
         self._spare: asyncio.Task[Child] | None = None
         self._all: set[Child] = set()
 
     async def start(self) -> None:
-        children = await asyncio.gather(*(Child.spawn(self.nice) for _ in range(self.size)))
+        await self.server.start()
+        children = await asyncio.gather(*(self._spawn() for _ in range(self.size)))
         for child in children:
             self._all.add(child)
             self._idle.put_nowait(child)
-        self._spare = asyncio.create_task(Child.spawn(self.nice))
+        self._spare = asyncio.create_task(self._spawn())
+
+    async def _spawn(self) -> Child:
+        for attempt in range(1, 6):
+            server = self.server
+            if not server.alive:  # it died, and its children with it: a new one
+                log.error("the fork server died; starting a new one")
+                await server.close()
+                if self.server is server:
+                    self.server = ForkServer(self.nice, PROTOCOL_LIMIT)
+                    await self.server.start()
+                continue
+            try:
+                return await Child.spawn(server)
+            except (RuntimeError, OSError) as exc:
+                log.warning("a task process did not start (%r); retrying", exc)
+                await asyncio.sleep(0.05 * attempt)
+        raise RuntimeError("cannot start task processes")
 
     async def acquire(self) -> Child:
         return await self._idle.get()
@@ -126,17 +149,22 @@ class Pool:
     async def replace(self, dead: Child) -> None:
         """Puts the warm spare in the dead child's place and warms a new spare."""
         self._all.discard(dead)
+        dead.proc.stdin.close()
         spare = self._spare
-        self._spare = asyncio.create_task(Child.spawn(self.nice))
+        self._spare = asyncio.create_task(self._spawn())
         try:
-            child = await spare if spare is not None else await Child.spawn(self.nice)
+            child = await spare if spare is not None else await self._spawn()
         except Exception:
-            child = await Child.spawn(self.nice)
+            child = await self._spawn()
+        if not child.alive:  # the spare died meanwhile (with the fork server, say)
+            child = await self._spawn()
         self._all.add(child)
         self._idle.put_nowait(child)
 
     def pids(self) -> list[int]:
         pids = [c.pid for c in self._all]
+        if self.server.pid is not None:
+            pids.append(self.server.pid)
         if self._spare is not None and self._spare.done() and not self._spare.exception():
             pids.append(self._spare.result().pid)
         return pids
@@ -149,3 +177,4 @@ class Pool:
                 self._all.add(await spare)
         await asyncio.gather(*(c.stop(grace) for c in self._all), return_exceptions=True)
         self._all.clear()
+        await self.server.close()

@@ -168,7 +168,7 @@ def test_a_streaming_client_that_goes_away_cancels_after_the_grace(make_stack) -
         # the connection is closed; nobody reconnects within the grace (a GET of its
         # events now would count as the reconnect, so the test watches the worker)
         worker.wait_for_line(rf"cancelled burn_cpu {task_id}")
-        assert client.get(f"/v1/tasks/{task_id}").json()["state"] == "cancelled"
+        assert task_events(client, task_id)[-1][0] == "cancelled"
 
 
 def test_a_get_subscriber_leaving_does_not_cancel_a_202_task(client: httpx.Client) -> None:

@@ -1,0 +1,234 @@
+"""The fork server: one process that imports the task code once, then forks a child
+for each slot the worker fills. A child started with `python -m` spent about a
+quarter of a CPU second importing pydantic and the task modules, and every task
+killed at its deadline needs a new child: a fork costs a few milliseconds.
+
+The worker talks to it over a Unix socket (SOCK_SEQPACKET: one message per send):
+`fork` carries the child's two pipe ends as file descriptors; the server answers
+nothing to it (the child says `ready` on its pipe) and sends `exit <pid> <code>
+<cpu seconds>` whenever it reaps one. It dies with the worker (PR_SET_PDEATHSIG), and
+its children die with it, so none outlives the worker.
+
+`python -m compute.forkserver FD NICE` runs the server on socket FD."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import sys
+from types import FrameType
+
+from compute import child
+
+FORK = b"fork"
+EXIT = b"exit"
+
+
+# -- the server process ---------------------------------------------------------------
+
+
+def serve(sock: socket.socket, nice: int) -> None:
+    worker = os.getppid()
+    child.die_with_parent(worker)
+    os.nice(nice)  # inherited by every child
+    child.load()
+    me = os.getpid()
+
+    def reap(signum: int, frame: FrameType | None) -> None:
+        while True:
+            try:
+                pid, status, usage = os.wait4(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            code = os.waitstatus_to_exitcode(status)
+            cpu = usage.ru_utime + usage.ru_stime
+            with contextlib.suppress(OSError):
+                sock.send(b"%s %d %d %.6f" % (EXIT, pid, code, cpu))
+
+    signal.signal(signal.SIGCHLD, reap)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    while True:
+        message, fds, _, _ = socket.recv_fds(sock, 64, 2)
+        if not message:
+            os._exit(0)  # the worker closed its end
+        if message != FORK or len(fds) != 2:
+            for fd in fds:
+                os.close(fd)
+            continue
+        pid = os.fork()
+        if pid == 0:
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            sock.close()
+            os.dup2(fds[0], 0)
+            os.dup2(fds[1], 1)
+            for fd in fds:
+                os.close(fd)
+            child.serve(me)
+        for fd in fds:
+            os.close(fd)
+
+
+# -- the worker's side ------------------------------------------------------------------
+
+
+class Forked:
+    """A forked child as the worker sees it: the subset of asyncio's Process that
+    compute/pool.py uses. Its pid comes from its `ready` line."""
+
+    def __init__(
+        self, server: ForkServer, stdin: asyncio.StreamWriter, stdout: asyncio.StreamReader
+    ) -> None:
+        self.server = server
+        self.stdin = stdin
+        self.stdout = stdout
+        self.pid = 0
+        self._code: int | None = None
+        self.cpu_at_exit: float | None = None
+
+    @property
+    def returncode(self) -> int | None:
+        if self._code is None and self.pid:
+            known = self.server.exit_if_known(self.pid)
+            if known is not None:
+                self._code, self.cpu_at_exit = known
+        return self._code
+
+    def send_signal(self, sig: int) -> None:
+        if self.returncode is not None or not self.pid:
+            raise ProcessLookupError(self.pid)  # reaped: the pid may be someone else's now
+        os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    async def wait(self) -> int:
+        code, cpu = await self.server.exit_of(self.pid)
+        self._code, self.cpu_at_exit = code, cpu
+        self.stdin.close()
+        return code
+
+
+class ForkServer:
+    """One server process, used until it dies; its children are known by pid."""
+
+    def __init__(self, nice: int, protocol_limit: int) -> None:
+        self.nice = nice
+        self.limit = protocol_limit
+        self._sock: socket.socket | None = None
+        self._proc: asyncio.subprocess.Process | None = None
+        self._exits: dict[int, asyncio.Future[tuple[int, float | None]]] = {}
+
+    @property
+    def alive(self) -> bool:
+        return self._sock is not None and self._proc is not None and self._proc.returncode is None
+
+    async def start(self) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        with theirs:
+            self._proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "compute.forkserver",
+                str(theirs.fileno()),
+                str(self.nice),
+                pass_fds=(theirs.fileno(),),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL,
+            )
+        ours.setblocking(False)
+        self._sock = ours
+        asyncio.get_running_loop().add_reader(ours.fileno(), self._on_message)
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    def _on_message(self) -> None:
+        assert self._sock is not None
+        try:
+            message = self._sock.recv(256)
+        except BlockingIOError:
+            return
+        except OSError:
+            message = b""
+        if not message:  # the server died, and its children with it
+            self._lost()
+            return
+        kind, pid, code, cpu = message.split()
+        if kind == EXIT:
+            future = self._future(int(pid))
+            if not future.done():
+                future.set_result((int(code), float(cpu)))
+
+    def _lost(self) -> None:
+        if self._sock is not None:
+            asyncio.get_running_loop().remove_reader(self._sock.fileno())
+            self._sock.close()
+            self._sock = None
+        for future in self._exits.values():
+            if not future.done():
+                future.set_result((-signal.SIGKILL, None))
+
+    def _future(self, pid: int) -> asyncio.Future[tuple[int, float | None]]:
+        future = self._exits.get(pid)
+        if future is None:
+            future = self._exits[pid] = asyncio.get_running_loop().create_future()
+            if self._sock is None:
+                future.set_result((-signal.SIGKILL, None))
+        return future
+
+    def exit_if_known(self, pid: int) -> tuple[int, float | None] | None:
+        future = self._exits.get(pid)
+        if future is None and self._sock is None:
+            return (-signal.SIGKILL, None)  # died with the server
+        return future.result() if future is not None and future.done() else None
+
+    async def exit_of(self, pid: int) -> tuple[int, float | None]:
+        try:
+            return await asyncio.shield(self._future(pid))
+        finally:
+            if self._exits.get(pid) is not None and self._exits[pid].done():
+                del self._exits[pid]
+
+    async def fork(self) -> Forked:
+        """A new child's pipes; the caller reads its `ready` line (and pid) first."""
+        if self._sock is None:
+            raise ConnectionError("the fork server is gone")
+        loop = asyncio.get_running_loop()
+        child_in, to_child = os.pipe()
+        from_child, child_out = os.pipe()
+        try:
+            socket.send_fds(self._sock, [FORK], [child_in, child_out])
+        finally:
+            os.close(child_in)
+            os.close(child_out)
+        reader = asyncio.StreamReader(limit=self.limit)
+        await loop.connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(from_child, "rb", 0)
+        )
+        transport, protocol = await loop.connect_write_pipe(
+            asyncio.streams.FlowControlMixin, os.fdopen(to_child, "wb", 0)
+        )
+        writer = asyncio.StreamWriter(transport, protocol, None, loop)
+        return Forked(self, writer, reader)
+
+    async def close(self) -> None:
+        if self._sock is not None:
+            self._lost()  # closing our end ends the server
+        if self._proc is not None:
+            try:
+                await asyncio.wait_for(self._proc.wait(), 5)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    self._proc.kill()
+                await self._proc.wait()
+            self._proc = None
+
+
+if __name__ == "__main__":
+    serve(socket.socket(fileno=int(sys.argv[1])), int(sys.argv[2]))

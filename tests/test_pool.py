@@ -1,0 +1,83 @@
+"""The pool's children come from a fork server: replaced at once, reaped and accounted
+for by it, and gone with it."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+
+import pytest
+
+from compute.pool import Pool
+from tests.harness import alive
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def request(task: str, input_json: str) -> dict[str, object]:
+    return {
+        "task": task,
+        "id": "t",
+        "input_json": input_json,
+        "deadline_ms": int((time.time() + 30) * 1000),
+    }
+
+
+async def echo_through(pool: Pool) -> None:
+    child = await pool.acquire()
+    try:
+        await child.send(request("echo", '{"payload": 7}'))
+        answer = await child.receive()
+        assert answer is not None
+        assert answer["output"] == {"payload": 7}
+    finally:
+        pool.release(child)
+
+
+@pytest.fixture
+async def pool():
+    pool = Pool(1)
+    await pool.start()
+    yield pool
+    await pool.close()
+
+
+async def test_a_killed_child_is_reaped_with_its_cpu_and_replaced(pool: Pool) -> None:
+    child = await pool.acquire()
+    await child.send(request("burn_cpu", '{"seconds": 30}'))
+    progress = await child.receive()  # it burns
+    assert progress is not None
+    assert progress["kind"] == "progress"
+    cpu = await child.stop(0.2)
+    assert child.proc.returncode == 143  # SIGTERM ended the task code, then the child
+    assert 0.05 < cpu < 5  # reported by the fork server, which reaped it
+    pool.release(child)
+    replacement = await pool.acquire()
+    assert replacement.pid != child.pid
+    assert alive(replacement.pid)
+    pool.release(replacement)
+    await echo_through(pool)
+
+
+async def test_children_die_with_the_fork_server_and_the_pool_starts_another(pool: Pool) -> None:
+    child = await pool.acquire()
+    server = pool.server.pid
+    assert server is not None
+    os.kill(server, signal.SIGKILL)
+    assert await child.receive() is None  # PR_SET_PDEATHSIG: it died with its parent
+    assert await asyncio.wait_for(child.proc.wait(), 5) == -signal.SIGKILL
+    pool.release(child)
+    await echo_through(pool)
+    assert pool.server.pid not in (None, server)
+    assert not alive(child.pid)
+
+
+async def test_closing_the_pool_leaves_no_process(pool: Pool) -> None:
+    await echo_through(pool)
+    pids = pool.pids()
+    assert len(pids) >= 2  # a child and the fork server
+    await pool.close()
+    for pid in pids:
+        assert not alive(pid)
