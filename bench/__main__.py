@@ -115,6 +115,10 @@ def report(results: dict[str, Any]) -> str:
                     f"echo RPC, {t['echo_rpc']['in_flight']} in flight",
                     f"{t['echo_rpc']['calls_per_s']}/s",
                 ],
+                [
+                    "echo end to end, a worker of that one type",
+                    f"{t['echo_202_worker_of_one_type']['end_to_end_per_s']}/s",
+                ],
             ],
         )
     )

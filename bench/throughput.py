@@ -108,11 +108,22 @@ async def _rpc(url: str, seconds: float) -> dict[str, Any]:
 
 
 def run(n: int, rpc_seconds: float) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "parameters": {
+            "worker_slots": 4,
+            "in_flight": IN_FLIGHT,
+            "worker": "every task type (pulls); the last line: --tasks echo (consumes)",
+        }
+    }
     with Stack() as stack:
         gateway = stack.gateway()
         stack.worker(4)
-        return {
-            "parameters": {"worker_slots": 4, "in_flight": IN_FLIGHT},
-            "echo_202": asyncio.run(_end_to_end(gateway.url, stack.namespace, n)),
-            "echo_rpc": asyncio.run(_rpc(gateway.url, rpc_seconds)),
-        }
+        out["echo_202"] = asyncio.run(_end_to_end(gateway.url, stack.namespace, n))
+        out["echo_rpc"] = asyncio.run(_rpc(gateway.url, rpc_seconds))
+    with Stack() as stack:
+        gateway = stack.gateway()
+        stack.worker(4, "--tasks", "echo")
+        out["echo_202_worker_of_one_type"] = asyncio.run(
+            _end_to_end(gateway.url, stack.namespace, n)
+        )
+    return out
