@@ -202,8 +202,9 @@ def test_one_worker_slot_runs_strictly_one_task_at_a_time(make_stack) -> None:
     stack.gateway()
     stack.worker(1)
     with stack.client() as client:
+        # 5 x 0.4 s: a backlog for longer than the figures' refresh interval (1 s)
         ids = [
-            client.post("/v1/tasks/burn_cpu", json={"seconds": 0.3}).json()["id"] for _ in range(4)
+            client.post("/v1/tasks/burn_cpu", json={"seconds": 0.4}).json()["id"] for _ in range(5)
         ]
 
         def ready() -> int:
