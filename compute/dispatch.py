@@ -98,15 +98,14 @@ class Puller:
                 await asyncio.wait_for(self._wake.wait(), timeout)
 
     async def _sweep(self) -> tuple[str, AbstractIncomingMessage] | None:
+        count = len(self.tasks)
+        turn = [self.tasks[(self._next + step) % count] for step in range(count)]
+        candidates = [task for task in turn if self._maybe_ready[task]]
         if self._clock() - self._polled_at >= self._poll_interval:
             self._polled_at = self._clock()
-            self._maybe_ready = dict.fromkeys(self.tasks, True)
-        count = len(self.tasks)
-        for step in range(count):
-            index = (self._next + step) % count
-            task = self.tasks[index]
-            if not self._maybe_ready[task]:
-                continue
+            # the announced queues first: a poll must not delay the work known to wait
+            candidates += [task for task in turn if not self._maybe_ready[task]]
+        for task in candidates:
             notices = self._notices[task]
             message = await self._get(task)
             # the get-ok says how many are left: no need to look again while none is
@@ -114,6 +113,6 @@ class Puller:
             self._maybe_ready[task] = left > 0 or self._notices[task] != notices
             if message is None:
                 continue
-            self._next = (index + 1) % count
+            self._next = (self.tasks.index(task) + 1) % count
             return task, message
         return None

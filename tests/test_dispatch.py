@@ -27,10 +27,12 @@ class Queues:
     def __init__(self, **contents: list[int]) -> None:
         self.contents = {task: collections.deque(items) for task, items in contents.items()}
         self.gets = 0
+        self.asked: list[str] = []
         self.fail_next = 0
 
     async def get(self, task: str) -> FakeMessage | None:
         self.gets += 1
+        self.asked.append(task)
         await asyncio.sleep(0)  # a round trip: other tasks may run meanwhile
         if self.fail_next:
             self.fail_next -= 1
@@ -136,6 +138,21 @@ async def test_the_poll_finds_messages_nobody_announced(running) -> None:
     await settle()
     queues.contents["a"].append(3)  # a redelivery: no gateway announces it
     assert (await taken.next())[:2] == ("a", 3)
+
+
+async def test_a_poll_asks_the_announced_queue_first(running) -> None:
+    now = [0.0]
+    queues = Queues(a=[], b=[], c=[])
+    puller = Puller(["a", "b", "c"], queues.get, slots=1, poll_interval=1.0, clock=lambda: now[0])
+    taken = Taken()
+    running(puller, taken)
+    await settle()
+    assert queues.asked == ["a", "b", "c"]  # the first poll
+    now[0] = 5.0  # a poll is due when the next notice comes
+    queues.contents["c"].append(1)
+    puller.notice("c")
+    assert (await taken.next())[:2] == ("c", 1)
+    assert queues.asked[3:] == ["c"]
 
 
 async def test_a_failing_get_is_retried(running) -> None:
