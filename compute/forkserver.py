@@ -81,11 +81,16 @@ class Forked:
     compute/pool.py uses. Its pid comes from its `ready` line."""
 
     def __init__(
-        self, server: ForkServer, stdin: asyncio.StreamWriter, stdout: asyncio.StreamReader
+        self,
+        server: ForkServer,
+        stdin: asyncio.StreamWriter,
+        stdout: asyncio.StreamReader,
+        stdout_transport: asyncio.BaseTransport,
     ) -> None:
         self.server = server
         self.stdin = stdin
         self.stdout = stdout
+        self._stdout_transport = stdout_transport
         self.pid = 0
         self._code: int | None = None
         self.cpu_at_exit: float | None = None
@@ -109,8 +114,12 @@ class Forked:
     async def wait(self) -> int:
         code, cpu = await self.server.exit_of(self.pid)
         self._code, self.cpu_at_exit = code, cpu
-        self.stdin.close()
         return code
+
+    def close(self) -> None:
+        """Closes our ends of its pipes (a live child reads EOF and ends)."""
+        self.stdin.close()
+        self._stdout_transport.close()
 
 
 class ForkServer:
@@ -208,14 +217,14 @@ class ForkServer:
             os.close(child_in)
             os.close(child_out)
         reader = asyncio.StreamReader(limit=self.limit)
-        await loop.connect_read_pipe(
+        read_transport, _ = await loop.connect_read_pipe(
             lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(from_child, "rb", 0)
         )
         transport, protocol = await loop.connect_write_pipe(
             asyncio.streams.FlowControlMixin, os.fdopen(to_child, "wb", 0)
         )
         writer = asyncio.StreamWriter(transport, protocol, None, loop)
-        return Forked(self, writer, reader)
+        return Forked(self, writer, reader, read_transport)
 
     async def close(self) -> None:
         if self._sock is not None:

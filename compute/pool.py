@@ -46,7 +46,7 @@ class Child:
             if hello is None or hello.get("kind") != "ready":
                 raise RuntimeError(f"task child process did not start: {hello!r}")
         except BaseException:
-            child.proc.stdin.close()  # the child reads EOF and ends
+            child.proc.close()
             raise
         child.proc.pid = int(hello["pid"])
         return child
@@ -96,7 +96,7 @@ class Child:
                 with contextlib.suppress(ProcessLookupError):
                     self.proc.kill()
                 await self.proc.wait()
-        self.proc.stdin.close()
+        self.proc.close()
         # the fork server reaps it and reports all it used, the grace included
         return max(cpu, self.proc.cpu_at_exit or 0.0)
 
@@ -108,6 +108,7 @@ class Pool:
         self.size = size
         self.nice = nice
         self.server = ForkServer(nice, PROTOCOL_LIMIT)
+        self._restarting = asyncio.Lock()
         self._idle: asyncio.Queue[Child] = asyncio.Queue()
         self._spare: asyncio.Task[Child] | None = None
         self._all: set[Child] = set()
@@ -122,16 +123,14 @@ class Pool:
 
     async def _spawn(self) -> Child:
         for attempt in range(1, 6):
-            server = self.server
-            if not server.alive:  # it died, and its children with it: a new one
-                log.error("the fork server died; starting a new one")
-                await server.close()
-                if self.server is server:
+            async with self._restarting:  # one restart, however many spawns notice
+                if not self.server.alive:  # it died, and its children with it
+                    log.error("the fork server died; starting a new one")
+                    await self.server.close()
                     self.server = ForkServer(self.nice, PROTOCOL_LIMIT)
                     await self.server.start()
-                continue
             try:
-                return await Child.spawn(server)
+                return await Child.spawn(self.server)
             except (RuntimeError, OSError) as exc:
                 log.warning("a task process did not start (%r); retrying", exc)
                 await asyncio.sleep(0.05 * attempt)
@@ -149,7 +148,7 @@ class Pool:
     async def replace(self, dead: Child) -> None:
         """Puts the warm spare in the dead child's place and warms a new spare."""
         self._all.discard(dead)
-        dead.proc.stdin.close()
+        dead.proc.close()
         spare = self._spare
         self._spare = asyncio.create_task(self._spawn())
         try:
