@@ -84,14 +84,19 @@ def test_a_poison_message_is_parked_after_the_delivery_limit(make_stack) -> None
     with stack.client() as client:
         poison = client.post("/v1/tasks/kill_parent", json={}).json()["id"]
         others = [client.post("/v1/tasks/echo", json={"payload": i}).json()["id"] for i in range(3)]
-        deaths = 0
-        while client.get(f"/v1/tasks/{poison}").json()["state"] != "failed" and deaths < 6:
+        deaths = started = 0
+
+        def parked() -> bool:
+            return bool(client.get(f"/v1/tasks/{poison}").json()["state"] == "failed")
+
+        while not parked() and started < 6:
             # each worker dies on the poison (maybe before it says ready), until the broker
-            # parks the message
-            worker = Worker(f"doomed{deaths}", stack.env, stack.log_dir, 1)
-            worker.popen.wait(30)
+            # parks the message (the last one started may find it parked already)
+            worker = Worker(f"doomed{started}", stack.env, stack.log_dir, 1)
+            started += 1
+            wait_until(lambda w=worker: w.popen.poll() is not None or parked(), 30, "a death")
+            deaths += worker.popen.poll() is not None
             worker.stop()
-            deaths += 1
         status = client.get(f"/v1/tasks/{poison}").json()
         assert status["state"] == "failed"
         assert "delivery_limit" in status["reason"]
