@@ -93,6 +93,7 @@ def test_a_poison_message_is_parked_after_the_delivery_limit(make_stack) -> None
             # each worker dies on the poison (maybe before it says ready), until the broker
             # parks the message (the last one started may find it parked already)
             worker = Worker(f"doomed{started}", stack.env, stack.log_dir, 1)
+            stack.workers.append(worker)  # stopped by the fixture should the test fail
             started += 1
             wait_until(lambda w=worker: w.popen.poll() is not None or parked(), 30, "a death")
             deaths += worker.popen.poll() is not None
