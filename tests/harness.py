@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import re
 import signal
@@ -15,12 +16,22 @@ from pathlib import Path
 
 import httpx
 
+PR_SET_PDEATHSIG = 1
+
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
+
+
+def _die_with_the_tests() -> None:
+    """Runs in the child before exec: the kernel kills it when the test process dies, so
+    an interrupted run leaves no gateway or worker behind (one that lives on reconnects
+    and declares its deleted namespace again)."""
+    with contextlib.suppress(OSError, AttributeError):  # not Linux: clean up by hand
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 class Proc:
@@ -39,6 +50,7 @@ class Proc:
             stderr=subprocess.PIPE,
             text=True,
             bufsize=1,
+            preexec_fn=_die_with_the_tests,
         )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
