@@ -204,7 +204,7 @@ class Worker:
         self.puller = Puller(
             self.tasks, get, self.settings.concurrency, self.settings.poll_interval
         )
-        self._pulling = asyncio.get_running_loop().create_task(self.puller.run(self._on_pulled))
+        self._pulling = asyncio.get_running_loop().create_task(self.puller.run(self._start))
 
     async def _stop_consuming(self) -> None:
         if self._pulling is not None:
@@ -254,11 +254,9 @@ class Worker:
     # -- tasks -----------------------------------------------------------------------
 
     async def _on_task(self, task: str, message: AbstractIncomingMessage) -> None:
-        self._on_pulled(task, message, None)
+        self._start(task, message, None)
 
-    def _on_pulled(
-        self, task: str, message: AbstractIncomingMessage, credit: Credit | None
-    ) -> None:
+    def _start(self, task: str, message: AbstractIncomingMessage, credit: Credit | None) -> None:
         # The handling runs in a task of our own: aio-pika cancels its callback tasks
         # when the channel closes, but the task in the child keeps its worth — its
         # outcome is still published, and the broker's redelivery is recognised.
