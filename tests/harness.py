@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-import ctypes
+import functools
 import os
 import re
 import signal
@@ -14,9 +15,10 @@ import threading
 import time
 from pathlib import Path
 
+import aio_pika
 import httpx
 
-PR_SET_PDEATHSIG = 1
+from compute.child import die_with_parent
 
 
 def free_port() -> int:
@@ -24,14 +26,6 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
-
-
-def _die_with_the_tests() -> None:
-    """Runs in the child before exec: the kernel kills it when the test process dies, so
-    an interrupted run leaves no gateway or worker behind (one that lives on reconnects
-    and declares its deleted namespace again)."""
-    with contextlib.suppress(OSError, AttributeError):  # not Linux: clean up by hand
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 class Proc:
@@ -50,7 +44,9 @@ class Proc:
             stderr=subprocess.PIPE,
             text=True,
             bufsize=1,
-            preexec_fn=_die_with_the_tests,
+            # killed when the test process dies: an interrupted run leaves no gateway or
+            # worker behind (one that lives on would declare its deleted namespace again)
+            preexec_fn=functools.partial(die_with_parent, os.getpid()),
         )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -240,7 +236,6 @@ def wait_for_event(client: httpx.Client, task_id: str, kind: str) -> dict[str, o
 
 def messages_ready(amqp_url: str, queue: str) -> int:
     """The broker's own count of a queue's ready messages (a passive declare)."""
-    import aio_pika
 
     async def count() -> int:
         connection = await aio_pika.connect(amqp_url)
@@ -249,7 +244,5 @@ def messages_ready(amqp_url: str, queue: str) -> int:
             raw = await channel.get_underlay_channel()
             result = await raw.queue_declare(queue, passive=True)
             return result.message_count or 0
-
-    import asyncio
 
     return asyncio.run(count())
