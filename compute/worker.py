@@ -31,7 +31,7 @@ from compute.settings import WorkerSettings
 from contracts.deadline import DEADLINE_HEADER, Deadline
 from contracts.declare import declare
 from contracts.errors import InvalidTimeout
-from contracts.estimates import RunTimes
+from contracts.estimates import LIKELY, RunTimes
 from contracts.events import EventType, TaskEvent
 from contracts.logs import log_reconnects
 from contracts.messages import (
@@ -47,8 +47,6 @@ from contracts.messages import (
 )
 
 log = logging.getLogger("timebox.worker")
-
-LIKELY = 0.9  # the run time quantile a task's time left must cover for it to start
 
 
 class InvalidMessage(Exception):

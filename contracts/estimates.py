@@ -7,6 +7,11 @@ import math
 from collections import deque
 from dataclasses import dataclass
 
+# The run-time quantile a task's time left must cover for a worker to start it. The
+# gateway's "largest input that fits" uses it too, so the input it advertises is one a
+# worker will start, not one it refuses as unmeetable.
+LIKELY = 0.9
+
 
 def quantile(values: list[float], q: float) -> float:
     ordered = sorted(values)
@@ -65,8 +70,9 @@ class RunTimes:
             return None
         return quantile(list(self._per_unit), q) * (cost if cost and cost > 0 else 1.0)
 
-    def largest_cost(self, seconds: float) -> float | None:
+    def largest_cost(self, seconds: float, q: float = 0.5) -> float | None:
+        """The largest cost whose q-quantile run time fits in `seconds`."""
         if not self.trusted:
             return None
-        rate = quantile(list(self._per_unit), 0.5)
+        rate = quantile(list(self._per_unit), q)
         return seconds / rate if rate > 0 else None

@@ -21,7 +21,7 @@ from aio_pika.abc import AbstractChannel
 
 from contracts.deadline import Deadline
 from contracts.errors import DeadlineUnmeetable, Overloaded
-from contracts.estimates import RunTimes, RunTimeSummary
+from contracts.estimates import LIKELY, RunTimes, RunTimeSummary
 from contracts.events import EventType, TaskEvent, TaskState
 from contracts.specs import TaskSpec
 from gateway.broker import Broker
@@ -222,7 +222,7 @@ class Admission:
         margin = self.settings.reply_margin + self.settings.clock_skew
         time_left = deadline.remaining() - margin
         if estimate.run > time_left:
-            largest = self.runtimes[spec.name].largest_cost(max(0.0, time_left))
+            largest = self.runtimes[spec.name].largest_cost(max(0.0, time_left), q=LIKELY)
             fits = spec.largest(largest) if spec.largest and largest is not None else None
             raise DeadlineUnmeetable(
                 f"this input needs about {estimate.run:.2f} s to run, but only "

@@ -169,15 +169,17 @@ def test_an_input_too_big_for_its_deadline_is_a_permanent_422(make_stack) -> Non
         problem = response.json()
         assert problem["type"] == "/problems/deadline-unmeetable"
         assert problem["estimate"]["estimated_run"] > 4
+        # sized by the run time 9 in 10 runs stay under, as the worker's start rule:
+        # on a loaded machine 1 s of CPU can take well over 1 s of wall time
         fits = problem["largest_input_that_fits"]["seconds"]
-        assert 1.0 < fits < 2.0
+        assert 0.3 < fits < 2.0
         ok = client.post(
             "/v1/tasks/burn_cpu",
             params={"wait": "true"},
             headers={"Request-Timeout": "2"},
             json={"seconds": fits * 0.8},
         )
-        assert ok.status_code == 200
+        assert ok.status_code == 200, ok.text
 
 
 def test_a_full_queue_refuses_with_503_and_the_task_is_rejected(make_stack) -> None:

@@ -62,3 +62,5 @@ def test_run_time_quantiles_from_the_recent_rates() -> None:
     rt.add(3.0)
     rt.add(3.0)
     assert rt.expect(q=0.9) == 3.0  # a tail of slow runs: a start needs that much time
+    assert rt.largest_cost(6.0) == 6.0
+    assert rt.largest_cost(6.0, q=0.9) == 2.0
