@@ -28,12 +28,12 @@ from compute.dispatch import Credit, Puller
 from compute.outcome import Disposition, Kind, Outcome, settle
 from compute.pool import Child, Pool
 from compute.settings import WorkerSettings
+from contracts.amqp import connect
 from contracts.deadline import DEADLINE_HEADER, Deadline
 from contracts.declare import declare
 from contracts.errors import InvalidTimeout
 from contracts.estimates import LIKELY, RunTimes
 from contracts.events import EventType, TaskEvent
-from contracts.logs import log_reconnects
 from contracts.messages import (
     CONTENT_TYPE,
     COST_HEADER,
@@ -126,13 +126,13 @@ class Worker:
     # -- lifecycle -------------------------------------------------------------------
 
     async def run(self) -> None:
-        self._connection = await aio_pika.connect_robust(
+        self._connection = await connect(
             self.settings.amqp_url,
-            client_properties={"connection_name": f"worker {self.name}"},
+            f"worker {self.name}",
             heartbeat=self.settings.heartbeat,
             reconnect_interval=self.settings.reconnect_interval,
+            log=log,
         )
-        log_reconnects(self._connection, log)
         try:
             self._events = await self._connection.channel(publisher_confirms=True)
             await declare(self._events, self.topology, self.tasks)

@@ -1,6 +1,6 @@
 """Declares the topology on a channel its caller hands it: the one place where the
 order of declarations lives (the gateway and the workers both declare everything, so
-either may start first). contracts itself opens no connection."""
+either may start first)."""
 
 from __future__ import annotations
 

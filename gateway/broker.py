@@ -17,11 +17,11 @@ from aio_pika.abc import (
 )
 from aiormq.exceptions import DeliveryError, PublishError
 
+from contracts.amqp import connect
 from contracts.deadline import Deadline
 from contracts.declare import declare
 from contracts.errors import BrokerUnavailable, Overloaded
 from contracts.events import TaskEvent
-from contracts.logs import log_reconnects
 from contracts.messages import (
     CONTENT_TYPE,
     COST_HEADER,
@@ -55,13 +55,13 @@ class Broker:
         self._sending: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
-        self.connection = await aio_pika.connect_robust(
+        self.connection = await connect(
             self.settings.amqp_url,
-            client_properties={"connection_name": f"gateway {self.instance[:8]}"},
+            f"gateway {self.instance[:8]}",
             heartbeat=self.settings.heartbeat,
             reconnect_interval=self.settings.reconnect_interval,
+            log=log,
         )
-        log_reconnects(self.connection, log)
         self.channel = await self.connection.channel(publisher_confirms=True, on_return_raises=True)
         await declare(self.channel, self.topology, self.specs)
         self._tasks_exchange = await self.channel.get_exchange(self.topology.tasks_exchange)
