@@ -70,7 +70,12 @@ def _run(request: dict[str, Any], out: IO[str]) -> dict[str, Any]:
     def sink(fraction: float, message: str | None) -> None:
         _write(out, {"kind": "progress", "fraction": fraction, "message": message})
 
-    ctx = TaskContext(request["id"], Deadline(int(request["deadline_ms"])), sink)
+    ctx = TaskContext(
+        request["id"],
+        Deadline(int(request["deadline_ms"])),
+        sink,
+        min_interval=float(request.get("progress_interval", 0.25)),
+    )
     cpu0 = time.process_time()
     try:
         output = function(task_input, ctx)

@@ -16,7 +16,7 @@ class TaskContext:
     task_id: str
     deadline: Deadline
     _sink: ProgressSink
-    min_interval: float = 0.1
+    min_interval: float = 0.25
     # from the start: a report at 0 % would say nothing `running` has not said
     _last: float = field(default_factory=time.monotonic, init=False)
 

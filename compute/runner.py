@@ -31,6 +31,7 @@ class Job:
     cancelled: asyncio.Event = field(default_factory=asyncio.Event)
     finished: asyncio.Event = field(default_factory=asyncio.Event)
     announced: asyncio.Future[None] | None = None  # the `running` event, being confirmed
+    progress_interval: float = 0.25
 
 
 async def run(child: Child, job: Job, on_progress: OnProgress, kill_grace: float) -> Outcome:
@@ -42,6 +43,7 @@ async def run(child: Child, job: Job, on_progress: OnProgress, kill_grace: float
             "id": job.task_id,
             "input_json": job.input_json,
             "deadline_ms": job.deadline.epoch_ms,
+            "progress_interval": job.progress_interval,
         }
     )
     cancel_wait = asyncio.ensure_future(job.cancelled.wait())

@@ -33,7 +33,14 @@ class WorkerSettings(CommonSettings):
         "tasks of its type (per unit of cost) stayed under here, once enough have finished "
         "to trust the estimate",
     )
-
+    progress_interval: float = Field(
+        default=0.25,
+        ge=0,
+        le=60,
+        description="a task's progress reports closer together than this are merged, "
+        "and its first comes no sooner after its start: each report is an event every "
+        "gateway reads, and a task shorter than this reports none",
+    )
     poll_interval: float = Field(
         default=1.0,
         gt=0,

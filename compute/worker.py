@@ -322,6 +322,7 @@ class Worker:
             input_json=delivery.input_json,
             deadline=delivery.deadline,
             stop_at=delivery.deadline.epoch - margin,
+            progress_interval=self.settings.progress_interval,
         )
         self.jobs[job.task_id] = job  # from here on a cancel reaches it
         try:

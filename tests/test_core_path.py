@@ -1,7 +1,9 @@
 """A task goes gateway → RabbitMQ → worker child → event stream → 202 / RPC / SSE."""
 
+import itertools
 import json
 import os
+from datetime import datetime
 
 import httpx
 import pytest
@@ -67,6 +69,28 @@ def test_streaming_post_sends_the_events_in_order_then_closes(client: httpx.Clie
     final = json.loads(events[-1].data)
     assert final["result"]["seconds"] >= 0.3
     assert all(0 <= json.loads(e.data)["progress"] <= 1 for e in events if e.event == "progress")
+
+
+def test_progress_is_reported_at_most_once_per_interval_and_not_for_short_tasks(
+    client: httpx.Client,
+) -> None:
+    """Each report is an event every gateway reads: a task shorter than the progress
+    interval (0.25 s) reports none, a longer one about one per interval."""
+    short = client.post("/v1/tasks/burn_cpu", params={"wait": "true"}, json={"seconds": 0.1})
+    assert [e.event for e in events_of(client, short.json()["id"])] == [
+        "queued",
+        "running",
+        "succeeded",
+    ]
+    long = client.post("/v1/tasks/burn_cpu", params={"wait": "true"}, json={"seconds": 1.0})
+    assert long.status_code == 200
+    events = events_of(client, long.json()["id"])
+    reports = [json.loads(e.data) for e in events if e.event == "progress"]
+    times = [r["at"] for r in reports]
+    assert len(reports) >= 2
+    assert all(b - a >= 0.2 for a, b in itertools.pairwise(times)), times
+    started = datetime.fromisoformat(long.json()["started_at"]).timestamp()
+    assert times[0] - started >= 0.2
 
 
 def test_events_replay_and_honour_last_event_id(client: httpx.Client) -> None:
