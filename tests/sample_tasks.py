@@ -2,6 +2,7 @@
 
 import os
 import signal
+import time
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
@@ -37,6 +38,11 @@ def crash(inp: CrashInput, ctx: TaskContext) -> Nothing:
     return Nothing()
 
 
+class NapInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    seconds: float
+
+
 class ChattyInput(BaseModel):
     model_config = ConfigDict(extra="forbid")
     events: int = 100
@@ -49,6 +55,12 @@ def kill_parent(inp: Nothing, ctx: TaskContext) -> Nothing:
     with open(f"/proc/{os.getppid()}/stat") as f:
         worker = int(f.read().rsplit(")", 1)[1].split()[1])
     os.kill(worker, signal.SIGKILL)
+    return Nothing()
+
+
+def nap(inp: NapInput, ctx: TaskContext) -> Nothing:
+    """Sleeps: a run time of the caller's choosing that no cost hint predicts."""
+    time.sleep(inp.seconds)
     return Nothing()
 
 
@@ -65,5 +77,12 @@ SPECS: dict[str, TaskSpec[Any]] = {
     "crash": TaskSpec("crash", "kills its own process", CrashInput, Nothing, {}),
     "kill_parent": TaskSpec("kill_parent", "kills its worker", Nothing, Nothing, {}),
     "chatty": TaskSpec("chatty", "floods progress events", ChattyInput, Nothing, {}),
+    "nap": TaskSpec("nap", "sleeps, with no cost hint", NapInput, Nothing, {}),
 }
-FUNCTIONS = {"explode": explode, "crash": crash, "kill_parent": kill_parent, "chatty": chatty}
+FUNCTIONS = {
+    "explode": explode,
+    "crash": crash,
+    "kill_parent": kill_parent,
+    "chatty": chatty,
+    "nap": nap,
+}

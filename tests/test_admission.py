@@ -151,6 +151,33 @@ def test_a_backlog_too_long_for_the_deadline_is_refused_at_once_with_503(make_st
             assert accepted.status_code == 202
 
 
+def test_behind_a_backlog_a_task_that_would_likely_not_fit_is_refused_at_once(
+    make_stack,
+) -> None:
+    """Run times that vary: the median fits after the wait, the 90th percentile does not.
+    A worker would not start it at the end of its wait (its start rule), so the gateway
+    refuses it now (503) instead of admitting it for a 504 near its deadline."""
+    stack: Stack = make_stack()
+    stack.gateway()
+    stack.worker(1)
+    with stack.client() as client:
+        for seconds in [0.1] * 8 + [1.0] * 2:  # median 0.1 s, 90th percentile 1 s
+            r = client.post("/v1/tasks/nap", params={"wait": "true"}, json={"seconds": seconds})
+            assert r.status_code == 200
+        long = client.post("/v1/tasks/nap", json={"seconds": 1.0}).json()["id"]
+        wait_for_event(client, long, "running")
+        for _ in range(2):
+            assert client.post("/v1/tasks/nap", json={"seconds": 0.1}).status_code == 202
+        refused = client.post(
+            "/v1/tasks/nap", headers={"Request-Timeout": "1.5"}, json={"seconds": 0.1}
+        )
+        assert refused.status_code == 503, refused.text
+        problem = refused.json()
+        estimate, time_left = problem["estimate"], problem["time_left"]
+        assert estimate["estimated_wait"] + estimate["estimated_run"] < time_left
+        assert estimate["estimated_wait"] + estimate["estimated_run_p90"] > time_left
+
+
 def test_an_input_too_big_for_its_deadline_is_a_permanent_422(make_stack) -> None:
     stack: Stack = make_stack()
     stack.gateway()
