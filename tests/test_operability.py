@@ -124,10 +124,11 @@ def test_the_demo_page_runs_a_task_live_in_a_browser(session_stack: Stack) -> No
             select = page.get_by_test_id("task-select")
             expect(select).to_have_value("count_primes")
             assert json.loads(page.get_by_test_id("task-input").input_value()) == {"n": 300_000}
-            page.get_by_test_id("task-input").fill('{"n": 200000}')
+            # about a second here: long enough for progress reports (one per 0.25 s)
+            page.get_by_test_id("task-input").fill('{"n": 1000000}')
             page.get_by_test_id("submit").click()
             expect(page.get_by_test_id("state")).to_have_text("succeeded", timeout=30_000)
-            assert json.loads(page.get_by_test_id("result").inner_text()) == {"count": 17984}
+            assert json.loads(page.get_by_test_id("result").inner_text()) == {"count": 78498}
             expect(page.get_by_test_id("progress")).to_have_attribute("value", "1")
             log = page.get_by_test_id("event-log").inner_text()
             assert "running" in log
