@@ -125,6 +125,8 @@ def serve(parent: int) -> NoReturn:
             _write(out, _run(request, out))
     except Terminated:
         os._exit(143)
+    except BrokenPipeError:  # the worker closed our pipes (its pool closing): nobody to tell
+        os._exit(1)
     except BaseException:
         traceback.print_exc(file=sys.stderr)
         os._exit(1)

@@ -217,12 +217,21 @@ class ForkServer:
             os.close(child_in)
             os.close(child_out)
         reader = asyncio.StreamReader(limit=self.limit)
-        read_transport, _ = await loop.connect_read_pipe(
-            lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(from_child, "rb", 0)
-        )
-        transport, protocol = await loop.connect_write_pipe(
-            asyncio.streams.FlowControlMixin, os.fdopen(to_child, "wb", 0)
-        )
+        from_file, to_file = os.fdopen(from_child, "rb", 0), os.fdopen(to_child, "wb", 0)
+        read_transport: asyncio.BaseTransport | None = None
+        try:
+            read_transport, _ = await loop.connect_read_pipe(
+                lambda: asyncio.StreamReaderProtocol(reader), from_file
+            )
+            transport, protocol = await loop.connect_write_pipe(
+                asyncio.streams.FlowControlMixin, to_file
+            )
+        except BaseException:  # cancelled (a pool closing) or failed: no pipe stays open
+            if read_transport is not None:
+                read_transport.close()
+            from_file.close()
+            to_file.close()
+            raise
         writer = asyncio.StreamWriter(transport, protocol, None, loop)
         return Forked(self, writer, reader, read_transport)
 

@@ -112,6 +112,7 @@ class Pool:
         self._idle: asyncio.Queue[Child] = asyncio.Queue()
         self._spare: asyncio.Task[Child] | None = None
         self._all: set[Child] = set()
+        self._replacing: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         await self.server.start()
@@ -143,7 +144,9 @@ class Pool:
         if child.alive:
             self._idle.put_nowait(child)
         else:
-            asyncio.get_running_loop().create_task(self.replace(child))
+            replacing = asyncio.get_running_loop().create_task(self.replace(child))
+            self._replacing.add(replacing)
+            replacing.add_done_callback(self._replacing.discard)
 
     async def replace(self, dead: Child) -> None:
         """Puts the warm spare in the dead child's place and warms a new spare."""
@@ -156,6 +159,7 @@ class Pool:
         except Exception:
             child = await self._spawn()
         if not child.alive:  # the spare died meanwhile (with the fork server, say)
+            child.proc.close()
             child = await self._spawn()
         self._all.add(child)
         self._idle.put_nowait(child)
@@ -169,6 +173,10 @@ class Pool:
         return pids
 
     async def close(self, grace: float = 0.5) -> None:
+        for replacing in list(self._replacing):
+            replacing.cancel()
+            with contextlib.suppress(BaseException):
+                await replacing
         spare = self._spare
         if spare is not None:
             spare.cancel()
