@@ -12,6 +12,7 @@ import contextlib
 import logging
 import math
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit
@@ -31,6 +32,30 @@ from gateway.tasktable import Record, TaskTable
 log = logging.getLogger("timebox.gateway.admission")
 
 WORKER_MEMORY = 600.0  # seconds a worker's slot count is remembered after its last task
+
+
+class DrainRate:
+    """How fast a task type's running tasks end while others of its type wait: the rate
+    at which its queue really moves, with the workers' dispatch gaps and any slots
+    shared with other types in it. Run times alone miss the gaps: behind a backlog of
+    a few seconds, a few milliseconds per task add up to the margin between an answer
+    in time and a `504` at the deadline."""
+
+    def __init__(self, window: float = 10.0, min_ends: int = 10) -> None:
+        self.window = window
+        self.min_ends = min_ends
+        self._ends: deque[float] = deque(maxlen=500)
+
+    def add(self, at: float) -> None:
+        self._ends.append(at)
+
+    def per_second(self, now: float) -> float | None:
+        """Tasks ended per second over the window, or None with too few to tell."""
+        recent = [t for t in self._ends if t >= now - self.window]
+        if len(recent) < self.min_ends:
+            return None
+        first, last = min(recent), max(recent)
+        return (len(recent) - 1) / (last - first) if last > first else None
 
 
 @dataclass
@@ -94,6 +119,7 @@ class Admission:
             name: RunTimes(min_samples=settings.estimate_min_samples) for name in specs
         }
         self.figures = {name: QueueFigures() for name in specs}
+        self.drain = {name: DrainRate() for name in specs}
         # from the event stream, real time: tasks queued (held by the broker or by a
         # worker waiting for a slot) and running, per task type
         self._queued: dict[str, set[str]] = {name: set() for name in specs}
@@ -118,6 +144,8 @@ class Admission:
                 self._worker_slots[event.worker] = (event.slots, time.time())
         elif event.terminal:
             queued.discard(event.task_id)
+            if event.task_id in running and queued:  # a slot freed with work waiting
+                self.drain[event.task].add(event.at)
             running.discard(event.task_id)
             if event.type is EventType.SUCCEEDED and event.ran is not None:
                 self.runtimes[event.task].add(event.ran, record.cost)
@@ -207,10 +235,15 @@ class Admission:
         running = len(self._running[task])
         parallel = self.parallelism(task)
         mean = runtimes.mean()
+        # measured while a backlog drained; else from run times: parallel / mean
+        rate = self.drain[task].per_second(time.time())
+        if rate is None and mean is not None and parallel > 0:
+            rate = parallel / mean if mean > 0 else math.inf
         wait: float | None = None
-        if mean is not None and parallel > 0:
+        if rate and parallel > 0:
             ahead = ready + running - parallel
-            wait = 0.0 if ahead < 0 else (ahead / parallel + 0.5) * mean
+            # the running tasks are half done on average
+            wait = 0.0 if ahead < 0 else (ahead + 0.5 * parallel) / rate
         return Estimate(
             ready, running, parallel, wait, runtimes.expect(cost), runtimes.expect(cost, LIKELY)
         )

@@ -411,6 +411,7 @@ def build_router(specs: dict[str, TaskSpec[Any]]) -> APIRouter:
                         "mean": run_time.mean,
                         "p90": run_time.p90,
                     },
+                    "drained_per_s": admission.drain[name].per_second(time.time()),
                     "estimated_wait": estimate.wait,
                     "figures_age": round(max(0.0, time.time() - figures.at), 3)
                     if figures.at

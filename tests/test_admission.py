@@ -113,6 +113,7 @@ def test_queues_show_backlog_run_times_and_estimated_wait(make_stack) -> None:
         assert 0.15 < figures["run_time"]["mean"] < 0.6
         assert figures["run_time"]["p90"] >= figures["run_time"]["mean"]
         assert figures["estimated_wait"] > 0
+        assert figures["drained_per_s"] is None  # fewer than 10 ends behind a backlog yet
         assert figures["figures_age"] <= 1.5
         assert figures["messages_unacked"] in (None, 0, 1)  # management API: may lag
         echo = next(q for q in client.get("/v1/queues").json() if q["task"] == "echo")
@@ -280,3 +281,42 @@ def test_without_start_only_if_finishable_the_task_starts_and_is_aborted(make_st
         kinds = [e[0] for e in task_events(client, task_id)]
         assert kinds[:2] == ["queued", "running"]
         assert kinds[-1] == "aborted"
+
+
+def test_the_wait_behind_a_backlog_comes_from_how_fast_it_really_drains() -> None:
+    """One slot; each task runs 0.1 s but the slot takes 0.125 s per task (the worker's
+    dispatch gap): the wait is estimated from the 8 tasks/s measured while a backlog
+    drained, not from the 10/s the run times alone would say."""
+    from contracts.events import EventType, TaskEvent
+    from contracts.specs import SPECS
+    from gateway.admission import Admission
+    from gateway.settings import GatewaySettings
+    from gateway.tasktable import TaskTable
+
+    specs = {"burn_cpu": SPECS["burn_cpu"]}
+    table = TaskTable(1000)
+    admission = Admission(GatewaySettings(), None, table, specs)  # type: ignore[arg-type]
+    admission.figures["burn_cpu"].workers = 1
+    offsets = itertools.count()
+
+    def event(kind: EventType, task_id: str, at: float, **fields: object) -> None:
+        table.apply(
+            next(offsets),
+            TaskEvent(type=kind, task_id=task_id, task="burn_cpu", at=at, **fields),  # type: ignore[arg-type]
+        )
+
+    start = time.time() - 5
+    backlog = 30
+    for i in range(backlog):
+        event(EventType.QUEUED, f"t{i}", start)
+    for i in range(20):  # one after another, 0.125 s apart, with work always waiting
+        began = start + 0.125 * i
+        event(EventType.RUNNING, f"t{i}", began, worker="w", slots=1)
+        event(EventType.SUCCEEDED, f"t{i}", began + 0.1, ran=0.1)
+    assert admission.drain["burn_cpu"].per_second(time.time()) == pytest.approx(8.0)
+    assert admission.runtimes["burn_cpu"].mean() == pytest.approx(0.1)
+    event(EventType.RUNNING, "t20", start + 2.5, worker="w", slots=1)
+    estimate = admission.estimate("burn_cpu")
+    assert (estimate.ready, estimate.running, estimate.parallelism) == (backlog - 21, 1, 1)
+    # 9 queued ahead of a new task, the running one half done on average, 8 a second
+    assert estimate.wait == pytest.approx((backlog - 21 + 0.5) / 8.0)
