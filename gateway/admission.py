@@ -39,23 +39,30 @@ class DrainRate:
     at which its queue really moves, with the workers' dispatch gaps and any slots
     shared with other types in it. Run times alone miss the gaps: behind a backlog of
     a few seconds, a few milliseconds per task add up to the margin between an answer
-    in time and a `504` at the deadline."""
+    in time and a `504` at the deadline.
 
-    def __init__(self, window: float = 10.0, min_ends: int = 10) -> None:
+    Only the time between two ends counts, and only when work was waiting at the first
+    (its slot was refilled at once, so every slot stayed busy until the second): time
+    when the queue was empty says nothing of how fast it drains."""
+
+    def __init__(self, window: float = 10.0, min_intervals: int = 10) -> None:
         self.window = window
-        self.min_ends = min_ends
-        self._ends: deque[float] = deque(maxlen=500)
+        self.min_intervals = min_intervals
+        self._busy_since: float | None = None  # the last end, if work was waiting then
+        self._intervals: deque[tuple[float, float]] = deque(maxlen=500)  # (end, seconds)
 
-    def add(self, at: float) -> None:
-        self._ends.append(at)
+    def add(self, at: float, waiting: bool) -> None:
+        """A running task ended at `at`; `waiting`: others of its type were queued."""
+        if self._busy_since is not None and at >= self._busy_since:
+            self._intervals.append((at, at - self._busy_since))
+        self._busy_since = at if waiting else None
 
     def per_second(self, now: float) -> float | None:
-        """Tasks ended per second over the window, or None with too few to tell."""
-        recent = [t for t in self._ends if t >= now - self.window]
-        if len(recent) < self.min_ends:
+        """Tasks ended per second while busy, over the window; None with too few."""
+        recent = [seconds for end, seconds in self._intervals if end >= now - self.window]
+        if len(recent) < self.min_intervals or sum(recent) <= 0:
             return None
-        first, last = min(recent), max(recent)
-        return (len(recent) - 1) / (last - first) if last > first else None
+        return len(recent) / sum(recent)
 
 
 @dataclass
@@ -144,8 +151,8 @@ class Admission:
                 self._worker_slots[event.worker] = (event.slots, time.time())
         elif event.terminal:
             queued.discard(event.task_id)
-            if event.task_id in running and queued:  # a slot freed with work waiting
-                self.drain[event.task].add(event.at)
+            if event.task_id in running:
+                self.drain[event.task].add(event.at, waiting=bool(queued))
             running.discard(event.task_id)
             if event.type is EventType.SUCCEEDED and event.ran is not None:
                 self.runtimes[event.task].add(event.ran, record.cost)

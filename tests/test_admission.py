@@ -320,3 +320,18 @@ def test_the_wait_behind_a_backlog_comes_from_how_fast_it_really_drains() -> Non
     assert (estimate.ready, estimate.running, estimate.parallelism) == (backlog - 21, 1, 1)
     # 9 queued ahead of a new task, the running one half done on average, 8 a second
     assert estimate.wait == pytest.approx((backlog - 21 + 0.5) / 8.0)
+
+
+def test_the_drain_rate_counts_only_the_time_the_slots_were_busy() -> None:
+    """Bursts of work with idle seconds between them: 10 ends a second inside each
+    burst is the rate, not the ends spread over the whole window."""
+    from gateway.admission import DrainRate
+
+    rate = DrainRate(window=30, min_intervals=10)
+    now = time.time()
+    for burst in range(4):
+        start = now - 20 + 5 * burst
+        for i in range(5):
+            rate.add(start + 0.1 * i, waiting=i < 4)  # the burst's last end: queue empty
+    assert rate.per_second(now) == pytest.approx(10.0)
+    assert rate.per_second(now + 60) is None  # nothing recent
