@@ -12,6 +12,7 @@ import signal
 from typing import Any
 
 from compute.forkserver import Forked, ForkServer
+from contracts.background import Background
 
 log = logging.getLogger("timebox.worker.pool")
 
@@ -112,7 +113,7 @@ class Pool:
         self._idle: asyncio.Queue[Child] = asyncio.Queue()
         self._spare: asyncio.Task[Child] | None = None
         self._all: set[Child] = set()
-        self._replacing: set[asyncio.Task[None]] = set()
+        self._replacing = Background()
 
     async def start(self) -> None:
         await self.server.start()
@@ -144,9 +145,7 @@ class Pool:
         if child.alive:
             self._idle.put_nowait(child)
         else:
-            replacing = asyncio.get_running_loop().create_task(self.replace(child))
-            self._replacing.add(replacing)
-            replacing.add_done_callback(self._replacing.discard)
+            self._replacing.spawn(self.replace(child))
 
     async def replace(self, dead: Child) -> None:
         """Puts the warm spare in the dead child's place and warms a new spare."""
@@ -173,10 +172,7 @@ class Pool:
         return pids
 
     async def close(self, grace: float = 0.5) -> None:
-        for replacing in list(self._replacing):
-            replacing.cancel()
-            with contextlib.suppress(BaseException):
-                await replacing
+        await self._replacing.cancel()
         spare = self._spare
         if spare is not None:
             spare.cancel()

@@ -29,6 +29,7 @@ from compute.outcome import Disposition, Kind, Outcome, settle
 from compute.pool import Child, Pool
 from compute.settings import WorkerSettings
 from contracts.amqp import connect
+from contracts.background import Background
 from contracts.deadline import DEADLINE_HEADER, Deadline
 from contracts.declare import declare
 from contracts.errors import InvalidTimeout
@@ -108,7 +109,7 @@ class Worker:
         self.pool = Pool(settings.concurrency, settings.child_nice)
         self.cancels: Remembered[CancelRequest] = Remembered()
         self.finished: Remembered[bool] = Remembered()
-        self._handlers: set[asyncio.Task[None]] = set()
+        self._handlers = Background()
         self.runtimes = {
             task: RunTimes(min_samples=settings.estimate_min_samples) for task in self.tasks
         }
@@ -260,11 +261,7 @@ class Worker:
         # outcome is still published, and the broker's redelivery is recognised.
         self.in_flight += 1
         self._idle.clear()
-        handler = asyncio.get_running_loop().create_task(
-            self._handle_counted(task, message, credit)
-        )
-        self._handlers.add(handler)
-        handler.add_done_callback(self._handlers.discard)
+        self._handlers.spawn(self._handle_counted(task, message, credit))
 
     async def _handle_counted(
         self, task: str, message: AbstractIncomingMessage, credit: Credit | None

@@ -18,6 +18,7 @@ from aio_pika.abc import (
 from aiormq.exceptions import DeliveryError, PublishError
 
 from contracts.amqp import connect
+from contracts.background import Background
 from contracts.deadline import Deadline
 from contracts.declare import declare
 from contracts.errors import BrokerUnavailable, Overloaded
@@ -52,7 +53,7 @@ class Broker:
         self._control_exchange: AbstractExchange | None = None
         self._notices: AbstractExchange | None = None
         self._to_notify: set[str] = set()
-        self._sending: set[asyncio.Task[None]] = set()
+        self._sending = Background()
 
     async def start(self) -> None:
         self.connection = await connect(
@@ -164,9 +165,7 @@ class Broker:
     def _send_notices(self) -> None:
         tasks, self._to_notify = self._to_notify, set()
         for task in tasks:
-            sending = asyncio.get_running_loop().create_task(self._send_notice(task))
-            self._sending.add(sending)
-            sending.add_done_callback(self._sending.discard)
+            self._sending.spawn(self._send_notice(task))
 
     async def _send_notice(self, task: str) -> None:
         if self._notices is None:

@@ -10,6 +10,7 @@ import logging
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 from pydantic import ValidationError
 
+from contracts.background import Background
 from contracts.events import TaskEvent
 from contracts.messages import SYNC_TYPE
 from gateway.broker import Broker
@@ -27,7 +28,7 @@ class EventLog:
         self.caught_up = asyncio.Event()
         self._queue: AbstractQueue | None = None
         self._unacked: AbstractIncomingMessage | None = None
-        self._acks: set[asyncio.Task[None]] = set()
+        self._acks = Background()
 
     async def start(self) -> None:
         assert self.broker.connection is not None
@@ -53,8 +54,8 @@ class EventLog:
             self._ack_soon(message)
 
     def _ack_soon(self, message: AbstractIncomingMessage) -> None:
-        """One ack (`multiple`) for the messages handled in one turn of the loop: a
-        write per event was a large part of a busy gateway's CPU."""
+        """One ack (`multiple`) for the messages handled in one turn of the loop: one
+        frame for the broker to handle instead of one per event."""
         pending = self._unacked is not None
         self._unacked = message
         if not pending:
@@ -63,9 +64,7 @@ class EventLog:
     def _flush_acks(self) -> None:
         message, self._unacked = self._unacked, None
         if message is not None:
-            task = asyncio.get_running_loop().create_task(self._ack(message))
-            self._acks.add(task)
-            task.add_done_callback(self._acks.discard)
+            self._acks.spawn(self._ack(message))
 
     @staticmethod
     async def _ack(message: AbstractIncomingMessage) -> None:

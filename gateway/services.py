@@ -12,6 +12,7 @@ from typing import Any
 import anyio
 from fastapi import Request
 
+from contracts.background import Background
 from contracts.errors import TaskAlreadyEnded, TaskNotFound
 from contracts.events import EventType, TaskEvent, TaskState
 from contracts.messages import CancelRequest
@@ -33,7 +34,7 @@ class Services:
     eventlog: EventLog
     admission: Admission
     auth: Auth
-    background: set[asyncio.Task[Any]] = field(default_factory=set)
+    background: Background = field(default_factory=Background)
     # set by sse-starlette when the server is asked to stop
     shutting_down: anyio.Event = field(default_factory=anyio.Event)
 
@@ -47,9 +48,7 @@ class Services:
         return self.broker.connected and self.eventlog.caught_up.is_set()
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self.background.add(task)
-        task.add_done_callback(self.background.discard)
+        self.background.spawn(coro)
 
     async def find(self, task_id: str, owner: str | None) -> Record:
         wait = self._arrival_wait(task_id)
