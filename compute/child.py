@@ -53,7 +53,7 @@ def _write(out: IO[str], message: dict[str, Any]) -> None:
 
 
 def _run(request: dict[str, Any], out: IO[str]) -> dict[str, Any]:
-    from compute.context import TaskContext
+    from compute.context import PROGRESS_INTERVAL, TaskContext
     from contracts.deadline import Deadline
 
     name = request["task"]
@@ -74,7 +74,7 @@ def _run(request: dict[str, Any], out: IO[str]) -> dict[str, Any]:
         request["id"],
         Deadline(int(request["deadline_ms"])),
         sink,
-        min_interval=float(request.get("progress_interval", 0.25)),
+        min_interval=float(request.get("progress_interval", PROGRESS_INTERVAL)),
     )
     cpu0 = time.process_time()
     try:

@@ -8,6 +8,9 @@ from dataclasses import dataclass, field
 
 from contracts.deadline import Deadline
 
+# seconds between a task's progress reports, and before its first (worker setting)
+PROGRESS_INTERVAL = 0.25
+
 ProgressSink = Callable[[float, str | None], None]
 
 
@@ -16,7 +19,7 @@ class TaskContext:
     task_id: str
     deadline: Deadline
     _sink: ProgressSink
-    min_interval: float = 0.25
+    min_interval: float = PROGRESS_INTERVAL
     # from the start: a report at 0 % would say nothing `running` has not said
     _last: float = field(default_factory=time.monotonic, init=False)
 

@@ -9,6 +9,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from compute.context import PROGRESS_INTERVAL
 from compute.outcome import Kind, Outcome
 from compute.pool import Child
 from contracts.deadline import Deadline
@@ -31,7 +32,7 @@ class Job:
     cancelled: asyncio.Event = field(default_factory=asyncio.Event)
     finished: asyncio.Event = field(default_factory=asyncio.Event)
     announced: asyncio.Future[None] | None = None  # the `running` event, being confirmed
-    progress_interval: float = 0.25
+    progress_interval: float = PROGRESS_INTERVAL
 
 
 async def run(child: Child, job: Job, on_progress: OnProgress, kill_grace: float) -> Outcome:

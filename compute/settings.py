@@ -7,6 +7,7 @@ from typing import Self
 
 from pydantic import Field, model_validator
 
+from compute.context import PROGRESS_INTERVAL
 from contracts.settings import CommonSettings
 
 
@@ -34,7 +35,7 @@ class WorkerSettings(CommonSettings):
         "to trust the estimate",
     )
     progress_interval: float = Field(
-        default=0.25,
+        default=PROGRESS_INTERVAL,
         ge=0,
         le=60,
         description="a task's progress reports closer together than this are merged, "

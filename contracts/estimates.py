@@ -14,7 +14,10 @@ LIKELY = 0.9
 
 
 def quantile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
+    return sorted_quantile(sorted(values), q)
+
+
+def sorted_quantile(ordered: list[float], q: float) -> float:
     index = min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))
     return ordered[index]
 
@@ -34,6 +37,9 @@ class RunTimes:
         self.min_samples = min_samples
         self._seconds: deque[float] = deque(maxlen=window)
         self._per_unit: deque[float] = deque(maxlen=window)
+        # sorted once per new run time, not per estimate: every request and every
+        # delivery asks for one or two quantiles
+        self._ordered_rates: list[float] | None = None
 
     def add(self, seconds: float, cost: float | None = None) -> None:
         if seconds < 0 or not math.isfinite(seconds):
@@ -44,6 +50,7 @@ class RunTimes:
             return  # a vanishing cost (say 1e-300 s of burn_cpu) says nothing of the rate
         self._seconds.append(seconds)
         self._per_unit.append(rate)
+        self._ordered_rates = None
 
     def __len__(self) -> int:
         return len(self._seconds)
@@ -68,11 +75,16 @@ class RunTimes:
         finish; None until trusted."""
         if not self.trusted:
             return None
-        return quantile(list(self._per_unit), q) * (cost if cost and cost > 0 else 1.0)
+        return self._rate(q) * (cost if cost and cost > 0 else 1.0)
 
     def largest_cost(self, seconds: float, q: float = 0.5) -> float | None:
         """The largest cost whose q-quantile run time fits in `seconds`."""
         if not self.trusted:
             return None
-        rate = quantile(list(self._per_unit), q)
+        rate = self._rate(q)
         return seconds / rate if rate > 0 else None
+
+    def _rate(self, q: float) -> float:
+        if self._ordered_rates is None:
+            self._ordered_rates = sorted(self._per_unit)
+        return sorted_quantile(self._ordered_rates, q)

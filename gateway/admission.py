@@ -60,9 +60,10 @@ class DrainRate:
     def per_second(self, now: float) -> float | None:
         """Tasks ended per second while busy, over the window; None with too few."""
         recent = [seconds for end, seconds in self._intervals if end >= now - self.window]
-        if len(recent) < self.min_intervals or sum(recent) <= 0:
+        busy = sum(recent)
+        if len(recent) < self.min_intervals or busy <= 0:
             return None
-        return len(recent) / sum(recent)
+        return len(recent) / busy
 
 
 @dataclass
