@@ -16,6 +16,7 @@ import pytest
 from tests.conftest import Stack
 from tests.harness import (
     alive,
+    messages_ready,
     process_tree,
     task_events,
     tree_cpu,
@@ -79,15 +80,50 @@ def test_tasks_queued_behind_a_busy_slot_expire_without_ever_running(make_stack)
             ]
             for task, body in [
                 ("burn_cpu", {"seconds": 0.1}),  # behind the busy task in its own queue
-                ("echo", {"payload": 1}),  # another queue: held by the worker, still never run
+                ("echo", {"payload": 1}),  # another queue: no free slot, so the worker takes none
                 ("burn_cpu", {"seconds": 0.1}),
             ]
         ]
         for task_id in short:
             events = task_events(client, task_id)
             assert [e[0] for e in events] == ["queued", "expired"]
+            # RabbitMQ dropped it (per-message TTL → {ns}.dead), long before the slot was free
+            assert events[-1][1]["reason"] == "expired in the queue before a worker could start it"
             assert client.get(f"/v1/tasks/{task_id}").json()["state"] == "expired"
+        assert client.get(f"/v1/tasks/{busy}").json()["state"] == "running"
         assert task_events(client, busy)[-1][0] == "succeeded"
+
+
+def test_a_delivered_message_past_its_deadline_is_acked_unstarted(make_stack) -> None:
+    """A message whose x-deadline has passed but that RabbitMQ still delivers (published
+    without expiration, or by a publisher whose clock runs behind) is never started."""
+    stack: Stack = make_stack()
+    stack.gateway()
+    worker = stack.worker(1)
+    task_id = f"late-{os.getpid()}-{time.monotonic_ns()}"
+
+    async def publish_late() -> None:
+        connection = await aio_pika.connect(stack.amqp_url)
+        async with connection:
+            channel = await connection.channel(publisher_confirms=True)
+            exchange = await channel.get_exchange(f"{stack.namespace}.tasks", ensure=False)
+            message = aio_pika.Message(
+                b'{"payload": 1}',
+                message_id=task_id,
+                type="echo",
+                content_type="application/json",
+                headers={"x-deadline": int((time.time() - 5) * 1000)},
+            )
+            await exchange.publish(message, "echo")
+
+    asyncio.run(publish_late())
+    line = worker.wait_for_line(rf"expired echo {task_id}")
+    assert "deadline passed before start" in line
+    with stack.client() as client:
+        events = task_events(client, task_id)
+        assert [e[0] for e in events] == ["expired"]  # never `running`
+    assert worker.stop() == 0  # an unacked message would be ready again once it is gone
+    assert messages_ready(stack.amqp_url, f"{stack.namespace}.tasks.echo") == 0
 
 
 def test_delete_kills_a_running_task(make_stack) -> None:
