@@ -119,6 +119,14 @@ def report(results: dict[str, Any]) -> str:
                     "echo end to end, a worker of that one type",
                     f"{t['echo_202_worker_of_one_type']['end_to_end_per_s']}/s",
                 ],
+                [
+                    "ceiling: FastAPI hello-world GET, same load generator",
+                    f"{t['ceiling_fastapi_hello_get']['calls_per_s']}/s",
+                ],
+                [
+                    "ceiling: aio-pika quorum publish (confirmed) + consume, one process",
+                    f"{t['ceiling_amqp_quorum_publish_consume']['messages_per_s']} messages/s",
+                ],
             ],
         )
     )

@@ -1,5 +1,7 @@
 """Latency of the system's own path, next to the floors under it, measured in the same
-run: an aio-pika publish→consume round trip and a FastAPI hello-world GET."""
+run: aio-pika publish→consume round trips on a quorum queue (the task's hop) and on a
+stream (the event's hop back), and a FastAPI hello-world GET. An RPC needs all three,
+so their sum is the least an RPC can take on this machine with this broker."""
 
 from __future__ import annotations
 
@@ -32,21 +34,24 @@ def _timed(n: int, call: Any) -> list[float]:
     return samples
 
 
-async def _amqp_round_trips(n: int) -> list[float]:
+async def _amqp_round_trips(n: int, queue_type: str) -> list[float]:
+    """Publish (with a confirm) → delivered to a consumer, one message at a time."""
     name = f"tbbench-floor-{uuid.uuid4().hex[:8]}"
     connection = await aio_pika.connect(AMQP_URL)
     async with connection:
         channel = await connection.channel(publisher_confirms=True)
+        await channel.set_qos(prefetch_count=100)  # a stream consumer needs one
         queue = await channel.declare_queue(
-            name, durable=True, arguments={"x-queue-type": "quorum"}
+            name, durable=True, arguments={"x-queue-type": queue_type}
         )
         got: asyncio.Queue[float] = asyncio.Queue()
 
         async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
-            await message.ack()
             got.put_nowait(time.perf_counter())
+            await message.ack()
 
-        tag = await queue.consume(on_message)
+        arguments = {"x-stream-offset": "next"} if queue_type == "stream" else None
+        tag = await queue.consume(on_message, arguments=arguments)
         samples = []
         for _ in range(n):
             t = time.perf_counter()
@@ -119,8 +124,15 @@ def run(n: int) -> dict[str, Any]:
     out["submit_202"] = pulling["submit"]
     out["rpc_echo_worker_of_one_type"] = _rpc_and_submit(n, "--tasks", "echo")["rpc"]
     out.update(refusals(max(100, n // 4)))
-    out["floor_amqp_publish_consume_quorum"] = percentiles(asyncio.run(_amqp_round_trips(n)))
+    quorum = asyncio.run(_amqp_round_trips(n, "quorum"))
+    stream = asyncio.run(_amqp_round_trips(n, "stream"))
     with Baseline(None) as app, httpx.Client(base_url=app.url, timeout=10) as c:
         _timed(50, lambda i: c.get("/hello"))
-        out["floor_fastapi_hello_get"] = percentiles(_timed(n, lambda i: c.get("/hello")))
+        hello = _timed(n, lambda i: c.get("/hello"))
+    out["floor_amqp_publish_consume_quorum"] = percentiles(quorum)
+    out["floor_amqp_publish_consume_stream"] = percentiles(stream)
+    out["floor_fastapi_hello_get"] = percentiles(hello)
+    # the three hops in sequence, sample by sample: what an RPC cannot go below here
+    path = [a + b + c for a, b, c in zip(quorum, stream, hello, strict=True)]
+    out["floor_rpc_path_sum"] = percentiles(path)
     return out

@@ -1,17 +1,23 @@
 """Throughput: echo tasks per second end to end (submitted with 202, counted when the
-`succeeded` event is in the stream), and RPC calls per second with 64 in flight."""
+`succeeded` event is in the stream), and RPC calls per second with 64 in flight.
+
+Next to them, in the same run, the ceilings of the parts on this machine: FastAPI
+hello-world GETs per second from the same load generator, and messages per second one
+aio-pika process can publish (with confirms) to a quorum queue and consume back. A task
+costs more than one of each: HTTP, and several broker messages (task, events)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import time
+import uuid
 from typing import Any
 
 import aio_pika
 import aiohttp
 
-from bench.stack import AMQP_URL, Stack
+from bench.stack import AMQP_URL, Baseline, Stack
 
 IN_FLIGHT = 64
 
@@ -81,8 +87,10 @@ async def _end_to_end(url: str, namespace: str, n: int) -> dict[str, Any]:
     }
 
 
-async def _rpc(url: str, seconds: float) -> dict[str, Any]:
+async def _calls_per_s(url: str, seconds: float, method: str, path: str) -> dict[str, Any]:
+    """Closed loop: IN_FLIGHT callers, each sending its next request when the last ends."""
     count = 0
+    body = {"payload": 1} if method == "POST" else None
     connector = aiohttp.TCPConnector(limit=IN_FLIGHT)
     async with aiohttp.ClientSession(url, connector=connector) as client:
         end = time.perf_counter() + seconds
@@ -90,9 +98,7 @@ async def _rpc(url: str, seconds: float) -> dict[str, Any]:
         async def caller() -> None:
             nonlocal count
             while time.perf_counter() < end:
-                async with client.post(
-                    "/v1/tasks/echo", params={"wait": "true"}, json={"payload": 1}
-                ) as r:
+                async with client.request(method, path, json=body) as r:
                     await r.read()
                     if r.status == 200:
                         count += 1
@@ -107,6 +113,45 @@ async def _rpc(url: str, seconds: float) -> dict[str, Any]:
     }
 
 
+async def _amqp_ceiling(n: int) -> dict[str, Any]:
+    """One process publishes n messages (IN_FLIGHT awaiting their confirms) to a quorum
+    queue and consumes them back with acks; messages per second, first sent to last read."""
+    name = f"tbbench-ceiling-{uuid.uuid4().hex[:8]}"
+    connection = await aio_pika.connect(AMQP_URL)
+    async with connection:
+        publisher = await connection.channel(publisher_confirms=True)
+        consumer = await connection.channel()
+        await consumer.set_qos(prefetch_count=IN_FLIGHT * 4)
+        queue = await consumer.declare_queue(
+            name, durable=True, arguments={"x-queue-type": "quorum"}
+        )
+        received = 0
+        done = asyncio.Event()
+
+        async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+            nonlocal received
+            await message.ack()
+            received += 1
+            if received == n:
+                done.set()
+
+        await queue.consume(on_message)
+        window = asyncio.Semaphore(IN_FLIGHT)
+
+        async def publish() -> None:
+            async with window:
+                await publisher.default_exchange.publish(
+                    aio_pika.Message(b'{"payload": 1}', delivery_mode=2), name
+                )
+
+        start = time.perf_counter()
+        await asyncio.gather(*(publish() for _ in range(n)))
+        await done.wait()
+        took = time.perf_counter() - start
+        await consumer.queue_delete(name, if_unused=False, if_empty=False)
+    return {"messages": n, "in_flight": IN_FLIGHT, "messages_per_s": round(n / took, 1)}
+
+
 def run(n: int, rpc_seconds: float) -> dict[str, Any]:
     out: dict[str, Any] = {
         "parameters": {
@@ -119,11 +164,18 @@ def run(n: int, rpc_seconds: float) -> dict[str, Any]:
         gateway = stack.gateway()
         stack.worker(4)
         out["echo_202"] = asyncio.run(_end_to_end(gateway.url, stack.namespace, n))
-        out["echo_rpc"] = asyncio.run(_rpc(gateway.url, rpc_seconds))
+        out["echo_rpc"] = asyncio.run(
+            _calls_per_s(gateway.url, rpc_seconds, "POST", "/v1/tasks/echo?wait=true")
+        )
     with Stack() as stack:
         gateway = stack.gateway()
         stack.worker(4, "--tasks", "echo")
         out["echo_202_worker_of_one_type"] = asyncio.run(
             _end_to_end(gateway.url, stack.namespace, n)
         )
+    with Baseline(None) as app:
+        out["ceiling_fastapi_hello_get"] = asyncio.run(
+            _calls_per_s(app.url, rpc_seconds, "GET", "/hello")
+        )
+    out["ceiling_amqp_quorum_publish_consume"] = asyncio.run(_amqp_ceiling(n * 2))
     return out
