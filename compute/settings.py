@@ -51,6 +51,14 @@ class WorkerSettings(CommonSettings):
         "this often (messages nobody announced: redeliveries after a worker died)",
     )
 
+    lease_slots: bool = Field(
+        default=True,
+        description="while only one of its queues has work and every slot is free, a "
+        "worker of several task types lends its slots to a consumer on that queue "
+        "(prefetch = the slots), which saves a notice and a get round trip per task; "
+        "work in another queue ends the lease",
+    )
+
     @model_validator(mode="after")
     def _below_consumer_timeout(self) -> Self:
         if self.max_timeout >= self.broker_consumer_timeout:

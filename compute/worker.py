@@ -25,6 +25,7 @@ from aio_pika.abc import (
 from compute import metrics, runner
 from compute.cancels import Remembered
 from compute.dispatch import Credit, Puller
+from compute.leasing import QueueConsumers
 from compute.outcome import Disposition, Kind, Outcome, settle
 from compute.pool import Child, Pool
 from compute.settings import WorkerSettings
@@ -141,6 +142,9 @@ class Worker:
             metrics.SLOTS.set(self.pool.size)
             await self._consume_control()
             await self._consume_tasks()
+            if self.puller is not None:  # "ready" once it has looked at every queue
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.puller.looked.wait(), 5)
             log.info(
                 "worker %s ready: %d slots, %s %s",
                 self.name,
@@ -200,8 +204,15 @@ class Worker:
         async def get(task: str) -> AbstractIncomingMessage | None:
             return await queues[task].get(no_ack=False, fail=False, timeout=5)
 
+        leases = None
+        if self.settings.lease_slots:
+            leases = QueueConsumers(channel, {t: self.topology.task_queue(t) for t in queues})
         self.puller = Puller(
-            self.tasks, get, self.settings.concurrency, self.settings.poll_interval
+            self.tasks,
+            get,
+            self.settings.concurrency,
+            self.settings.poll_interval,
+            consumers=leases,
         )
         self._pulling = asyncio.get_running_loop().create_task(self.puller.run(self._start))
 

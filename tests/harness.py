@@ -234,15 +234,19 @@ def wait_for_event(client: httpx.Client, task_id: str, kind: str) -> dict[str, o
     raise AssertionError(f"task {task_id} ended without a {kind!r} event")
 
 
-def messages_ready(amqp_url: str, queue: str) -> int:
-    """The broker's own count of a queue's ready messages (a passive declare)."""
+def queue_counts(amqp_url: str, queue: str) -> tuple[int, int]:
+    """The broker's own count of a queue's ready messages and consumers (a passive declare)."""
 
-    async def count() -> int:
+    async def count() -> tuple[int, int]:
         connection = await aio_pika.connect(amqp_url)
         async with connection:
             channel = await connection.channel()
             raw = await channel.get_underlay_channel()
             result = await raw.queue_declare(queue, passive=True)
-            return result.message_count or 0
+            return result.message_count or 0, result.consumer_count or 0
 
     return asyncio.run(count())
+
+
+def messages_ready(amqp_url: str, queue: str) -> int:
+    return queue_counts(amqp_url, queue)[0]

@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from tests.conftest import Stack
-from tests.harness import messages_ready, task_events, wait_for_event, wait_until
+from tests.harness import messages_ready, queue_counts, task_events, wait_for_event, wait_until
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -50,8 +50,16 @@ def test_fair_dispatch_spreads_equal_tasks_evenly_over_workers(make_stack) -> No
 
 @pytest.mark.parametrize(
     ("tasks", "extra"),
-    [(["burn_cpu", "echo"], ()), (["burn_cpu"], ("--tasks", "burn_cpu"))],
-    ids=["several-task-types-pull", "one-task-type-consumes"],
+    [
+        (["burn_cpu", "echo"], ()),
+        (["burn_cpu"], ()),
+        (["burn_cpu"], ("--tasks", "burn_cpu")),
+    ],
+    ids=[
+        "several-task-types-pull",
+        "one-task-type-to-a-worker-of-several-leases",
+        "one-task-type-consumes",
+    ],
 )
 def test_messages_wait_in_the_broker_for_any_free_slot_not_in_a_busy_worker(
     make_stack, amqp_url, tasks, extra
@@ -84,6 +92,31 @@ def test_messages_wait_in_the_broker_for_any_free_slot_not_in_a_busy_worker(
         }
         assert client.get(f"/v1/tasks/{long}").json()["state"] == "running"
     assert ran_on == {idle.status_name}, (ran_on, busy.status_name)
+
+
+def test_an_idle_worker_of_several_types_consumes_the_only_queue_with_work(
+    make_stack, amqp_url
+) -> None:
+    """A lease: while every slot is free and one queue has work, the worker consumes it
+    (no work notice and basic.get per task); work of another type ends the lease."""
+    stack: Stack = make_stack()
+    stack.gateway()
+    stack.worker(2)
+    echo = f"{stack.namespace}.tasks.echo"
+    with stack.client() as client:
+
+        def rpc(task: str) -> None:
+            r = client.post(f"/v1/tasks/{task}", params={"wait": "true"}, json=SMALL_INPUTS[task])
+            assert r.status_code == 200, r.text
+
+        rpc("echo")
+        # idle, nothing in hand: a consumer is there only if the slots are lent to it
+        wait_until(lambda: queue_counts(amqp_url, echo) == (0, 1), 5, "a consumer on echo")
+        rpc("echo")
+        rpc("burn_cpu")  # another queue: the lease ends, burn_cpu is pulled
+        wait_until(lambda: queue_counts(amqp_url, echo) == (0, 0), 5, "the echo lease ended")
+        rpc("echo")
+        wait_until(lambda: queue_counts(amqp_url, echo) == (0, 1), 5, "a new lease on echo")
 
 
 SMALL_INPUTS = {"burn_cpu": {"seconds": 0.05}, "echo": {"payload": "x"}}

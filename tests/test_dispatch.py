@@ -1,11 +1,14 @@
 """The puller of a worker of several task types: never more messages in hand than free
-slots, a round robin over the queues, notices and polls that find new messages."""
+slots, a round robin over the queues, notices and polls that find new messages, and
+leases of every slot to a consumer while only one queue has work."""
 
 from __future__ import annotations
 
 import asyncio
 import collections
-from dataclasses import dataclass
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import pytest
 
@@ -19,6 +22,11 @@ class FakeMessage:
     task: str
     body: int
     message_count: int
+    on_ack: Callable[[], None] | None = None
+
+    def ack(self) -> None:
+        if self.on_ack is not None:
+            self.on_ack()
 
 
 class Queues:
@@ -43,15 +51,88 @@ class Queues:
         return FakeMessage(task, queue.popleft(), len(queue))
 
 
+@dataclass(eq=False)
+class Consumer:
+    task: str
+    prefetch: int
+    deliver: Callable[[FakeMessage], None]
+    lost: Callable[[], None]
+    unacked: int = 0
+
+
+@dataclass
+class FakeConsumers:
+    """Consumers as the broker runs them: at most `prefetch` unacked messages each."""
+
+    queues: Queues
+    active: dict[int, Consumer] = field(default_factory=dict)
+    started: list[tuple[str, int]] = field(default_factory=list)
+    stopped: int = 0
+
+    async def start(self, task, prefetch, deliver, lost) -> int:  # type: ignore[no-untyped-def]
+        await asyncio.sleep(0)  # consume-ok
+        tag = len(self.started)
+        self.started.append((task, prefetch))
+        self.active[tag] = Consumer(task, prefetch, deliver, lost)
+        self.pump()
+        return tag
+
+    def pump(self) -> None:
+        """Delivers what the queues hold to the consumers with room for it."""
+        for consumer in list(self.active.values()):
+            queue = self.queues.contents[consumer.task]
+            while queue and consumer.unacked < consumer.prefetch:
+                consumer.unacked += 1
+                ack = lambda c=consumer: self._ack(c)  # noqa: E731
+                consumer.deliver(FakeMessage(consumer.task, queue.popleft(), len(queue), ack))
+
+    def _ack(self, consumer: Consumer) -> None:
+        consumer.unacked -= 1
+        self.pump()
+
+    async def stop(self, tag: int) -> None:
+        await asyncio.sleep(0)  # cancel-ok
+        del self.active[tag]
+        self.stopped += 1
+
+    async def ready(self, task: str) -> int:
+        await asyncio.sleep(0)
+        return len(self.queues.contents[task])
+
+    def lose(self, tag: int) -> None:
+        """The channel went: the consumer is gone, its unacked messages go back."""
+        self.active.pop(tag).lost()
+
+
 class Taken:
-    def __init__(self) -> None:
-        self.items: asyncio.Queue[tuple[str, int, Credit]] = asyncio.Queue()
+    def __init__(self, slots: int = 1_000) -> None:
+        self.items: asyncio.Queue[tuple[str, int, Credit, FakeMessage]] = asyncio.Queue()
+        self.slots = slots
+        self.in_hand = 0  # handed over and not released: never above the slots
+        self.most_in_hand = 0
 
     def handoff(self, task: str, message: FakeMessage, credit: Credit) -> None:
-        self.items.put_nowait((task, message.body, credit))
+        self.in_hand += 1
+        self.most_in_hand = max(self.most_in_hand, self.in_hand)
+        assert self.in_hand <= self.slots, "more messages in hand than slots"
+        self.items.put_nowait((task, message.body, Tracked(credit, self), message))
 
-    async def next(self) -> tuple[str, int, Credit]:
+    async def next(self) -> tuple[str, int, Credit, FakeMessage]:
         return await asyncio.wait_for(self.items.get(), 2)
+
+    def done(self, item: tuple[str, int, Credit, FakeMessage]) -> None:
+        """The task ended: its slot is free, then its message is acked."""
+        item[2].release()
+        item[3].ack()
+
+
+class Tracked(Credit):
+    def __init__(self, credit: Credit, taken: Taken) -> None:
+        def give_back() -> None:
+            taken.in_hand -= 1
+            credit.release()
+
+        super().__init__(give_back)
 
 
 async def settle() -> None:
@@ -162,3 +243,127 @@ async def test_a_failing_get_is_retried(running) -> None:
     running(Puller(["a"], queues.get, slots=1, poll_interval=60), taken)
     assert (await taken.next())[:2] == ("a", 1)
     assert queues.gets == 3
+
+
+def leasing(slots: int, poll_interval: float = 60, **contents: list[int]):  # type: ignore[no-untyped-def]
+    queues = Queues(**contents)
+    consumers = FakeConsumers(queues)
+    puller = Puller(
+        list(contents), queues.get, slots=slots, poll_interval=poll_interval, consumers=consumers
+    )
+    return queues, consumers, puller, Taken(slots)
+
+
+def publish(queues: Queues, consumers: FakeConsumers, puller: Puller, task: str, *bodies: int):  # type: ignore[no-untyped-def]
+    queues.contents[task].extend(bodies)
+    consumers.pump()
+    puller.notice(task)
+
+
+async def test_an_idle_puller_lends_every_slot_to_the_only_queue_with_work(running) -> None:
+    queues, consumers, puller, taken = leasing(2, a=[], b=[])
+    running(puller, taken)
+    await settle()
+    gets = queues.gets  # the first sweep: both empty
+    publish(queues, consumers, puller, "a", 1, 2, 3)
+    first, second = await taken.next(), await taken.next()
+    await settle()
+    assert consumers.started == [("a", 2)]
+    assert taken.items.empty()  # the prefetch is the slots lent
+    taken.done(first)
+    third = await taken.next()
+    assert [first[1], second[1], third[1]] == [1, 2, 3]
+    publish(queues, consumers, puller, "a", 4)  # a notice for the leased queue changes nothing
+    await settle()
+    taken.done(second)
+    assert (await taken.next())[1] == 4
+    assert queues.gets == gets  # no get: the consumer brought every message
+    assert consumers.stopped == 0
+
+
+async def test_work_in_another_queue_ends_the_lease_and_its_free_slots_come_back(
+    running,
+) -> None:
+    queues, consumers, puller, taken = leasing(2, a=[], b=[])
+    running(puller, taken)
+    await settle()
+    publish(queues, consumers, puller, "a", 1)
+    first = await taken.next()
+    publish(queues, consumers, puller, "b", 7, 8)
+    assert (await taken.next())[:2] == ("b", 7)  # the lease's unused slot, by a get
+    assert consumers.stopped == 1
+    await settle()
+    assert taken.items.empty()  # the other slot still runs a's task
+    publish(queues, consumers, puller, "a", 2)
+    taken.done(first)
+    rest = {(await taken.next())[:2]}
+    assert rest <= {("b", 8), ("a", 2)}
+    assert consumers.started == [("a", 2)]  # no new lease while a slot is busy
+
+
+async def test_the_poll_ends_a_lease_when_another_queue_has_unannounced_work(running) -> None:
+    queues, consumers, puller, taken = leasing(1, poll_interval=0.05, a=[], b=[])
+    running(puller, taken)
+    await settle()
+    publish(queues, consumers, puller, "a", 1)
+    taken.done(await taken.next())
+    queues.contents["b"].append(5)  # a redelivery: nobody announces it
+    assert (await taken.next())[:2] == ("b", 5)
+    assert consumers.stopped == 1
+
+
+async def test_a_lease_whose_consumer_is_lost_gives_back_its_free_slots(running) -> None:
+    queues, consumers, puller, taken = leasing(2, a=[], b=[])
+    running(puller, taken)
+    await settle()
+    publish(queues, consumers, puller, "a", 1)
+    first = await taken.next()
+    [tag] = consumers.active
+    consumers.lose(tag)
+    queues.contents["a"].append(2)
+    assert (await taken.next())[:2] == ("a", 2)  # the free slot pulls again
+    await settle()
+    assert taken.items.empty()
+    taken.done(first)
+    await settle()
+    assert puller.in_hand == 1
+
+
+@pytest.mark.parametrize("seed", range(20))
+async def test_leases_and_pulls_never_hold_more_than_the_slots(running, seed: int) -> None:
+    """Random publishes, notices, polls, task ends and lost consumers."""
+    rng = random.Random(seed)
+    queues, consumers, puller, taken = leasing(3, poll_interval=0.01, a=[], b=[], c=[])
+    running(puller, taken)
+    held: list[tuple[str, int, Credit, FakeMessage]] = []
+    body = 0
+    for _ in range(300):
+        action = rng.random()
+        if action < 0.4:
+            body += 1
+            task = rng.choice("abc")
+            if rng.random() < 0.8:
+                publish(queues, consumers, puller, task, body)
+            else:
+                queues.contents[task].append(body)  # unannounced
+                consumers.pump()
+        elif action < 0.8 and held:
+            taken.done(held.pop(rng.randrange(len(held))))
+        elif action < 0.85 and consumers.active:
+            consumers.lose(rng.choice(list(consumers.active)))
+        await settle()
+        while not taken.items.empty():
+            held.append(taken.items.get_nowait())
+        assert puller.in_hand == len(held) == taken.in_hand <= 3
+    while True:  # everything is taken in the end
+        for item in held:
+            taken.done(item)
+        held.clear()
+        await settle()
+        while not taken.items.empty():
+            held.append(taken.items.get_nowait())
+        if not held and not any(queues.contents.values()):
+            break
+        if not held:
+            held.append(await taken.next())  # found by a poll
+    assert taken.most_in_hand <= 3

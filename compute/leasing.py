@@ -1,0 +1,66 @@
+"""The broker side of the puller's leases (compute/dispatch.py): a consumer on one task
+queue with a prefetch of the slots lent to it, on the worker's task channel."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Hashable
+
+from aio_pika import IncomingMessage
+from aio_pika.abc import AbstractChannel
+from aiormq.abc import AbstractChannel as RawChannel
+from aiormq.abc import DeliveredMessage
+
+from compute.dispatch import Deliver
+
+
+class QueueConsumers:
+    def __init__(self, channel: AbstractChannel, queues: dict[str, str]) -> None:
+        self._channel = channel
+        self._queues = queues  # task name -> queue name
+        self._open: dict[Hashable, tuple[RawChannel, asyncio.Future[object]]] = {}
+
+    async def start(
+        self, task: str, prefetch: int, deliver: Deliver, lost: Callable[[], None]
+    ) -> Hashable:
+        # The raw channel, not aio-pika's robust one: a robust channel would re-create
+        # the consumer after a reconnect with its old prefetch, while the slots lent to
+        # it may be busy by then; the lease ends with the channel instead.
+        raw = await self._channel.get_underlay_channel()
+        await raw.basic_qos(prefetch_count=prefetch)  # per consumer, for those started next
+
+        async def on_message(message: DeliveredMessage) -> None:
+            deliver(IncomingMessage(message, no_ack=False))
+
+        ok = await raw.basic_consume(self._queues[task], on_message)
+        tag = ok.consumer_tag
+        assert tag is not None
+        closing = raw.closing
+
+        def on_close(observer: asyncio.Future[object]) -> None:
+            if not observer.cancelled():  # cancelled: stop() stopped watching
+                lost()
+
+        closing.add_done_callback(on_close)
+        self._open[tag] = (raw, closing)
+        return tag
+
+    async def stop(self, consumer: Hashable) -> None:
+        raw, closing = self._open.pop(consumer)
+        closing.cancel()
+        if raw.is_closed:
+            return
+        assert isinstance(consumer, str)
+        await raw.basic_cancel(consumer)
+        # aiormq's reader gave each delivery before the cancel-ok a task of its own
+        # (on_message above) before it read the cancel-ok, and basic_cancel returns two
+        # loop turns after that; one more turn for certainty that each has passed its
+        # message on.
+        await asyncio.sleep(0)
+
+    async def ready(self, task: str) -> int:
+        # the raw channel: aio-pika's robust channel answers a passive declare of a queue
+        # it knows from a cache
+        raw = await self._channel.get_underlay_channel()
+        result = await raw.queue_declare(self._queues[task], passive=True)
+        return result.message_count or 0
