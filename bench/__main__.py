@@ -116,6 +116,10 @@ def report(results: dict[str, Any]) -> str:
                     f"{t['echo_rpc']['calls_per_s']}/s",
                 ],
                 [
+                    "echo RPC, the same, a worker that only pulls",
+                    f"{t['echo_rpc_pulling']['calls_per_s']}/s",
+                ],
+                [
                     "echo end to end, a worker of that one type",
                     f"{t['echo_202_worker_of_one_type']['end_to_end_per_s']}/s",
                 ],

@@ -92,10 +92,10 @@ def refusals(n: int) -> dict[str, Any]:
             }
 
 
-def _rpc_and_submit(n: int, *worker_args: str) -> dict[str, dict[str, float]]:
+def _rpc_and_submit(n: int, *worker_args: str, **env: str) -> dict[str, dict[str, float]]:
     with Stack() as stack:
         gateway = stack.gateway()
-        stack.worker(2, *worker_args)
+        stack.worker(2, *worker_args, **env)
         with httpx.Client(base_url=gateway.url, timeout=10) as c:
             for _ in range(50):  # warm-up
                 c.post("/v1/tasks/echo", params={"wait": "true"}, json={"payload": 0})
@@ -116,12 +116,14 @@ def run(n: int) -> dict[str, Any]:
             "calls": n,
             "sequential": True,
             "client": "httpx",
-            "worker": "2 slots; every task type (pulls) or --tasks echo (consumes)",
+            "worker": "2 slots; every task type (leases the one queue with work), the same "
+            "with TIMEBOX_LEASE_SLOTS=false (pulls), or --tasks echo (consumes)",
         }
     }
-    pulling = _rpc_and_submit(n)
-    out["rpc_echo"] = pulling["rpc"]
-    out["submit_202"] = pulling["submit"]
+    default = _rpc_and_submit(n)
+    out["rpc_echo"] = default["rpc"]
+    out["submit_202"] = default["submit"]
+    out["rpc_echo_worker_pulling"] = _rpc_and_submit(n, TIMEBOX_LEASE_SLOTS="false")["rpc"]
     out["rpc_echo_worker_of_one_type"] = _rpc_and_submit(n, "--tasks", "echo")["rpc"]
     out.update(refusals(max(100, n // 4)))
     quorum = asyncio.run(_amqp_round_trips(n, "quorum"))

@@ -157,15 +157,21 @@ def run(n: int, rpc_seconds: float) -> dict[str, Any]:
         "parameters": {
             "worker_slots": 4,
             "in_flight": IN_FLIGHT,
-            "worker": "every task type (pulls); the last line: --tasks echo (consumes)",
+            "worker": "every task type (leases the one queue with work); echo_rpc_pulling: "
+            "the same with TIMEBOX_LEASE_SLOTS=false; the last line: --tasks echo (consumes)",
         }
     }
+    rpc_path = "/v1/tasks/echo?wait=true"
     with Stack() as stack:
         gateway = stack.gateway()
         stack.worker(4)
         out["echo_202"] = asyncio.run(_end_to_end(gateway.url, stack.namespace, n))
-        out["echo_rpc"] = asyncio.run(
-            _calls_per_s(gateway.url, rpc_seconds, "POST", "/v1/tasks/echo?wait=true")
+        out["echo_rpc"] = asyncio.run(_calls_per_s(gateway.url, rpc_seconds, "POST", rpc_path))
+    with Stack() as stack:
+        gateway = stack.gateway()
+        stack.worker(4, TIMEBOX_LEASE_SLOTS="false")
+        out["echo_rpc_pulling"] = asyncio.run(
+            _calls_per_s(gateway.url, rpc_seconds, "POST", rpc_path)
         )
     with Stack() as stack:
         gateway = stack.gateway()
