@@ -14,6 +14,11 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+BENCH_STAMP := $(VENV)/.bench-installed-stamp
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e '.[bench]'
+	touch $(BENCH_STAMP)
+
 broker:  ## start the local RabbitMQ (with its management UI) when it is installed and down
 	@scripts/ensure-broker
 
@@ -26,12 +31,10 @@ test: install broker
 test-cluster: install  ## starts a three-node RabbitMQ cluster here, stops a node under load
 	$(PY) -m pytest -m cluster tests/test_cluster.py $(PYTEST_ARGS)
 
-bench: install broker  ## every benchmark, full size (several minutes); results in bench/results/
-	$(PY) -m pip install -q -e '.[bench]'
+bench: $(BENCH_STAMP) broker  ## every benchmark, full size (several minutes); results in bench/results/
 	$(PY) -m bench
 
-bench-quick: install broker  ## the same, smaller, in under two minutes
-	$(PY) -m pip install -q -e '.[bench]'
+bench-quick: $(BENCH_STAMP) broker  ## the same, smaller, in under two minutes
 	$(PY) -m bench --quick
 
 lint: install
