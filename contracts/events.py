@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, PrivateAttr
 
 
 class EventType(StrEnum):
@@ -110,7 +110,7 @@ class TaskStatus(BaseModel):
     started_at: datetime | None = None
     finished_at: datetime | None = None
     worker: str | None = None
-    attempts: int = 0
+    attempts: int = Field(default=0, description="how many times a worker started it")
     progress: float | None = None
     progress_message: str | None = None
     result: JsonValue = None
@@ -120,6 +120,11 @@ class TaskStatus(BaseModel):
     events_url: str | None = Field(
         default=None, description="in a 202: an SSE URL a browser's EventSource can open"
     )
+    # the delivery numbers of the `running` events seen: a `running` published twice
+    # (a publish retried across a reconnect) counts once, and a delivery that never
+    # started (a message RabbitMQ took back from a cancelled consumer before it reached
+    # the worker still counts as a delivery) is no attempt
+    _started: set[int] = PrivateAttr(default_factory=set)
 
     @classmethod
     def first(cls, event: TaskEvent) -> TaskStatus:
@@ -141,7 +146,8 @@ class TaskStatus(BaseModel):
                 self.state = TaskState.RUNNING
                 self.started_at = _instant(event.at)
                 self.worker = event.worker
-                self.attempts = max(self.attempts, event.attempt or 1)
+                self._started.add(event.attempt or 1)
+                self.attempts = len(self._started)
                 self.progress = 0.0
             case EventType.PROGRESS:
                 self.progress = event.progress

@@ -20,6 +20,18 @@ def test_status_follows_the_lifecycle() -> None:
     assert status.progress == 1.0
 
 
+def test_attempts_count_the_starts_not_the_deliveries() -> None:
+    """`attempt` in a running event is the broker's delivery number: a message handed
+    back before it reached a worker counts as a delivery; a start published twice (a
+    retried publish) is still one start."""
+    status = TaskStatus.first(event(EventType.QUEUED))
+    status.apply(event(EventType.RUNNING, worker="a:1", attempt=2))
+    status.apply(event(EventType.RUNNING, worker="a:1", attempt=2))
+    assert status.attempts == 1
+    status.apply(event(EventType.RUNNING, worker="b:1", attempt=3))  # a redelivery after a crash
+    assert status.attempts == 2
+
+
 def test_the_first_terminal_event_wins() -> None:
     status = TaskStatus.first(event(EventType.QUEUED))
     assert status.apply(event(EventType.CANCELLED, reason="DELETE"))
