@@ -5,20 +5,29 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Hashable
+from dataclasses import dataclass
 
 from aio_pika import IncomingMessage
 from aio_pika.abc import AbstractChannel
 from aiormq.abc import AbstractChannel as RawChannel
 from aiormq.abc import DeliveredMessage
+from pamqp.commands import Basic
 
 from compute.dispatch import Deliver
+
+
+@dataclass(eq=False)
+class _Consumer:
+    channel: RawChannel
+    closing: asyncio.Future[object]
+    on_cancel: Callable[[Basic.Cancel], None]
 
 
 class QueueConsumers:
     def __init__(self, channel: AbstractChannel, queues: dict[str, str]) -> None:
         self._channel = channel
         self._queues = queues  # task name -> queue name
-        self._open: dict[Hashable, tuple[RawChannel, asyncio.Future[object]]] = {}
+        self._open: dict[str, _Consumer] = {}
 
     async def start(
         self, task: str, prefetch: int, deliver: Deliver, lost: Callable[[], None]
@@ -35,27 +44,43 @@ class QueueConsumers:
         ok = await raw.basic_consume(self._queues[task], on_message)
         tag = ok.consumer_tag
         assert tag is not None
-        closing = raw.closing
+
+        def gone() -> None:  # the channel closed, or the broker cancelled the consumer
+            if self._forget(tag) is not None:
+                lost()
 
         def on_close(observer: asyncio.Future[object]) -> None:
             if not observer.cancelled():  # cancelled: stop() stopped watching
-                lost()
+                gone()
 
-        closing.add_done_callback(on_close)
-        self._open[tag] = (raw, closing)
+        def on_cancel(frame: Basic.Cancel) -> None:
+            if frame.consumer_tag == tag:
+                gone()
+
+        consumer = _Consumer(raw, raw.closing, on_cancel)
+        self._open[tag] = consumer
+        consumer.closing.add_done_callback(on_close)
+        raw.on_consumer_cancel_callbacks.add(on_cancel)
         return tag
 
+    def _forget(self, tag: str) -> _Consumer | None:
+        consumer = self._open.pop(tag, None)
+        if consumer is not None:
+            consumer.closing.cancel()
+            consumer.channel.on_consumer_cancel_callbacks.discard(consumer.on_cancel)
+        return consumer
+
     async def stop(self, consumer: Hashable) -> None:
-        raw, closing = self._open.pop(consumer)
-        closing.cancel()
-        if raw.is_closed:
-            return
         assert isinstance(consumer, str)
-        await raw.basic_cancel(consumer)
+        known = self._forget(consumer)
+        if known is None or known.channel.is_closed:
+            return
+        await known.channel.basic_cancel(consumer)
         # aiormq's reader gave each delivery before the cancel-ok a task of its own
         # (on_message above) before it read the cancel-ok, and basic_cancel returns two
         # loop turns after that; one more turn for certainty that each has passed its
-        # message on.
+        # message on. (A message the quorum queue gave the consumer but had not sent yet
+        # goes back to the queue, counted as a delivery.)
         await asyncio.sleep(0)
 
     async def ready(self, task: str) -> int:
