@@ -21,7 +21,7 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Hashable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -39,12 +39,13 @@ class Consumers(Protocol):
 
     async def start(
         self, task: str, prefetch: int, deliver: Deliver, lost: Callable[[], None]
-    ) -> Hashable:
+    ) -> str:
         """Consumes `task`'s queue with this prefetch, passing each message to `deliver`;
-        `lost` is called if the consumer goes with its channel before `stop`."""
+        `lost` is called if the consumer goes (its channel, a broker cancel) before `stop`.
+        Returns the consumer's tag."""
         ...
 
-    async def stop(self, consumer: Hashable) -> None:
+    async def stop(self, consumer: str) -> None:
         """Cancels the consumer; returns once every message the broker delivered before
         its cancel-ok has gone to `deliver`."""
         ...
@@ -73,7 +74,7 @@ class Lease:
     task: str
     slots: int
     in_hand: int = 0  # messages delivered whose slot is not free again yet
-    consumer: Hashable | None = None
+    consumer: str | None = None  # its tag, once the broker has it
     ended: bool = False
 
 
@@ -126,7 +127,7 @@ class Puller:
             while True:
                 self._wake.clear()  # before looking, so that a notice during the gets counts
                 try:
-                    await self._step(handoff)
+                    await self._step()
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:  # a lost connection: the robust channel comes back
@@ -140,7 +141,7 @@ class Puller:
                 with contextlib.suppress(Exception):
                     await self._end_lease(self.lease)
 
-    async def _step(self, handoff: Handoff) -> None:
+    async def _step(self) -> None:
         lease = self.lease
         if lease is not None:
             if await self._work_elsewhere(lease.task):
@@ -161,14 +162,18 @@ class Puller:
         if taken is None:
             await self._until_poll()
             return
-        task, message = taken
-        self._free -= 1
-        handoff(task, message, Credit(self._give_back))
+        self._hand_over(*taken)
 
     async def _until_poll(self) -> None:
         timeout = max(0.0, self._polled_at + self._poll_interval - self._clock())
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), timeout)
+
+    def _hand_over(self, task: str, message: AbstractIncomingMessage) -> None:
+        """A message outside any lease: it takes a free slot of its own."""
+        assert self._handoff is not None
+        self._free -= 1
+        self._handoff(task, message, Credit(self._give_back))
 
     def _give_back(self) -> None:
         self._free += 1
@@ -225,7 +230,8 @@ class Puller:
         others = [task for task in self.tasks if task != leased]
         if any(self._maybe_ready[task] for task in others):
             return True
-        if self._consumers is None or not others or not self._poll_due():
+        assert self._consumers is not None  # a lease has them
+        if not others or not self._poll_due():
             return False
         for task in others:
             if await self._consumers.ready(task):
@@ -254,12 +260,11 @@ class Puller:
         self._wake.set()
 
     def _deliver(self, lease: Lease, message: AbstractIncomingMessage) -> None:
-        assert self._handoff is not None
         if lease.ended:  # the broker sends nothing after its cancel-ok: not expected
             log.warning("a %s message came after its consumer's lease ended", lease.task)
-            self._free -= 1
-            self._handoff(lease.task, message, Credit(self._give_back))
+            self._hand_over(lease.task, message)
             return
+        assert self._handoff is not None
         lease.in_hand += 1
         self._handoff(lease.task, message, Credit(functools.partial(self._leased_back, lease)))
 

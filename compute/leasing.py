@@ -4,7 +4,7 @@ queue with a prefetch of the slots lent to it, on the worker's task channel."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from aio_pika import IncomingMessage
@@ -14,6 +14,7 @@ from aiormq.abc import DeliveredMessage
 from pamqp.commands import Basic
 
 from compute.dispatch import Deliver
+from contracts.declare import counts
 
 
 @dataclass(eq=False)
@@ -31,7 +32,7 @@ class QueueConsumers:
 
     async def start(
         self, task: str, prefetch: int, deliver: Deliver, lost: Callable[[], None]
-    ) -> Hashable:
+    ) -> str:
         # The raw channel, not aio-pika's robust one: a robust channel would re-create
         # the consumer after a reconnect with its old prefetch, while the slots lent to
         # it may be busy by then; the lease ends with the channel instead.
@@ -70,8 +71,7 @@ class QueueConsumers:
             consumer.channel.on_consumer_cancel_callbacks.discard(consumer.on_cancel)
         return consumer
 
-    async def stop(self, consumer: Hashable) -> None:
-        assert isinstance(consumer, str)
+    async def stop(self, consumer: str) -> None:
         known = self._forget(consumer)
         if known is None or known.channel.is_closed:
             return
@@ -84,8 +84,4 @@ class QueueConsumers:
         await asyncio.sleep(0)
 
     async def ready(self, task: str) -> int:
-        # the raw channel: aio-pika's robust channel answers a passive declare of a queue
-        # it knows from a cache
-        raw = await self._channel.get_underlay_channel()
-        result = await raw.queue_declare(self._queues[task], passive=True)
-        return result.message_count or 0
+        return (await counts(self._channel, self._queues[task]))[0]

@@ -32,7 +32,7 @@ from compute.settings import WorkerSettings
 from contracts.amqp import connect
 from contracts.background import Background
 from contracts.deadline import DEADLINE_HEADER, Deadline
-from contracts.declare import declare
+from contracts.declare import counts, declare
 from contracts.errors import InvalidTimeout
 from contracts.estimates import LIKELY, RunTimes
 from contracts.events import EventType, TaskEvent
@@ -237,10 +237,8 @@ class Worker:
                 idle_checks = 0
                 continue
             waiting = 0
-            raw = await self._events.get_underlay_channel()  # no cached declare results
             for task in self.tasks:
-                result = await raw.queue_declare(self.topology.task_queue(task), passive=True)
-                waiting += result.message_count or 0
+                waiting += (await counts(self._events, self.topology.task_queue(task)))[0]
             idle_checks = idle_checks + 1 if waiting == 0 else 0
 
     # -- control ---------------------------------------------------------------------

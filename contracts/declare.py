@@ -12,6 +12,15 @@ from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
 from contracts.topology import BindingDecl, ExchangeDecl, QueueDecl, Topology
 
 
+async def counts(channel: AbstractChannel, queue: str) -> tuple[int, int]:
+    """The broker's current (ready messages, consumers) of `queue`, by a passive declare
+    on the raw channel: aio-pika's robust channel answers a passive declare of a queue it
+    knows from a cache, with stale counts."""
+    raw = await channel.get_underlay_channel()
+    result = await raw.queue_declare(queue, passive=True)
+    return result.message_count or 0, result.consumer_count or 0
+
+
 async def declare(channel: AbstractChannel, topology: Topology, tasks: Iterable[str]) -> None:
     queues: dict[str, AbstractQueue] = {}
     exchanges: dict[str, AbstractExchange] = {}

@@ -21,6 +21,7 @@ import httpx
 from aio_pika.abc import AbstractChannel
 
 from contracts.deadline import Deadline
+from contracts.declare import counts
 from contracts.errors import DeadlineUnmeetable, Overloaded
 from contracts.estimates import LIKELY, RunTimes, RunTimeSummary
 from contracts.events import EventType, TaskEvent, TaskState
@@ -179,18 +180,11 @@ class Admission:
 
     async def _refresh(self, channel: AbstractChannel, http: httpx.AsyncClient) -> None:
         now = time.time()
-        # the raw channel: aio-pika's robust channel answers a passive declare of a
-        # queue it knows from a cache, with stale counts
-        raw = await channel.get_underlay_channel()
+        topology = self.broker.topology
         for name in self.specs:
-            result = await raw.queue_declare(self.broker.topology.task_queue(name), passive=True)
             figures = self.figures[name]
-            figures.ready = result.message_count or 0
-            figures.consumers = result.consumer_count or 0
-            presence = await raw.queue_declare(
-                self.broker.topology.workers_queue(name), passive=True
-            )
-            figures.workers = presence.consumer_count or 0
+            figures.ready, figures.consumers = await counts(channel, topology.task_queue(name))
+            _, figures.workers = await counts(channel, topology.workers_queue(name))
             figures.at = now
         self._prune(now)
         await self._refresh_unacked(http, now)

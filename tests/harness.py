@@ -19,6 +19,7 @@ import aio_pika
 import httpx
 
 from compute.child import die_with_parent
+from contracts.declare import counts
 
 
 def free_port() -> int:
@@ -240,10 +241,7 @@ def queue_counts(amqp_url: str, queue: str) -> tuple[int, int]:
     async def count() -> tuple[int, int]:
         connection = await aio_pika.connect(amqp_url)
         async with connection:
-            channel = await connection.channel()
-            raw = await channel.get_underlay_channel()
-            result = await raw.queue_declare(queue, passive=True)
-            return result.message_count or 0, result.consumer_count or 0
+            return await counts(await connection.channel(), queue)
 
     return asyncio.run(count())
 

@@ -65,13 +65,13 @@ class FakeConsumers:
     """Consumers as the broker runs them: at most `prefetch` unacked messages each."""
 
     queues: Queues
-    active: dict[int, Consumer] = field(default_factory=dict)
+    active: dict[str, Consumer] = field(default_factory=dict)
     started: list[tuple[str, int]] = field(default_factory=list)
     stopped: int = 0
 
-    async def start(self, task, prefetch, deliver, lost) -> int:  # type: ignore[no-untyped-def]
+    async def start(self, task, prefetch, deliver, lost) -> str:  # type: ignore[no-untyped-def]
         await asyncio.sleep(0)  # consume-ok
-        tag = len(self.started)
+        tag = f"ctag{len(self.started)}"
         self.started.append((task, prefetch))
         self.active[tag] = Consumer(task, prefetch, deliver, lost)
         self.pump()
@@ -90,7 +90,7 @@ class FakeConsumers:
         consumer.unacked -= 1
         self.pump()
 
-    async def stop(self, tag: int) -> None:
+    async def stop(self, tag: str) -> None:
         await asyncio.sleep(0)  # cancel-ok
         del self.active[tag]
         self.stopped += 1
@@ -99,7 +99,7 @@ class FakeConsumers:
         await asyncio.sleep(0)
         return len(self.queues.contents[task])
 
-    def lose(self, tag: int) -> None:
+    def lose(self, tag: str) -> None:
         """The channel went: the consumer is gone, its unacked messages go back."""
         self.active.pop(tag).lost()
 
