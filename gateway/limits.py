@@ -1,4 +1,10 @@
-"""Refuses a request body over the limit before it is read into memory."""
+"""Refuses a request body over the limit before it is read into memory.
+
+A request that declares its length is judged by that header alone (the server reads
+no more than it declares); only a body sent with a transfer encoding is counted as it
+arrives. Any other request passes through unwrapped: an SSE response sends for
+minutes, and a wrapper around each of its sends costs the gateway CPU per subscriber
+and event."""
 
 from __future__ import annotations
 
@@ -22,10 +28,15 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        chunked = False
         for name, value in scope["headers"]:
             if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
                 await self._refuse(send)
                 return
+            chunked = chunked or name == b"transfer-encoding"
+        if not chunked:
+            await self.app(scope, receive, send)
+            return
         received = 0
         started = False
 

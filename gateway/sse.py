@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 
-from contracts.events import TaskEvent
+from contracts.events import EventType, TaskEvent
 from gateway import metrics
 from gateway.tasktable import Record, Subscriber, SubscriberTooSlow, SubscriptionClosed
 
@@ -24,14 +24,20 @@ def parse_last_event_id(raw: str | None) -> int:
 
 async def task_events(record: Record, after: int, buffer: int) -> AsyncIterator[bytes]:
     """The task's events after offset `after`: first those already seen, then live ones.
-    Each event is encoded once, however many subscribers it goes to."""
+    Each event is encoded once, however many subscribers it goes to.
+
+    Following live, a subscriber that is behind skips a `progress` event when a later
+    event already waits for it: the later one says more. So a gateway fanning events
+    out to more subscribers than it can serve between two progress reports sends each
+    the latest state instead of a backlog that grows for as long as the task runs. The
+    replay of what happened before the subscription leaves nothing out."""
     # subscribe before the replay so nothing falls between the two; offsets dedupe
     sub = record.subscribe(buffer)
     metrics.SSE_STREAMS.inc()
     try:
         last = after
-        async for offset, event in _replay_then_follow(record, sub):
-            if offset <= last:
+        async for offset, event, newer_waits in _replay_then_follow(record, sub):
+            if offset <= last or (newer_waits and event.type is EventType.PROGRESS):
                 continue
             yield record.encoded(offset, event)
             last = offset
@@ -48,8 +54,10 @@ async def task_events(record: Record, after: int, buffer: int) -> AsyncIterator[
 
 async def _replay_then_follow(
     record: Record, sub: Subscriber
-) -> AsyncIterator[tuple[int, TaskEvent]]:
-    for item in list(record.events):
-        yield item
+) -> AsyncIterator[tuple[int, TaskEvent, bool]]:
+    """Each event, and whether it is live and another one already waits behind it."""
+    for offset, event in list(record.events):
+        yield offset, event, False
     while True:
-        yield await sub.get()
+        offset, event = await sub.get()
+        yield offset, event, sub.waiting

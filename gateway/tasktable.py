@@ -34,6 +34,11 @@ class Subscriber:
         except asyncio.QueueFull:
             self.overflowed = True
 
+    @property
+    def waiting(self) -> bool:
+        """Whether events wait to be taken."""
+        return not self.queue.empty()
+
     def close(self) -> None:
         self.closed = True
         with contextlib.suppress(asyncio.QueueFull):
