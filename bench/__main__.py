@@ -152,6 +152,7 @@ def report(results: dict[str, Any]) -> str:
         )
     )
     f = results["fanout"]
+    per = f["events_received_per_subscriber"]
     parts.append(
         table(
             "SSE fan-out on one gateway",
@@ -163,6 +164,10 @@ def report(results: dict[str, Any]) -> str:
                 ],
                 ["memory per subscriber", f"{f['memory_per_subscriber_kb']} KiB"],
                 ["delivery p50 / p99", f"{f['delivery']['p50_ms']} / {f['delivery']['p99_ms']} ms"],
+                [
+                    "events emitted; sent to a subscriber min / p50 / max",
+                    f"{f['events_emitted']}; {per['min']} / {per['p50']} / {per['max']}",
+                ],
             ],
         )
     )

@@ -16,12 +16,18 @@ from bench.stack import Stack, rss_bytes
 
 
 async def _subscribe(
-    port: int, task_id: str, n: int, opened: asyncio.Event, lags: list[float], finished: list[int]
+    port: int,
+    task_id: str,
+    n: int,
+    opened: asyncio.Event,
+    lags: list[float],
+    received: list[int],
 ) -> None:
     count = 0
 
     async def one() -> None:
         nonlocal count
+        events = 0
         reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=1 << 20)
         writer.write(f"GET /v1/tasks/{task_id}/events HTTP/1.1\r\nHost: x\r\n\r\n".encode())
         await writer.drain()
@@ -36,8 +42,9 @@ async def _subscribe(
                 if line.startswith(b"data: "):
                     event = json.loads(line[6:])
                     lags.append(time.time() - event["at"])
+                    events += 1
                     if event["type"] == "succeeded":
-                        finished.append(1)
+                        received.append(events)
                         break
         finally:
             writer.close()
@@ -54,12 +61,12 @@ def run(n: int) -> dict[str, Any]:
             task_id = c.post("/v1/tasks/burn_cpu", json={"seconds": 2}).json()["id"]
         before = rss_bytes(gateway.pid)
         lags: list[float] = []
-        finished: list[int] = []
+        received: list[int] = []  # events each subscriber that saw the end was sent
 
         async def scenario() -> float:
             opened = asyncio.Event()
             clients = asyncio.create_task(
-                _subscribe(gateway.port, task_id, n, opened, lags, finished)
+                _subscribe(gateway.port, task_id, n, opened, lags, received)
             )
             await asyncio.wait_for(opened.wait(), 300)
             held = rss_bytes(gateway.pid)
@@ -70,13 +77,24 @@ def run(n: int) -> dict[str, Any]:
             return held
 
         held = asyncio.run(scenario())
+        with httpx.Client(base_url=gateway.url, timeout=30) as c:
+            emitted = c.get(f"/v1/tasks/{task_id}/events").text.count("\ndata: ")
+    received.sort()
     return {
         "parameters": {
             "subscribers": n,
             "task": "burn_cpu 2 s (about 8 progress events, one per 0.25 s)",
             "client": "one asyncio process, raw sockets, on the same machine",
+            "events": "a live subscriber that is behind is sent the latest progress report "
+            "only; every other event goes to all",
         },
-        "subscribers_finished": len(finished),
+        "subscribers_finished": len(received),
+        "events_emitted": emitted,
+        "events_received_per_subscriber": {
+            "min": received[0] if received else 0,
+            "p50": received[len(received) // 2] if received else 0,
+            "max": received[-1] if received else 0,
+        },
         "gateway_rss_before_mb": round(before / 2**20, 1),
         "gateway_rss_with_subscribers_mb": round(held / 2**20, 1),
         "memory_per_subscriber_kb": round((held - before) / n / 1024, 1),
