@@ -26,18 +26,19 @@ async def task_events(record: Record, after: int, buffer: int) -> AsyncIterator[
     """The task's events after offset `after`: first those already seen, then live ones.
     Each event is encoded once, however many subscribers it goes to.
 
-    Following live, a subscriber that is behind skips a `progress` event when a later
-    event already waits for it: the later one says more. So a gateway fanning events
-    out to more subscribers than it can serve between two progress reports sends each
-    the latest state instead of a backlog that grows for as long as the task runs. The
-    replay of what happened before the subscription leaves nothing out."""
+    Following live, a subscriber that is behind skips a progress report that carries
+    only a fraction when a later event already waits for it: the later one says as
+    much. So a gateway fanning events out to more subscribers than it can serve between
+    two reports sends each the latest state instead of a backlog that grows for as long
+    as the task runs. A report with a message is always sent (its text may be said
+    once only), and so is the replay of what happened before the subscription."""
     # subscribe before the replay so nothing falls between the two; offsets dedupe
     sub = record.subscribe(buffer)
     metrics.SSE_STREAMS.inc()
     try:
         last = after
         async for offset, event, newer_waits in _replay_then_follow(record, sub):
-            if offset <= last or (newer_waits and event.type is EventType.PROGRESS):
+            if offset <= last or (newer_waits and _fraction_only(event)):
                 continue
             yield record.encoded(offset, event)
             last = offset
@@ -50,6 +51,10 @@ async def task_events(record: Record, after: int, buffer: int) -> AsyncIterator[
     finally:
         metrics.SSE_STREAMS.dec()
         record.unsubscribe(sub)
+
+
+def _fraction_only(event: TaskEvent) -> bool:
+    return event.type is EventType.PROGRESS and event.message is None
 
 
 async def _replay_then_follow(

@@ -74,13 +74,21 @@ def test_a_subscriber_that_is_behind_skips_the_progress_reports_a_later_event_re
             table.apply(offset, event(EventType.PROGRESS, progress=offset / 10))
         got.append(sent(await anext(stream)))
         got.append(sent(await anext(stream)))
-        for offset in (5, 6):  # one more report, then the end, before it reads
+        # a report with a message is sent even with later ones waiting behind it
+        table.apply(5, event(EventType.PROGRESS, progress=0.5, message="step 2 of 3"))
+        for offset in (6, 7):
             table.apply(offset, event(EventType.PROGRESS, progress=offset / 10))
-        table.apply(7, event(EventType.SUCCEEDED, result={"seconds": 1}))
+        table.apply(8, event(EventType.SUCCEEDED, result={"seconds": 1}))
         return got + await rest(stream)
 
     got = asyncio.run(scenario())
-    assert got == [(0, "queued"), (1, "running"), (4, "progress"), (7, "succeeded")]
+    assert got == [
+        (0, "queued"),
+        (1, "running"),
+        (4, "progress"),
+        (5, "progress"),
+        (8, "succeeded"),
+    ]
 
 
 def test_the_replay_of_a_finished_task_leaves_no_event_out() -> None:
