@@ -85,8 +85,8 @@ def run(n: int) -> dict[str, Any]:
             "subscribers": n,
             "task": "burn_cpu 2 s (about 8 progress events, one per 0.25 s)",
             "client": "one asyncio process, raw sockets, on the same machine",
-            "events": "a live subscriber that is behind is sent the latest progress report "
-            "only; every other event goes to all",
+            "events": "a live subscriber that is behind skips progress reports of a fraction "
+            "only that a later event replaces; every other event goes to all",
         },
         "subscribers_finished": len(received),
         "events_emitted": emitted,
