@@ -1,18 +1,22 @@
 """What one SSE subscriber of a task is sent, from the gateway's task table: every
 event it keeps up with, only the latest progress when it is behind, and the whole
-history on a replay. (The streams over HTTP are in test_core_path.py.)"""
+history on a replay; and a gateway holding thousands of streams. (The streams of one
+client over HTTP are in test_core_path.py.)"""
 
 from __future__ import annotations
 
 import asyncio
 import re
+import resource
 from collections.abc import AsyncIterator
 
+import httpx
 import pytest
 
 from contracts.events import EventType, TaskEvent
 from gateway.sse import task_events
 from gateway.tasktable import TaskTable
+from tests.conftest import Stack
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -104,3 +108,49 @@ def test_the_replay_of_a_finished_task_leaves_no_event_out() -> None:
         return await rest(task_events(record, 2, 100))  # Last-Event-ID: 2
 
     assert asyncio.run(scenario()) == [(3, "progress"), (4, "progress"), (5, "succeeded")]
+
+
+def full_collections(client: httpx.Client) -> float:
+    """The gateway process's full (generation 2) garbage collections so far."""
+    text = client.get("/metrics").text
+    found = re.search(r'^python_gc_collections_total\{generation="2"\} (\S+)$', text, re.M)
+    assert found is not None, "no GC figures in /metrics"
+    return float(found[1])
+
+
+@pytest.mark.timeout(120)
+def test_a_gateway_opening_thousands_of_streams_runs_no_full_garbage_collection(
+    make_stack,
+) -> None:
+    """With CPython's default thresholds every quarter of growth of a heap full of live
+    streams cost a full collection — pauses of up to 1.6 s at 10,000 streams, in which
+    no event went out."""
+    streams = 2000
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, 2 * streams + 500)), hard))
+    stack: Stack = make_stack()
+    gateway = stack.gateway()  # inherits the limit; no worker: the task stays queued
+    with stack.client() as c:
+        task_id = c.post("/v1/tasks/echo", json={"payload": 1}).json()["id"]
+        before = full_collections(c)
+
+    async def hold_streams() -> float:
+        writers: list[asyncio.StreamWriter] = []
+
+        async def one() -> None:
+            reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+            writers.append(writer)
+            writer.write(f"GET /v1/tasks/{task_id}/events HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            assert (await reader.readline()).startswith(b"HTTP/1.1 200")
+
+        try:
+            await asyncio.gather(*(one() for _ in range(streams)))  # all open at once
+            with httpx.Client(base_url=gateway.url, timeout=30) as c:
+                return full_collections(c)
+        finally:
+            for writer in writers:
+                writer.close()
+            await asyncio.gather(*(w.wait_closed() for w in writers), return_exceptions=True)
+
+    after = asyncio.run(hold_streams())
+    assert after == before
