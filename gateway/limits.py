@@ -28,13 +28,13 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        chunked = False
+        transfer_encoded = False
         for name, value in scope["headers"]:
             if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
                 await self._refuse(send)
                 return
-            chunked = chunked or name == b"transfer-encoding"
-        if not chunked:
+            transfer_encoded = transfer_encoded or name == b"transfer-encoding"
+        if not transfer_encoded:
             await self.app(scope, receive, send)
             return
         received = 0

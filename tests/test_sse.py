@@ -35,15 +35,25 @@ async def rest(stream: AsyncIterator[bytes]) -> list[tuple[int, str]]:
     return [sent(frame) async for frame in stream]
 
 
+async def subscribed_after_running(
+    table: TaskTable,
+) -> tuple[AsyncIterator[bytes], list[tuple[int, str]]]:
+    """A subscriber of a task queued at offset 0 that starts running at offset 1: its
+    stream, and what it was sent of those two (taken before `running` is applied, so
+    `running` comes live)."""
+    table.apply(0, event(EventType.QUEUED))
+    record = table.get("t1")
+    assert record is not None
+    stream = task_events(record, -1, 100)
+    got = [sent(await anext(stream))]  # the replay; it is subscribed from here on
+    table.apply(1, event(EventType.RUNNING, worker="w:1", attempt=1))
+    return stream, got
+
+
 def test_a_subscriber_that_keeps_up_is_sent_every_progress_report() -> None:
     async def scenario() -> list[tuple[int, str]]:
         table = TaskTable(10)
-        table.apply(0, event(EventType.QUEUED))
-        record = table.get("t1")
-        assert record is not None
-        stream = task_events(record, -1, 100)
-        got = [sent(await anext(stream))]  # the replay; it is subscribed from here on
-        table.apply(1, event(EventType.RUNNING, worker="w:1", attempt=1))
+        stream, got = await subscribed_after_running(table)
         got.append(sent(await anext(stream)))
         for offset in (2, 3, 4):
             table.apply(offset, event(EventType.PROGRESS, progress=offset / 10))
@@ -68,12 +78,7 @@ def test_a_subscriber_that_is_behind_skips_the_progress_reports_a_later_event_re
 
     async def scenario() -> list[tuple[int, str]]:
         table = TaskTable(10)
-        table.apply(0, event(EventType.QUEUED))
-        record = table.get("t1")
-        assert record is not None
-        stream = task_events(record, -1, 100)
-        got = [sent(await anext(stream))]
-        table.apply(1, event(EventType.RUNNING, worker="w:1", attempt=1))
+        stream, got = await subscribed_after_running(table)
         for offset in (2, 3, 4):  # three reports before the subscriber reads again
             table.apply(offset, event(EventType.PROGRESS, progress=offset / 10))
         got.append(sent(await anext(stream)))
