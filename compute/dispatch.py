@@ -100,7 +100,8 @@ class Puller:
         self._notices = dict.fromkeys(self.tasks, 0)  # a notice during a get outranks it
         self._next = 0  # where the round robin over the queues starts
         self._polled_at = -float("inf")
-        self._wake = asyncio.Event()  # a notice, a slot given back, a lease ended
+        self._wake = asyncio.Event()  # a notice, a slot given back, a lease ended, close
+        self._closing = False
         self.lease: Lease | None = None
         self._handoff: Handoff | None = None
         self.looked = asyncio.Event()  # every queue was looked at once
@@ -112,6 +113,14 @@ class Puller:
             self._notices[task] += 1
             self._wake.set()
 
+    def close(self) -> None:
+        """Makes `run` return at its next turn. Cancel it as well, to end a get in
+        flight: a cancel alone can be lost on Python 3.11, where asyncio.wait_for (aiormq
+        times its calls with it) returns the reply that arrives in the cancel's loop
+        turn instead of raising."""
+        self._closing = True
+        self._wake.set()
+
     @property
     def in_hand(self) -> int:
         """Messages handed over whose slot is not free again."""
@@ -120,11 +129,12 @@ class Puller:
 
     async def run(self, handoff: Handoff) -> None:
         """Hands each message taken to `handoff` with the credit of its slot; the
-        handler releases the credit when the slot is free again. Runs until cancelled."""
+        handler releases the credit when the slot is free again. Runs until `close`d
+        or cancelled."""
         self._handoff = handoff
         delay = 0.05
         try:
-            while True:
+            while not self._closing:
                 self._wake.clear()  # before looking, so that a notice during the gets counts
                 try:
                     await self._step()
@@ -166,8 +176,11 @@ class Puller:
 
     async def _until_poll(self) -> None:
         timeout = max(0.0, self._polled_at + self._poll_interval - self._clock())
+        # not asyncio.wait_for: on Python 3.11 it swallows a cancel that comes in the
+        # loop turn in which the wait ends, and the worker's shutdown never returned
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                await self._wake.wait()
 
     def _hand_over(self, task: str, message: AbstractIncomingMessage) -> None:
         """A message outside any lease: it takes a free slot of its own."""

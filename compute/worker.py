@@ -218,6 +218,8 @@ class Worker:
 
     async def _stop_consuming(self) -> None:
         if self._pulling is not None:
+            assert self.puller is not None
+            self.puller.close()
             self._pulling.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._pulling

@@ -367,3 +367,53 @@ async def test_leases_and_pulls_never_hold_more_than_the_slots(running, seed: in
         if not held:
             held.append(await taken.next())  # found by a poll
     assert taken.most_in_hand <= 3
+
+
+@pytest.mark.parametrize("lease", [False, True], ids=["pulling", "leasing"])
+async def test_a_cancel_that_meets_a_wake_up_still_stops_the_puller(lease: bool) -> None:
+    """A worker's shutdown cancels its puller; a notice or a slot given back in the same
+    loop turn must not swallow that cancel (asyncio.wait_for on Python 3.11 returns the
+    inner result instead of raising when both happen at once)."""
+    if lease:
+        queues, consumers, puller, taken = leasing(1, a=[], b=[])
+    else:
+        queues, puller, taken = Queues(a=[], b=[]), None, Taken()
+        puller = Puller(["a", "b"], queues.get, slots=1, poll_interval=60)
+    task = asyncio.create_task(puller.run(taken.handoff))  # type: ignore[arg-type]
+    await settle()
+    if lease:
+        publish(queues, consumers, puller, "a", 1)
+        await taken.next()
+        await settle()
+        assert puller.lease is not None
+    puller.notice("b")  # the idle puller's wait is over in this turn...
+    task.cancel()  # ...and so is its run
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, 2)
+
+
+async def test_close_stops_a_puller_whose_cancel_a_get_swallowed() -> None:
+    """aiormq times its calls with asyncio.wait_for, which on Python 3.11 returns a reply
+    that arrives in the same loop turn as a cancel instead of raising the cancel."""
+    replies: asyncio.Queue[asyncio.Future[FakeMessage | None]] = asyncio.Queue()
+
+    async def get(task: str) -> FakeMessage | None:
+        reply: asyncio.Future[FakeMessage | None] = asyncio.get_running_loop().create_future()
+        replies.put_nowait(reply)
+        try:
+            return await reply
+        except asyncio.CancelledError:
+            if not reply.done():
+                raise
+            return reply.result()  # as asyncio.wait_for does on 3.11: the reply wins
+
+    taken = Taken()
+    puller = Puller(["a", "b"], get, slots=1, poll_interval=60)
+    task = asyncio.create_task(puller.run(taken.handoff))  # type: ignore[arg-type]
+    reply = await asyncio.wait_for(replies.get(), 2)
+    reply.set_result(FakeMessage("a", 1, 0))
+    puller.close()
+    task.cancel()
+    await asyncio.wait({task}, timeout=2)
+    assert task.done()
+    assert (await taken.next())[:2] == ("a", 1)  # handed over: the worker hands it back
