@@ -25,7 +25,7 @@ from aio_pika.abc import (
 from compute import metrics, runner
 from compute.cancels import Remembered
 from compute.dispatch import Credit, Puller
-from compute.leasing import QueueConsumers
+from compute.leasing import Notices, QueueConsumers
 from compute.outcome import Disposition, Kind, Outcome, settle
 from compute.pool import Child, Pool
 from compute.settings import WorkerSettings
@@ -123,6 +123,7 @@ class Worker:
         self._events: AbstractChannel | None = None
         self._consumers: list[tuple[AbstractQueue, str]] = []
         self.puller: Puller | None = None
+        self._notices: Notices | None = None
         self._pulling: asyncio.Task[None] | None = None
 
     # -- lifecycle -------------------------------------------------------------------
@@ -175,7 +176,16 @@ class Worker:
             f"{self.topology.control_exchange}.{self.name}", exclusive=True, auto_delete=True
         )
         await queue.bind(exchange)
+        if self.pulls:  # work notices of the types it pulls; a consumer needs none
+            self._notices = Notices(queue, self.topology.work_exchange)
+            for task in self.tasks:
+                await self._notices.hear(task)
         await queue.consume(self._on_control, no_ack=True)
+
+    @property
+    def pulls(self) -> bool:
+        """A worker of several task types pulls them (compute/dispatch.py)."""
+        return len(self.tasks) > 1
 
     async def _consume_tasks(self) -> None:
         """One task queue: a consumer whose prefetch is the slot count, so the broker
@@ -195,7 +205,7 @@ class Worker:
             )
             presence = await channel.declare_queue(self.topology.workers_queue(task), passive=True)
             self._consumers.append((presence, await presence.consume(_ignore, no_ack=True)))
-        if len(queues) == 1:
+        if not self.pulls:
             [(task, queue)] = queues.items()
             tag = await queue.consume(functools.partial(self._on_task, task))
             self._consumers.append((queue, tag))
@@ -206,7 +216,10 @@ class Worker:
 
         leases = None
         if self.settings.lease_slots:
-            leases = QueueConsumers(channel, {t: self.topology.task_queue(t) for t in queues})
+            assert self._notices is not None
+            leases = QueueConsumers(
+                channel, {t: self.topology.task_queue(t) for t in queues}, self._notices
+            )
         self.puller = Puller(
             self.tasks,
             get,

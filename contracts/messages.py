@@ -12,7 +12,7 @@ DELIVERY_COUNT_HEADER = "x-delivery-count"  # set by quorum queues on redelivery
 PARK_REASON_HEADER = "x-park-reason"
 SYNC_TYPE = "timebox.sync"  # a gateway's own marker in the event stream
 EVENT_TYPE = "timebox.event"
-WORK_TYPE = "timebox.work"  # on the control exchange: a task message was just queued
+WORK_TYPE = "timebox.work"  # on the work exchange: a task message was just queued
 
 
 class CancelRequest(BaseModel):
@@ -26,8 +26,9 @@ class CancelRequest(BaseModel):
 
 
 class WorkNotice(BaseModel):
-    """Sent on the control exchange once a task message is confirmed in its queue, so
-    that idle workers that pull (see compute/dispatch.py) look there at once."""
+    """Sent on the work exchange (routing key: the task type) once a task message is
+    confirmed in its queue, so that idle workers that pull that type (see
+    compute/dispatch.py) look there at once."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 

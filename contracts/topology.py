@@ -69,6 +69,13 @@ class Topology:
     def control_exchange(self) -> str:
         return f"{self.namespace}.control"
 
+    @property
+    def work_exchange(self) -> str:
+        """Work notices (a task message was just queued), routed by task type to the
+        workers that pull that type: a worker binds its control queue once per type it
+        pulls, and not the type whose queue it is consuming."""
+        return f"{self.namespace}.work"
+
     def task_queue(self, task: str) -> str:
         return f"{self.namespace}.tasks.{task}"
 
@@ -97,6 +104,7 @@ class Topology:
             ExchangeDecl(self.tasks_exchange, "direct"),
             ExchangeDecl(self.dead_exchange, "fanout"),
             ExchangeDecl(self.control_exchange, "fanout"),
+            ExchangeDecl(self.work_exchange, "direct"),
             QueueDecl(self.dead_queue, {"x-queue-type": "quorum"}),
             BindingDecl(self.dead_queue, self.dead_exchange),
             QueueDecl(self.parked_queue, {"x-queue-type": "quorum"}),

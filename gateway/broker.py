@@ -69,7 +69,7 @@ class Broker:
         self._control_exchange = await self.channel.get_exchange(self.topology.control_exchange)
         # work notices need no confirm: a lost one costs a worker's poll interval
         notices = await self.connection.channel(publisher_confirms=False)
-        self._notices = await notices.get_exchange(self.topology.control_exchange)
+        self._notices = await notices.get_exchange(self.topology.work_exchange)
 
     async def close(self) -> None:
         if self.connection is not None:
@@ -178,7 +178,8 @@ class Broker:
                     type=WORK_TYPE,
                     delivery_mode=aio_pika.DeliveryMode.NOT_PERSISTENT,
                 ),
-                "",
+                task,
+                mandatory=False,  # no worker pulls this type (they consume it): nobody to tell
             )
         except Exception as exc:  # a lost notice costs a worker's poll interval
             log.debug("work notice for %s not sent: %r", task, exc)

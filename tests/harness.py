@@ -17,6 +17,7 @@ from pathlib import Path
 
 import aio_pika
 import httpx
+from pamqp.commands import Basic
 
 from compute.child import die_with_parent
 from contracts.declare import counts
@@ -244,6 +245,21 @@ def queue_counts(amqp_url: str, queue: str) -> tuple[int, int]:
             return await counts(await connection.channel(), queue)
 
     return asyncio.run(count())
+
+
+def notice_heard(amqp_url: str, namespace: str, task: str) -> bool:
+    """Whether a work notice for `task` would reach some worker: one that nobody hears
+    comes back to a mandatory publish. (The probe is itself a notice to those who do.)"""
+
+    async def probe() -> bool:
+        connection = await aio_pika.connect(amqp_url)
+        async with connection:
+            channel = await connection.channel(publisher_confirms=True)
+            exchange = await channel.get_exchange(f"{namespace}.work")
+            result = await exchange.publish(aio_pika.Message(b"{}"), task, mandatory=True)
+            return isinstance(result, Basic.Ack)
+
+    return asyncio.run(probe())
 
 
 def messages_ready(amqp_url: str, queue: str) -> int:

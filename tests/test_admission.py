@@ -9,7 +9,14 @@ import httpx
 import pytest
 
 from tests.conftest import Stack
-from tests.harness import messages_ready, queue_counts, task_events, wait_for_event, wait_until
+from tests.harness import (
+    messages_ready,
+    notice_heard,
+    queue_counts,
+    task_events,
+    wait_for_event,
+    wait_until,
+)
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -109,14 +116,33 @@ def test_an_idle_worker_of_several_types_consumes_the_only_queue_with_work(
             r = client.post(f"/v1/tasks/{task}", params={"wait": "true"}, json=SMALL_INPUTS[task])
             assert r.status_code == 200, r.text
 
+        assert notice_heard(amqp_url, stack.namespace, "echo")  # pulling: it hears them
         rpc("echo")
         # idle, nothing in hand: a consumer is there only if the slots are lent to it
         wait_until(lambda: queue_counts(amqp_url, echo) == (0, 1), 5, "a consumer on echo")
+        # its consumer gets every echo message: their notices would cost it CPU for nothing
+        wait_until(
+            lambda: not notice_heard(amqp_url, stack.namespace, "echo"), 5, "echo notices muted"
+        )
         rpc("echo")
         rpc("burn_cpu")  # another queue: the lease ends, burn_cpu is pulled
         wait_until(lambda: queue_counts(amqp_url, echo) == (0, 0), 5, "the echo lease ended")
+        assert notice_heard(amqp_url, stack.namespace, "echo")
         rpc("echo")
         wait_until(lambda: queue_counts(amqp_url, echo) == (0, 1), 5, "a new lease on echo")
+
+
+def test_work_notices_reach_only_the_workers_that_pull_that_type(make_stack, amqp_url) -> None:
+    """A worker of one type consumes its queue: it is told of no message; a worker of
+    several hears each of its types."""
+    stack: Stack = make_stack()
+    stack.gateway()
+    stack.worker(1, "--tasks", "echo")
+    assert not notice_heard(amqp_url, stack.namespace, "echo")
+    stack.worker(1, "--tasks", "echo,burn_cpu")
+    assert notice_heard(amqp_url, stack.namespace, "echo")
+    assert notice_heard(amqp_url, stack.namespace, "burn_cpu")
+    assert not notice_heard(amqp_url, stack.namespace, "count_primes")
 
 
 SMALL_INPUTS = {"burn_cpu": {"seconds": 0.05}, "echo": {"payload": "x"}}

@@ -1,6 +1,6 @@
 """A lease's consumer on the real broker: at most its prefetch, every delivery before its
 cancel passed on when the cancel returns, and its end noticed when the broker cancels it
-or its channel goes."""
+or its channel goes; the work notices of its queue muted while it lasts."""
 
 import asyncio
 import logging
@@ -9,28 +9,78 @@ from collections.abc import AsyncIterator
 
 import aio_pika
 import pytest
-from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractIncomingMessage,
+    AbstractQueue,
+    AbstractRobustConnection,
+)
+from pamqp.commands import Basic
 
-from compute.leasing import QueueConsumers
+from compute.leasing import Notices, QueueConsumers
 from contracts.amqp import connect
 
 pytestmark = pytest.mark.timeout(60)
 
 
 @pytest.fixture
-async def quorum_queue(amqp_url: str) -> AsyncIterator[tuple[AbstractChannel, str]]:
-    connection = await connect(
+async def connection(amqp_url: str) -> AsyncIterator[AbstractRobustConnection]:
+    robust = await connect(
         amqp_url, "test", heartbeat=10, reconnect_interval=1, log=logging.getLogger("test")
     )
-    async with connection:
-        channel = await connection.channel(publisher_confirms=True)
-        name = f"tbtest-lease-{uuid.uuid4().hex[:8]}"
-        await channel.declare_queue(name, durable=True, arguments={"x-queue-type": "quorum"})
-        try:
-            yield channel, name
-        finally:
-            other = await connection.channel()
-            await other.queue_delete(name, if_unused=False, if_empty=False)
+    async with robust:
+        yield robust
+
+
+@pytest.fixture
+async def quorum_queue(
+    connection: AbstractRobustConnection,
+) -> AsyncIterator[tuple[AbstractChannel, str]]:
+    channel = await connection.channel(publisher_confirms=True)
+    name = f"tbtest-lease-{uuid.uuid4().hex[:8]}"
+    await channel.declare_queue(name, durable=True, arguments={"x-queue-type": "quorum"})
+    try:
+        yield channel, name
+    finally:
+        other = await connection.channel()
+        await other.queue_delete(name, if_unused=False, if_empty=False)
+        await other.exchange_delete(f"{name}.work")
+
+
+class WatchedNotices(Notices):
+    """Sets `heard` each time a binding for notices goes through."""
+
+    def __init__(self, queue: AbstractQueue, exchange: str) -> None:
+        super().__init__(queue, exchange)
+        self.heard = asyncio.Event()
+
+    async def hear(self, task: str) -> None:
+        await super().hear(task)
+        self.heard.set()
+
+
+@pytest.fixture
+async def notices(
+    connection: AbstractRobustConnection, quorum_queue: tuple[AbstractChannel, str]
+) -> WatchedNotices:
+    """A worker's control queue, on a channel of its own, hearing the notices of "t"."""
+    _, name = quorum_queue
+    control = await connection.channel()
+    await control.declare_exchange(f"{name}.work", aio_pika.ExchangeType.DIRECT)
+    heard = WatchedNotices(await control.declare_queue(exclusive=True), f"{name}.work")
+    await heard.hear("t")
+    return heard
+
+
+async def routed(connection: AbstractRobustConnection, exchange: str, key: str) -> bool:
+    """Whether a notice published now reaches some queue (an unroutable one comes back)."""
+    channel = await connection.channel(publisher_confirms=True)
+    try:
+        target = await channel.get_exchange(exchange)
+        result = await target.publish(aio_pika.Message(b"{}"), key, mandatory=True)
+        return isinstance(result, Basic.Ack)
+    finally:
+        await channel.close()
 
 
 async def publish(channel: AbstractChannel, queue: str, count: int) -> None:
@@ -39,10 +89,10 @@ async def publish(channel: AbstractChannel, queue: str, count: int) -> None:
 
 
 async def test_every_delivery_before_the_cancel_is_passed_on_when_stop_returns(
-    quorum_queue: tuple[AbstractChannel, str],
+    quorum_queue: tuple[AbstractChannel, str], notices: Notices
 ) -> None:
     channel, name = quorum_queue
-    consumers = QueueConsumers(channel, {"t": name})
+    consumers = QueueConsumers(channel, {"t": name}, notices)
     for _ in range(20):  # an ack lets the broker send the next one just as the cancel goes
         await publish(channel, name, 3)
         got: list[AbstractIncomingMessage] = []
@@ -73,10 +123,10 @@ async def test_every_delivery_before_the_cancel_is_passed_on_when_stop_returns(
 
 
 async def test_a_consumer_the_broker_cancels_ends_its_lease(
-    quorum_queue: tuple[AbstractChannel, str], amqp_url: str
+    quorum_queue: tuple[AbstractChannel, str], notices: Notices, amqp_url: str
 ) -> None:
     channel, name = quorum_queue
-    consumers = QueueConsumers(channel, {"t": name})
+    consumers = QueueConsumers(channel, {"t": name}, notices)
     lost = asyncio.Event()
     tag = await consumers.start("t", 2, lambda message: None, lost.set)
     operator = await aio_pika.connect(amqp_url)
@@ -87,12 +137,45 @@ async def test_a_consumer_the_broker_cancels_ends_its_lease(
 
 
 async def test_a_consumer_whose_channel_closes_ends_its_lease(
-    quorum_queue: tuple[AbstractChannel, str],
+    quorum_queue: tuple[AbstractChannel, str], notices: Notices
 ) -> None:
     channel, name = quorum_queue
-    consumers = QueueConsumers(channel, {"t": name})
+    consumers = QueueConsumers(channel, {"t": name}, notices)
     lost = asyncio.Event()
     tag = await consumers.start("t", 2, lambda message: None, lost.set)
     await (await channel.get_underlay_channel()).close()
     await asyncio.wait_for(lost.wait(), 5)
     await consumers.stop(tag)
+
+
+async def test_a_lease_mutes_the_notices_of_its_queue_until_it_ends(
+    connection: AbstractRobustConnection,
+    quorum_queue: tuple[AbstractChannel, str],
+    notices: Notices,
+) -> None:
+    """Its consumer gets every message there: a notice would cost the worker CPU for
+    nothing. They are heard again before stop returns, i.e. before the puller looks."""
+    channel, name = quorum_queue
+    consumers = QueueConsumers(channel, {"t": name}, notices)
+    assert await routed(connection, f"{name}.work", "t")
+    tag = await consumers.start("t", 2, lambda message: None, lambda: None)
+    assert not await routed(connection, f"{name}.work", "t")
+    await consumers.stop(tag)
+    assert await routed(connection, f"{name}.work", "t")
+
+
+async def test_a_lease_whose_channel_closes_unmutes_its_notices(
+    connection: AbstractRobustConnection,
+    quorum_queue: tuple[AbstractChannel, str],
+    notices: WatchedNotices,
+) -> None:
+    channel, name = quorum_queue
+    consumers = QueueConsumers(channel, {"t": name}, notices)
+    lost = asyncio.Event()
+    await consumers.start("t", 2, lambda message: None, lost.set)
+    assert not await routed(connection, f"{name}.work", "t")
+    notices.heard.clear()
+    await (await channel.get_underlay_channel()).close()
+    await asyncio.wait_for(lost.wait(), 5)
+    await asyncio.wait_for(notices.heard.wait(), 5)  # bound again in the background
+    assert await routed(connection, f"{name}.work", "t")
