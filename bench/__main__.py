@@ -77,6 +77,7 @@ def report(results: dict[str, Any]) -> str:
                     f"{r['goodput_second_half_pct']}%",
                     r["refused_503"],
                     f"{r['wasted_cpu_pct']}%",
+                    "-" if r.get("worker_loop_cpu_pct") is None else f"{r['worker_loop_cpu_pct']}%",
                 ]
             )
     parts.append(
@@ -84,7 +85,17 @@ def report(results: dict[str, Any]) -> str:
             f"Overload: burn_cpu {overload.TASK_SECONDS} s, {overload.SLOTS} slots "
             f"(capacity {overload.CAPACITY:g}/s), deadline {overload.DEADLINE:g} s, "
             f"{o['parameters']['window_s']:g} s window",
-            ["system", "load", "sent", "on time", "goodput", "2nd half", "503", "wasted CPU"],
+            [
+                "system",
+                "load",
+                "sent",
+                "on time",
+                "goodput",
+                "2nd half",
+                "503",
+                "wasted CPU",
+                "of it, worker loop",
+            ],
             rows,
         )
     )

@@ -13,7 +13,7 @@ import aiohttp
 import httpx
 
 from bench.stack import Baseline, Stack
-from tests.harness import tree_cpu
+from tests.harness import own_cpu, tree_cpu
 
 TASK_SECONDS = 0.2
 SLOTS = 2
@@ -82,7 +82,10 @@ async def open_loop(target: Target, rate: float, window: float) -> list[Result]:
     return results
 
 
-def summarize(results: list[Result], window: float, cpu: float) -> dict[str, Any]:
+def summarize(
+    results: list[Result], window: float, cpu: float, root_cpu: float | None = None
+) -> dict[str, Any]:
+    """`root_cpu`: the worker process's own share of `cpu` (its loop), where it counts."""
     on_time = [r for r in results if r.status == 200 and r.latency <= DEADLINE]
     late_half = [r for r in on_time if r.sent_at >= window / 2]
     useful = sum(r.cpu or 0.0 for r in on_time)
@@ -99,14 +102,19 @@ def summarize(results: list[Result], window: float, cpu: float) -> dict[str, Any
         "tree_cpu_s": round(cpu, 2),
         "useful_cpu_s": round(useful, 2),
         "wasted_cpu_pct": round(100 * (cpu - useful) / cpu, 1) if cpu > 0 else 0.0,
+        "worker_loop_cpu_pct": (
+            round(100 * root_cpu / cpu, 1) if root_cpu is not None and cpu > 0 else None
+        ),
     }
 
 
 async def _measure(target: Target, rate: float, window: float, drain: float) -> dict[str, Any]:
-    before = tree_cpu(target.pid, target.include_root)
+    before, root_before = tree_cpu(target.pid, target.include_root), own_cpu(target.pid)
     results = await open_loop(target, rate, window)
     await asyncio.sleep(max(0.0, drain - DEADLINE))  # the same wall interval for everyone
-    return summarize(results, window, tree_cpu(target.pid, target.include_root) - before)
+    cpu = tree_cpu(target.pid, target.include_root) - before
+    root = own_cpu(target.pid) - root_before if target.include_root else None
+    return summarize(results, window, cpu, root)
 
 
 def run(window: float, drain: float, baseline_loads: tuple[int, ...] = MULTIPLES) -> dict[str, Any]:
