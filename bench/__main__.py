@@ -214,10 +214,12 @@ def main() -> None:
     q = args.quick
     sections = {
         "overload": lambda: overload.run(
-            window=3 if q else 15, drain=3, baseline_loads=(2, 4) if q else overload.MULTIPLES
+            window=3 if q else 15,
+            drain=2 if q else 3,
+            baseline_loads=(2, 4) if q else overload.MULTIPLES,
         ),
         "latency": lambda: latency.run(200 if q else 2000),
-        "throughput": lambda: throughput.run(600 if q else 5000, 2 if q else 10),
+        "throughput": lambda: throughput.run(300 if q else 5000, 1 if q else 10),
         "abort": lambda: abort.run(3 if q else 20),
         "fanout": lambda: fanout.run(1000 if q else 10_000),
     }
