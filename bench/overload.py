@@ -13,7 +13,8 @@ import aiohttp
 import httpx
 
 from bench.stack import Baseline, Stack
-from tests.harness import own_cpu, tree_cpu
+from compute.pool import cpu_seconds_of
+from tests.harness import tree_cpu
 
 TASK_SECONDS = 0.2
 SLOTS = 2
@@ -109,11 +110,14 @@ def summarize(
 
 
 async def _measure(target: Target, rate: float, window: float, drain: float) -> dict[str, Any]:
-    before, root_before = tree_cpu(target.pid, target.include_root), own_cpu(target.pid)
+    before, root_before = tree_cpu(target.pid, target.include_root), cpu_seconds_of(target.pid)
     results = await open_loop(target, rate, window)
     await asyncio.sleep(max(0.0, drain - DEADLINE))  # the same wall interval for everyone
     cpu = tree_cpu(target.pid, target.include_root) - before
-    root = own_cpu(target.pid) - root_before if target.include_root else None
+    root_after = cpu_seconds_of(target.pid)  # the worker's own loop, where it counts
+    root = None
+    if target.include_root and root_before is not None and root_after is not None:
+        root = root_after - root_before
     return summarize(results, window, cpu, root)
 
 

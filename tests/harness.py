@@ -178,12 +178,6 @@ def process_tree(pid: int) -> list[int]:
     return out
 
 
-def own_cpu(pid: int) -> float:
-    """CPU seconds of the process itself (user+system), its children left out."""
-    fields = _stat(pid)
-    return (int(fields[11]) + int(fields[12])) / TICK if fields is not None else 0.0
-
-
 def tree_cpu(root: int, include_root: bool = True) -> float:
     """CPU seconds of a process and all its descendants, dead ones included: a reaped
     child's time is in its parent's cutime/cstime, a live one's is read directly.
