@@ -3,8 +3,10 @@ forked by the worker's fork server (compute/forkserver.py) with the task code lo
 
 Protocol: the worker writes one JSON request a line on our stdin; we answer on a
 private copy of the original stdout with JSON lines: `ready` once, then for each
-request any number of `progress` and one `result`. The task's own prints go to
-stderr so they cannot corrupt the protocol.
+request any number of `progress` and one `result`. `ready` and every `result` carry
+`used`, the CPU seconds this process has used so far: the worker's baseline for the
+next task's CPU, should it have to kill it. The task's own prints go to stderr so
+they cannot corrupt the protocol.
 """
 
 from __future__ import annotations
@@ -114,15 +116,16 @@ def serve(parent: int) -> NoReturn:
         os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
         signal.signal(signal.SIGTERM, _on_sigterm)
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the worker, which decides
-        _write(out, {"kind": "ready", "pid": os.getpid()})
+        _write(out, {"kind": "ready", "pid": os.getpid(), "used": time.process_time()})
         for line in sys.stdin:
             try:
                 request = json.loads(line)
             except json.JSONDecodeError as exc:
                 error = {"type": "ProtocolError", "message": str(exc)}
-                _write(out, {"kind": "result", "ok": False, "error": error})
-                continue
-            _write(out, _run(request, out))
+                answer: dict[str, Any] = {"kind": "result", "ok": False, "error": error}
+            else:
+                answer = _run(request, out)
+            _write(out, answer | {"used": time.process_time()})
     except Terminated:
         os._exit(143)
     except BrokenPipeError:  # the worker closed our pipes (its pool closing): nobody to tell

@@ -4,10 +4,11 @@ caller cancels. Never touches the broker."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
+from asyncio import FIRST_COMPLETED
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from compute.context import PROGRESS_INTERVAL
 from compute.outcome import Kind, Outcome
@@ -29,15 +30,22 @@ class Job:
     input_json: str
     deadline: Deadline
     stop_at: float  # epoch seconds: deadline minus reply margin and skew
-    cancelled: asyncio.Event = field(default_factory=asyncio.Event)
+    # a future, not an Event: waiting on it next to the child's answer takes no task
+    cancelled: asyncio.Future[None] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
     finished: asyncio.Event = field(default_factory=asyncio.Event)
     announced: asyncio.Future[None] | None = None  # the `running` event, being confirmed
     progress_interval: float = PROGRESS_INTERVAL
 
+    def cancel(self) -> None:
+        if not self.cancelled.done():
+            self.cancelled.set_result(None)
+
 
 async def run(child: Child, job: Job, on_progress: OnProgress, kill_grace: float) -> Outcome:
     started = time.time()
-    cpu0 = child.cpu()
+    cpu0 = child.used  # what a kill or crash subtracts from the CPU it reads then
     await child.send(
         {
             "task": job.task,
@@ -47,18 +55,16 @@ async def run(child: Child, job: Job, on_progress: OnProgress, kill_grace: float
             "progress_interval": job.progress_interval,
         }
     )
-    cancel_wait = asyncio.ensure_future(job.cancelled.wait())
     ended = False
     try:
         while True:
             receive = asyncio.ensure_future(child.receive())
+            waits: set[asyncio.Future[Any]] = {receive, job.cancelled}
             timeout = max(0.0, job.stop_at - time.time())
-            done, _ = await asyncio.wait(
-                {receive, cancel_wait}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
-            )
+            done, _ = await asyncio.wait(waits, timeout=timeout, return_when=FIRST_COMPLETED)
             if receive not in done:
                 receive.cancel()
-                kind = Kind.CANCELLED if cancel_wait in done else Kind.ABORTED
+                kind = Kind.CANCELLED if job.cancelled in done else Kind.ABORTED
                 ended = True
                 return await _kill(child, job, kind, started, cpu0, kill_grace)
             message = receive.result()
@@ -90,9 +96,6 @@ async def run(child: Child, job: Job, on_progress: OnProgress, kill_grace: float
     finally:
         if not ended:
             child.discard()  # interrupted mid-task: its answer would reach the next one
-        cancel_wait.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await cancel_wait
 
 
 async def _kill(

@@ -13,6 +13,7 @@ import os
 import socket
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import aio_pika
 from aio_pika.abc import (
@@ -272,7 +273,7 @@ class Worker:
         self.cancels.add(request.task_id, request.deadline_ms, request)
         job = self.jobs.get(request.task_id)
         if job is not None:
-            job.cancelled.set()
+            job.cancel()
 
     # -- tasks -----------------------------------------------------------------------
 
@@ -385,24 +386,25 @@ class Worker:
 
     async def _slot_for(self, job: runner.Job) -> Child | None:
         """A free child, or None if the job was cancelled or hit its stop time first."""
-        acquire = asyncio.ensure_future(self.pool.acquire())
-        cancelled = asyncio.ensure_future(job.cancelled.wait())
-        try:
-            await asyncio.wait(
-                {acquire, cancelled},
-                timeout=max(0.0, job.stop_at - time.time()),
-                return_when=asyncio.FIRST_COMPLETED,
-            )
-        finally:
-            cancelled.cancel()
-            if not acquire.done():
-                acquire.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await acquire
-        if acquire.cancelled():
-            return None
-        child = acquire.result()
-        if job.cancelled.is_set() or time.time() >= job.stop_at:
+        child = self.pool.try_acquire()
+        if child is None:
+            acquire = asyncio.ensure_future(self.pool.acquire())
+            waits: set[asyncio.Future[Any]] = {acquire, job.cancelled}
+            try:
+                await asyncio.wait(
+                    waits,
+                    timeout=max(0.0, job.stop_at - time.time()),
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+            finally:
+                if not acquire.done():
+                    acquire.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await acquire
+            if acquire.cancelled():
+                return None
+            child = acquire.result()
+        if job.cancelled.done() or time.time() >= job.stop_at:
             self.pool.release(child)
             return None
         return child

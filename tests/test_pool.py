@@ -11,7 +11,10 @@ import time
 
 import pytest
 
+from compute import runner
+from compute.outcome import Kind
 from compute.pool import Pool
+from contracts.deadline import Deadline
 from tests.harness import alive
 
 pytestmark = pytest.mark.timeout(30)
@@ -105,3 +108,42 @@ async def test_closing_the_pool_while_it_replaces_a_child_leaves_no_pipe_open() 
             await asyncio.sleep(0)
         gc.collect()  # an unclosed transport warns here, in this test
         assert open_fds() == before, f"pipes left open after {turns} turns"
+
+
+def job(task: str, input_json: str, stop_in: float) -> runner.Job:
+    return runner.Job(
+        task=task,
+        task_id="t",
+        input_json=input_json,
+        deadline=Deadline(int((time.time() + 30) * 1000)),
+        stop_at=time.time() + stop_in,
+    )
+
+
+async def nothing(fraction: float, text: str | None) -> None:
+    pass
+
+
+async def test_a_killed_task_is_charged_its_own_cpu_not_its_childs_earlier_tasks(
+    pool: Pool,
+) -> None:
+    child = await pool.acquire()
+    done = await runner.run(child, job("burn_cpu", '{"seconds": 0.4}', 30), nothing, 0.2)
+    assert done.kind is Kind.SUCCEEDED
+    assert child.used >= 0.4  # the child says how much it has used, with each answer
+    killed = await runner.run(child, job("burn_cpu", '{"seconds": 30}', 0.3), nothing, 0.2)
+    assert killed.kind is Kind.ABORTED
+    assert 0 < killed.cpu_seconds < 0.38  # its 0.3 s at most, not with the earlier 0.4 s
+    pool.release(child)
+
+
+async def test_an_idle_child_goes_to_whoever_waited_first(pool: Pool) -> None:
+    child = pool.try_acquire()
+    assert child is not None
+    assert pool.try_acquire() is None  # the only one is taken
+    waiting = asyncio.ensure_future(pool.acquire())
+    await asyncio.sleep(0)  # it is waiting now
+    pool.release(child)
+    assert pool.try_acquire() is None  # given back, but promised to the one waiting
+    assert await asyncio.wait_for(waiting, 5) is child
+    pool.release(child)
