@@ -46,25 +46,32 @@ class DrainRate:
     (its slot was refilled at once, so every slot stayed busy until the second): time
     when the queue was empty says nothing of how fast it drains."""
 
-    def __init__(self, window: float = 10.0, min_intervals: int = 10) -> None:
+    def __init__(self, window: float = 10.0, min_intervals: int = 10, keep: int = 500) -> None:
         self.window = window
         self.min_intervals = min_intervals
+        self.keep = keep
         self._busy_since: float | None = None  # the last end, if work was waiting then
-        self._intervals: deque[tuple[float, float]] = deque(maxlen=500)  # (end, seconds)
+        self._intervals: deque[tuple[float, float]] = deque()  # (end, seconds), oldest first
+        self._busy = 0.0  # the sum of their seconds: every request asks, none re-adds
 
     def add(self, at: float, waiting: bool) -> None:
         """A running task ended at `at`; `waiting`: others of its type were queued."""
         if self._busy_since is not None and at >= self._busy_since:
             self._intervals.append((at, at - self._busy_since))
+            self._busy += at - self._busy_since
+            if len(self._intervals) > self.keep:
+                self._busy -= self._intervals.popleft()[1]
         self._busy_since = at if waiting else None
 
     def per_second(self, now: float) -> float | None:
         """Tasks ended per second while busy, over the window; None with too few."""
-        recent = [seconds for end, seconds in self._intervals if end >= now - self.window]
-        busy = sum(recent)
-        if len(recent) < self.min_intervals or busy <= 0:
+        while self._intervals and self._intervals[0][0] < now - self.window:
+            self._busy -= self._intervals.popleft()[1]
+        if not self._intervals:
+            self._busy = 0.0  # no rounding left over from the sums
+        if len(self._intervals) < self.min_intervals or self._busy <= 0:
             return None
-        return len(recent) / busy
+        return len(self._intervals) / self._busy
 
 
 @dataclass

@@ -400,3 +400,25 @@ def test_the_drain_rate_counts_only_the_time_the_slots_were_busy() -> None:
             rate.add(start + 0.1 * i, waiting=i < 4)  # the burst's last end: queue empty
     assert rate.per_second(now) == pytest.approx(10.0)
     assert rate.per_second(now + 60) is None  # nothing recent
+
+
+def test_the_drain_rate_follows_a_change_of_pace_and_keeps_a_bounded_history() -> None:
+    """Asked on every request: it forgets the ends that left its window (and the
+    oldest beyond what it keeps) as it goes, and its figure is the recent pace."""
+    from gateway.admission import DrainRate
+
+    rate = DrainRate(window=10, min_intervals=10, keep=50)
+    at = 1000.0
+    for _ in range(600):  # 20 ends a second for 30 s: more than it keeps
+        at += 0.05
+        rate.add(at, waiting=True)
+        assert rate.per_second(at) in (None, pytest.approx(20.0))
+    assert rate.per_second(at) == pytest.approx(20.0)
+    for _ in range(60):  # then 4 a second for 15 s: the window holds only those
+        at += 0.25
+        rate.add(at, waiting=True)
+        rate.per_second(at)
+    assert rate.per_second(at) == pytest.approx(4.0)
+    assert rate.per_second(at + 11) is None  # nothing recent
+    rate.add(at + 11, waiting=True)
+    assert rate.per_second(at + 11) is None  # one end after a gap says nothing yet
