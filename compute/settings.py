@@ -30,7 +30,7 @@ class WorkerSettings(CommonSettings):
     )
     start_only_if_finishable: bool = Field(
         default=True,
-        description="do not start a task whose time left is below the run time 9 in 10 "
+        description="do not start a task whose time left is below the run time 99 in 100 "
         "tasks of its type (per unit of cost) stayed under here, once enough have finished "
         "to trust the estimate",
     )

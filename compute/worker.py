@@ -312,7 +312,7 @@ class Worker:
         margin = self.settings.reply_margin + self.settings.clock_skew
         if delivery.deadline.expired(margin):
             return Outcome(Kind.EXPIRED, reason="deadline passed before start")
-        # the 90th percentile: a task started with less time left than it likely needs
+        # the 99th percentile: a task started with less time left than it likely needs
         # would more often than not burn CPU until its abort; not starting it costs none
         expected = self.runtimes[delivery.task].expect(delivery.cost, q=LIKELY)
         left = delivery.deadline.remaining() - margin

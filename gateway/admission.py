@@ -90,7 +90,7 @@ class Estimate:
     parallelism: float
     wait: float | None
     run: float | None  # the median run time of this input
-    likely_run: float | None  # the run time 9 in 10 runs stay under: what workers start by
+    likely_run: float | None  # the run time 99 in 100 runs stay under: what workers start by
 
     def as_dict(self) -> dict[str, Any]:
         def rounded(value: float | None) -> float | None:
@@ -102,7 +102,7 @@ class Estimate:
             "parallel_slots": self.parallelism,
             "estimated_wait": rounded(self.wait),
             "estimated_run": rounded(self.run),
-            "estimated_run_p90": rounded(self.likely_run),
+            "estimated_run_p99": rounded(self.likely_run),
         }
 
 
