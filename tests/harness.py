@@ -21,6 +21,7 @@ from pamqp.commands import Basic
 
 from compute.child import die_with_parent
 from contracts.declare import counts
+from contracts.topology import Topology
 
 
 def free_port() -> int:
@@ -255,7 +256,7 @@ def notice_heard(amqp_url: str, namespace: str, task: str) -> bool:
         connection = await aio_pika.connect(amqp_url)
         async with connection:
             channel = await connection.channel(publisher_confirms=True)
-            exchange = await channel.get_exchange(f"{namespace}.work")
+            exchange = await channel.get_exchange(Topology(namespace=namespace).work_exchange)
             result = await exchange.publish(aio_pika.Message(b"{}"), task, mandatory=True)
             return isinstance(result, Basic.Ack)
 
