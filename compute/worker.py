@@ -12,6 +12,7 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +31,7 @@ from compute.leasing import Notices, QueueConsumers
 from compute.outcome import Disposition, Kind, Outcome, settle
 from compute.pool import Child, Pool
 from compute.settings import WorkerSettings
-from contracts.amqp import connect
+from contracts.amqp import connect, publish_event
 from contracts.background import Background
 from contracts.deadline import DEADLINE_HEADER, Deadline
 from contracts.declare import counts, declare
@@ -38,10 +39,8 @@ from contracts.errors import InvalidTimeout
 from contracts.estimates import LIKELY, RunTimes
 from contracts.events import EventType, TaskEvent
 from contracts.messages import (
-    CONTENT_TYPE,
     COST_HEADER,
     DELIVERY_COUNT_HEADER,
-    EVENT_TYPE,
     OWNER_HEADER,
     PARK_REASON_HEADER,
     WORK_TYPE,
@@ -514,38 +513,31 @@ class Worker:
             owner=delivery.owner,
             **fields,
         )
-        await self._publish(
-            aio_pika.Message(
-                event.model_dump_json(exclude_none=True).encode(),
-                content_type=CONTENT_TYPE,
-                type=EVENT_TYPE,
-                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            ),
-            self.topology.events_stream,
-        )
+        assert self._events is not None
+        events, stream = self._events, self.topology.events_stream
+        await self._publish(lambda: publish_event(events, stream, event, confirm_within=5), stream)
 
     async def _park(self, message: AbstractIncomingMessage, reason: str) -> None:
         headers = dict(message.headers or {})
         headers[PARK_REASON_HEADER] = reason[:1000]
-        await self._publish(
-            aio_pika.Message(
-                message.body,
-                headers=headers,
-                content_type=message.content_type,
-                message_id=message.message_id,
-                type=message.type,
-                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            ),
-            self.topology.parked_queue,
+        parked = aio_pika.Message(
+            message.body,
+            headers=headers,
+            content_type=message.content_type,
+            message_id=message.message_id,
+            type=message.type,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
         )
-
-    async def _publish(self, message: aio_pika.Message, routing_key: str) -> None:
-        """Publishes with a confirm, retrying across reconnects: an outcome is never dropped."""
         assert self._events is not None
+        exchange, queue = self._events.default_exchange, self.topology.parked_queue
+        await self._publish(lambda: exchange.publish(parked, queue, timeout=5), queue)
+
+    async def _publish(self, publish: Callable[[], Awaitable[object]], routing_key: str) -> None:
+        """Publishes with a confirm, retrying across reconnects: an outcome is never dropped."""
         delay = 0.05
         while True:
             try:
-                await self._events.default_exchange.publish(message, routing_key, timeout=5)
+                await publish()
                 return
             except Exception as exc:
                 log.warning("publish to %s failed (%s); retrying", routing_key, exc)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from collections.abc import Awaitable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -17,7 +18,7 @@ from aio_pika.abc import (
 )
 from aiormq.exceptions import DeliveryError, PublishError
 
-from contracts.amqp import connect
+from contracts.amqp import connect, publish_event
 from contracts.background import Background
 from contracts.deadline import Deadline
 from contracts.declare import declare
@@ -26,7 +27,6 @@ from contracts.events import TaskEvent
 from contracts.messages import (
     CONTENT_TYPE,
     COST_HEADER,
-    EVENT_TYPE,
     OWNER_HEADER,
     PARK_REASON_HEADER,
     SYNC_TYPE,
@@ -89,8 +89,15 @@ class Broker:
     ) -> None:
         if exchange is None or not self.connected:
             raise BrokerUnavailable("not connected to RabbitMQ; retry shortly", retry_after=2)
+        await self._confirmed(
+            exchange.publish(message, routing_key, timeout=self.settings.publish_timeout),
+            routing_key,
+        )
+
+    async def _confirmed(self, publishing: Awaitable[object], routing_key: str) -> None:
+        """Awaits a publish, its failures told as the HTTP errors they mean."""
         try:
-            await exchange.publish(message, routing_key, timeout=self.settings.publish_timeout)
+            await publishing
         except PublishError as exc:
             raise BrokerUnavailable(f"the broker could not route the message: {exc}") from exc
         except DeliveryError as exc:
@@ -103,16 +110,11 @@ class Broker:
             raise BrokerUnavailable(f"RabbitMQ error: {exc!r}", retry_after=2) from exc
 
     async def publish_event(self, event: TaskEvent) -> None:
-        assert self.channel is not None
-        await self._publish(
-            self.channel.default_exchange,
-            aio_pika.Message(
-                event.model_dump_json(exclude_none=True).encode(),
-                content_type=CONTENT_TYPE,
-                type=EVENT_TYPE,
-                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            ),
-            self.topology.events_stream,
+        if self.channel is None or not self.connected:
+            raise BrokerUnavailable("not connected to RabbitMQ; retry shortly", retry_after=2)
+        stream, within = self.topology.events_stream, self.settings.publish_timeout
+        await self._confirmed(
+            publish_event(self.channel, stream, event, confirm_within=within), stream
         )
 
     async def publish_sync_marker(self) -> None:

@@ -6,8 +6,11 @@ import uuid
 
 import aio_pika
 import pytest
+from aiormq.exceptions import ChannelInvalidStateError, DeliveryError
 
-from contracts.amqp import CoalescingWriter, connect
+from contracts.amqp import CoalescingWriter, connect, publish_event
+from contracts.events import EventType, TaskEvent
+from contracts.messages import CONTENT_TYPE, EVENT_TYPE
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -77,3 +80,35 @@ async def test_many_publishes_in_one_turn_arrive_whole_and_in_order(amqp_url: st
                 if len(got) == len(bodies):
                     break
         assert got == bodies
+
+
+async def test_an_event_goes_out_confirmed_with_its_properties_and_a_refusal_raises(
+    amqp_url: str,
+) -> None:
+    connection = await connect(
+        amqp_url, "test", heartbeat=10, reconnect_interval=1, log=logging.getLogger("test")
+    )
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        name = f"tbtest-amqp-{uuid.uuid4().hex[:8]}"
+        queue = await channel.declare_queue(name, exclusive=True)
+        event = TaskEvent(type=EventType.RUNNING, task_id="t1", task="echo", worker="w")
+        await publish_event(channel, queue.name, event, confirm_within=5)
+        message = await queue.get(timeout=5)
+        assert TaskEvent.model_validate_json(message.body) == event
+        assert (message.content_type, message.type) == (CONTENT_TYPE, EVENT_TYPE)
+        assert message.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
+
+        full = await channel.declare_queue(
+            f"{name}-full",
+            exclusive=True,
+            arguments={"x-max-length": 0, "x-overflow": "reject-publish"},
+        )
+        with pytest.raises(DeliveryError):  # the broker's nack
+            await publish_event(channel, full.name, event, confirm_within=5)
+
+        await channel.close()
+        with pytest.raises(ChannelInvalidStateError):  # at once, not at the timeout
+            await asyncio.wait_for(
+                publish_event(channel, queue.name, event, confirm_within=60), timeout=2
+            )
