@@ -122,25 +122,47 @@ async def connect(
     return connection
 
 
-async def publish_event(
-    channel: AbstractChannel, stream: str, event: TaskEvent, *, confirm_within: float
+async def publish(
+    channel: AbstractChannel,
+    body: bytes,
+    properties: aiormq.spec.Basic.Properties,
+    *,
+    exchange: str = "",
+    routing_key: str,
+    mandatory: bool = False,
+    confirm_within: float,
 ) -> ConfirmationFrameType | None:
-    """Appends `event` to the events stream and waits for the broker's confirm.
-
-    Straight through aiormq's channel under `channel`: an aio_pika.Message costs about
-    twenty attribute sets, each behind a lock check, for the three properties an event
-    has, and events are two of the three messages a task costs a worker. As through
-    aio-pika, a closed channel raises at once and a nack raises DeliveryError."""
+    """Publishes and waits for the broker's confirm, straight through aiormq's channel
+    under `channel`: an aio_pika.Message costs about twenty attribute sets, each behind
+    a lock check, and a task costs a worker two messages out and the gateway two more.
+    As through aio-pika, a closed channel raises at once, a nack raises DeliveryError
+    and an unroutable `mandatory` message PublishError (when the channel was opened
+    with `on_return_raises`)."""
     if channel.is_closed:
         raise ChannelInvalidStateError(f"{channel!r} closed")
     async with asyncio.timeout(confirm_within):  # a robust channel waits for a reconnect
         raw = await channel.get_underlay_channel()
         assert isinstance(raw, aiormq.Channel)  # the abstract one does not declare `wait`
         return await raw.basic_publish(
-            event.model_dump_json(exclude_none=True).encode(),
-            routing_key=stream,
-            properties=aiormq.spec.Basic.Properties(
-                content_type=CONTENT_TYPE, message_type=EVENT_TYPE, delivery_mode=PERSISTENT
-            ),
+            body,
+            exchange=exchange,
+            routing_key=routing_key,
+            properties=properties,
+            mandatory=mandatory,
             wait=False,  # the confirm comes after the frames are written: no drain to wait for
         )
+
+
+async def publish_event(
+    channel: AbstractChannel, stream: str, event: TaskEvent, *, confirm_within: float
+) -> ConfirmationFrameType | None:
+    """Appends `event` to the events stream, confirmed."""
+    return await publish(
+        channel,
+        event.model_dump_json(exclude_none=True).encode(),
+        aiormq.spec.Basic.Properties(
+            content_type=CONTENT_TYPE, message_type=EVENT_TYPE, delivery_mode=PERSISTENT
+        ),
+        routing_key=stream,
+        confirm_within=confirm_within,
+    )

@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import aio_pika
+import aiormq
 from aio_pika.abc import (
     AbstractChannel,
     AbstractExchange,
@@ -18,7 +19,7 @@ from aio_pika.abc import (
 )
 from aiormq.exceptions import DeliveryError, PublishError
 
-from contracts.amqp import connect, publish_event
+from contracts.amqp import PERSISTENT, connect, publish, publish_event
 from contracts.background import Background
 from contracts.deadline import Deadline
 from contracts.declare import declare
@@ -49,7 +50,6 @@ class Broker:
         self.instance = uuid.uuid4().hex
         self.connection: AbstractRobustConnection | None = None
         self.channel: AbstractChannel | None = None
-        self._tasks_exchange: AbstractExchange | None = None
         self._control_exchange: AbstractExchange | None = None
         self._notices: AbstractExchange | None = None
         self._to_notify: set[str] = set()
@@ -65,7 +65,6 @@ class Broker:
         )
         self.channel = await self.connection.channel(publisher_confirms=True, on_return_raises=True)
         await declare(self.channel, self.topology, self.specs)
-        self._tasks_exchange = await self.channel.get_exchange(self.topology.tasks_exchange)
         self._control_exchange = await self.channel.get_exchange(self.topology.control_exchange)
         # work notices need no confirm: a lost one costs a worker's poll interval
         notices = await self.connection.channel(publisher_confirms=False)
@@ -140,17 +139,26 @@ class Broker:
             headers[OWNER_HEADER] = owner
         if cost is not None:
             headers[COST_HEADER] = cost
-        await self._publish(
-            self._tasks_exchange,
-            aio_pika.Message(
+        if self.channel is None or not self.connected:
+            raise BrokerUnavailable("not connected to RabbitMQ; retry shortly", retry_after=2)
+        properties = aiormq.spec.Basic.Properties(
+            content_type=CONTENT_TYPE,
+            delivery_mode=PERSISTENT,
+            headers=headers,
+            message_id=task_id,
+            message_type=task,
+            expiration=str(deadline.ttl_ms()),
+            timestamp=datetime.now(UTC),
+        )
+        await self._confirmed(
+            publish(
+                self.channel,
                 body,
-                message_id=task_id,
-                type=task,
-                content_type=CONTENT_TYPE,
-                expiration=deadline.ttl_ms() / 1000,
-                timestamp=datetime.now(UTC),
-                headers=headers,
-                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                properties,
+                exchange=self.topology.tasks_exchange,
+                routing_key=task,
+                mandatory=True,  # no queue for the task type: refused, not dropped
+                confirm_within=self.settings.publish_timeout,
             ),
             task,
         )

@@ -1,10 +1,13 @@
 """A task goes gateway → RabbitMQ → worker child → event stream → 202 / RPC / SSE."""
 
+import asyncio
 import itertools
 import json
 import os
+import time
 from datetime import datetime
 
+import aio_pika
 import httpx
 import pytest
 from httpx_sse import connect_sse
@@ -176,3 +179,39 @@ def test_a_second_gateway_serves_a_task_submitted_through_the_first(make_stack) 
         status = c.get(f"/v1/tasks/{task_id}").json()
         assert status["state"] == "succeeded"
         assert [e.id for e in events_of(c, task_id)] == [e.id for e in events]
+
+
+def test_a_task_message_carries_the_properties_the_design_lists(make_stack) -> None:
+    stack: Stack = make_stack()
+    stack.gateway()  # no worker: the message stays in its queue to be read
+    with stack.client() as c:
+        before = time.time()
+        response = c.post("/v1/tasks/echo", json={"payload": 1}, headers={"Request-Timeout": "30"})
+    assert response.status_code == 202
+    status = response.json()
+
+    async def take() -> aio_pika.abc.AbstractIncomingMessage:
+        connection = await aio_pika.connect(stack.amqp_url)
+        async with connection:
+            channel = await connection.channel()
+            queue = await channel.get_queue(f"{stack.namespace}.tasks.echo", ensure=False)
+            message = await queue.get(timeout=5)
+            await message.nack(requeue=True)
+            return message
+
+    message = asyncio.run(take())
+    deadline_ms = int(datetime.fromisoformat(status["deadline"]).timestamp() * 1000)
+    assert message.message_id == status["id"]
+    assert message.type == "echo"
+    assert message.content_type == "application/json"
+    assert message.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
+    assert json.loads(message.body) == {"payload": 1}
+    assert message.headers is not None
+    assert message.headers["x-deadline"] == deadline_ms
+    assert datetime.fromisoformat(str(message.headers["x-deadline-iso"])).timestamp() == (
+        deadline_ms / 1000
+    )
+    assert message.expiration is not None
+    assert 25 < message.expiration <= 30  # seconds left when it was published
+    assert message.timestamp is not None
+    assert before - 1 <= message.timestamp.timestamp() <= time.time()
