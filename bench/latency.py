@@ -12,6 +12,7 @@ from typing import Any
 
 import aio_pika
 import httpx
+from pamqp.common import FieldTable
 
 from bench.stack import AMQP_URL, Baseline, Stack
 
@@ -50,7 +51,9 @@ async def _amqp_round_trips(n: int, queue_type: str) -> list[float]:
             got.put_nowait(time.perf_counter())
             await message.ack()
 
-        arguments = {"x-stream-offset": "next"} if queue_type == "stream" else None
+        arguments: FieldTable | None = (
+            {"x-stream-offset": "next"} if queue_type == "stream" else None
+        )
         tag = await queue.consume(on_message, arguments=arguments)
         samples = []
         for _ in range(n):
