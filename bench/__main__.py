@@ -127,6 +127,13 @@ def report(results: dict[str, Any]) -> str:
                     f"{t['echo_rpc']['calls_per_s']}/s",
                 ],
                 [
+                    "CPU per RPC: gateway / worker and children / RabbitMQ / load generator",
+                    " / ".join(
+                        "-" if v is None else f"{v} ms"
+                        for v in t["echo_rpc"]["cpu_ms_per_call"].values()
+                    ),
+                ],
+                [
                     "echo RPC, the same, a worker that only pulls",
                     f"{t['echo_rpc_pulling']['calls_per_s']}/s",
                 ],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -12,8 +13,11 @@ import time
 import uuid
 from pathlib import Path
 
+from yarl import URL
+
+from compute.pool import cpu_seconds_of
 from tests.conftest import delete_namespace
-from tests.harness import Gateway, Proc, Worker, free_port
+from tests.harness import Gateway, Proc, Worker, free_port, tree_cpu
 
 AMQP_URL = os.environ.get("TIMEBOX_BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 
@@ -24,6 +28,54 @@ def rss_bytes(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
     return 0
+
+
+def broker_pid() -> int | None:
+    """The local RabbitMQ's Erlang VM, when the benchmarks' broker is on this machine."""
+    if URL(AMQP_URL).host not in ("127.0.0.1", "localhost", "::1"):
+        return None
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/comm") as f:
+                if entry.isdigit() and f.read().strip() == "beam.smp":
+                    return int(entry)
+        except OSError:
+            continue
+    return None
+
+
+class CpuMeter:
+    """CPU seconds spent by the processes of one measurement, read from /proc before
+    and after: the gateway, the worker with its children, RabbitMQ (when local) and
+    this process, the load generator."""
+
+    def __init__(self, gateway: Gateway, worker: Worker) -> None:
+        self._readers = {
+            "gateway": lambda: cpu_seconds_of(gateway.pid),
+            "worker_with_children": lambda: tree_cpu(worker.pid, include_root=True),
+            "rabbitmq": (lambda: cpu_seconds_of(pid)) if (pid := broker_pid()) else None,
+            "load_generator": _own_cpu,
+        }
+        self._start: dict[str, float | None] = {}
+
+    def start(self) -> None:
+        self._start = {k: read() if read else None for k, read in self._readers.items()}
+
+    def ms_per(self, n: float) -> dict[str, float | None]:
+        """Milliseconds of CPU each process spent since start(), per one of n operations."""
+        out: dict[str, float | None] = {}
+        for k, read in self._readers.items():
+            before, after = self._start.get(k), read() if read else None
+            if before is None or after is None or n <= 0:
+                out[k] = None
+            else:
+                out[k] = round(1000 * (after - before) / n, 2)
+        return out
+
+
+def _own_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 class Stack:

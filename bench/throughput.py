@@ -17,7 +17,7 @@ from typing import Any
 import aio_pika
 import aiohttp
 
-from bench.stack import AMQP_URL, Baseline, Stack
+from bench.stack import AMQP_URL, Baseline, CpuMeter, Stack
 
 IN_FLIGHT = 64
 
@@ -84,8 +84,11 @@ async def _end_to_end(url: str, namespace: str, n: int) -> dict[str, Any]:
     }
 
 
-async def _calls_per_s(url: str, seconds: float, method: str, path: str) -> dict[str, Any]:
-    """Closed loop: IN_FLIGHT callers, each sending its next request when the last ends."""
+async def _calls_per_s(
+    url: str, seconds: float, method: str, path: str, meter: CpuMeter | None = None
+) -> dict[str, Any]:
+    """Closed loop: IN_FLIGHT callers, each sending its next request when the last ends.
+    With a meter: the CPU each process spent per call."""
     count = 0
     body = {"payload": 1} if method == "POST" else None
     connector = aiohttp.TCPConnector(limit=IN_FLIGHT)
@@ -100,14 +103,19 @@ async def _calls_per_s(url: str, seconds: float, method: str, path: str) -> dict
                     if r.status == 200:
                         count += 1
 
+        if meter is not None:
+            meter.start()
         start = time.perf_counter()
         await asyncio.gather(*(caller() for _ in range(IN_FLIGHT)))
         took = time.perf_counter() - start
-    return {
+    out: dict[str, Any] = {
         "in_flight": IN_FLIGHT,
         "seconds": round(took, 2),
         "calls_per_s": round(count / took, 1),
     }
+    if meter is not None:
+        out["cpu_ms_per_call"] = meter.ms_per(count)
+    return out
 
 
 async def _amqp_ceiling(n: int) -> dict[str, Any]:
@@ -161,9 +169,12 @@ def run(n: int, rpc_seconds: float) -> dict[str, Any]:
     rpc_path = "/v1/tasks/echo?wait=true"
     with Stack() as stack:
         gateway = stack.gateway()
-        stack.worker(4)
+        worker = stack.worker(4)
         out["echo_202"] = asyncio.run(_end_to_end(gateway.url, stack.namespace, n))
-        out["echo_rpc"] = asyncio.run(_calls_per_s(gateway.url, rpc_seconds, "POST", rpc_path))
+        meter = CpuMeter(gateway, worker)
+        out["echo_rpc"] = asyncio.run(
+            _calls_per_s(gateway.url, rpc_seconds, "POST", rpc_path, meter)
+        )
     with Stack() as stack:
         gateway = stack.gateway()
         stack.worker(4, TIMEBOX_LEASE_SLOTS="false")
