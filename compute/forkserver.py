@@ -112,8 +112,10 @@ class Forked:
         self.send_signal(signal.SIGKILL)
 
     async def wait(self) -> int:
-        code, cpu = await self.server.exit_of(self.pid)
-        self._code, self.cpu_at_exit = code, cpu
+        code = self.returncode
+        if code is None:
+            code, self.cpu_at_exit = await self.server.exit_of(self.pid)
+            self._code = code
         return code
 
     def close(self) -> None:
@@ -198,11 +200,12 @@ class ForkServer:
         return future.result() if future is not None and future.done() else None
 
     async def exit_of(self, pid: int) -> tuple[int, float | None]:
-        try:
-            return await asyncio.shield(self._future(pid))
-        finally:
-            if self._exits.get(pid) is not None and self._exits[pid].done():
-                del self._exits[pid]
+        # Forgotten only once returned: a wait cancelled in the loop turn in which the
+        # report came (a kill's grace running out just then) must leave it for the next
+        # wait, which would otherwise never end.
+        reported = await asyncio.shield(self._future(pid))
+        self._exits.pop(pid, None)
+        return reported
 
     async def fork(self) -> Forked:
         """A new child's pipes; the caller reads its `ready` line (and pid) first."""

@@ -18,6 +18,9 @@ log = logging.getLogger("timebox.worker.pool")
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PROTOCOL_LIMIT = 256 * 1024 * 1024  # one result line may be large (process_text)
+# how long a SIGKILLed child's exit report may take before the child counts as dead
+# without it: a slot must not wait forever on a fork server that does not answer
+REPORT_WITHIN = 5.0
 
 
 def cpu_seconds_of(pid: int) -> float | None:
@@ -90,7 +93,7 @@ class Child:
             self.used = float(used)
         return message
 
-    async def stop(self, grace: float) -> float:
+    async def stop(self, grace: float, report_within: float = REPORT_WITHIN) -> float:
         """SIGTERM, then SIGKILL after `grace`; returns the CPU seconds it had used."""
         cpu = self.cpu()
         if self.alive:
@@ -102,7 +105,16 @@ class Child:
                 cpu = self.cpu()
                 with contextlib.suppress(ProcessLookupError):
                     self.proc.kill()
-                await self.proc.wait()
+                try:
+                    await asyncio.wait_for(self.proc.wait(), report_within)
+                except TimeoutError:
+                    self.broken = True
+                    log.error(
+                        "no exit report for task process %d %.1f s after SIGKILL; "
+                        "counting it as dead",
+                        self.pid,
+                        report_within,
+                    )
         self.proc.close()
         # the fork server reaps it and reports all it used, the grace included
         return max(cpu, self.proc.cpu_at_exit or 0.0)

@@ -4,6 +4,7 @@ for by it, and gone with it."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import os
 import signal
@@ -63,6 +64,51 @@ async def test_a_killed_child_is_reaped_with_its_cpu_and_replaced(pool: Pool) ->
     assert alive(replacement.pid)
     pool.release(replacement)
     await echo_through(pool)
+
+
+async def test_an_exit_report_outlives_a_wait_cancelled_as_it_comes(pool: Pool) -> None:
+    """A kill's grace can run out in the loop turn in which the fork server's report of
+    the child's exit is read: the wait cancelled then must leave the report to the wait
+    after the SIGKILL, which otherwise never returned (the worker's slot lost and its
+    task never reported; seen once in CI)."""
+    child = await pool.acquire()
+    server, pid = pool.server, child.pid
+    waiting = asyncio.ensure_future(child.proc.wait())
+    loop = asyncio.get_running_loop()
+
+    def cancel_once_reported() -> None:  # before the waiting task can wake with it
+        if server.exit_if_known(pid) is None:
+            loop.call_soon(cancel_once_reported)
+        else:
+            waiting.cancel()
+
+    loop.call_soon(cancel_once_reported)
+    os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(asyncio.CancelledError):
+        await waiting
+    assert waiting.cancelled()
+    assert await asyncio.wait_for(child.proc.wait(), 5) == -signal.SIGKILL
+    pool.release(child)
+
+
+async def test_a_kill_whose_exit_is_never_reported_still_frees_the_slot(pool: Pool) -> None:
+    """A fork server that does not answer (stopped here) must not hold a slot for good:
+    after the SIGKILL the wait for its report is bounded and the child counts as dead."""
+    child = await pool.acquire()
+    await child.send(request("burn_cpu", '{"seconds": 30}'))
+    assert await child.receive() is not None  # it burns
+    server = pool.server.pid
+    assert server is not None
+    os.kill(server, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        await asyncio.wait_for(child.stop(0.1, report_within=0.5), 10)
+        assert time.monotonic() - started < 5
+        assert not child.alive
+    finally:
+        os.kill(server, signal.SIGCONT)
+    pool.release(child)
+    await echo_through(pool)  # the spare took its place
 
 
 async def test_children_die_with_the_fork_server_and_the_pool_starts_another(pool: Pool) -> None:
