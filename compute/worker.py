@@ -16,7 +16,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-import aio_pika
 from aio_pika.abc import (
     AbstractChannel,
     AbstractIncomingMessage,
@@ -31,7 +30,7 @@ from compute.leasing import Notices, QueueConsumers
 from compute.outcome import Disposition, Kind, Outcome, settle
 from compute.pool import Child, Pool
 from compute.settings import WorkerSettings
-from contracts.amqp import connect, publish_event
+from contracts.amqp import connect, parked_copy, publish_event
 from contracts.background import Background
 from contracts.deadline import DEADLINE_HEADER, Deadline
 from contracts.declare import counts, declare
@@ -42,7 +41,6 @@ from contracts.messages import (
     COST_HEADER,
     DELIVERY_COUNT_HEADER,
     OWNER_HEADER,
-    PARK_REASON_HEADER,
     WORK_TYPE,
     CancelRequest,
     WorkNotice,
@@ -518,16 +516,7 @@ class Worker:
         await self._publish(lambda: publish_event(events, stream, event, confirm_within=5), stream)
 
     async def _park(self, message: AbstractIncomingMessage, reason: str) -> None:
-        headers = dict(message.headers or {})
-        headers[PARK_REASON_HEADER] = reason[:1000]
-        parked = aio_pika.Message(
-            message.body,
-            headers=headers,
-            content_type=message.content_type,
-            message_id=message.message_id,
-            type=message.type,
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-        )
+        parked = parked_copy(message, reason)
         assert self._events is not None
         exchange, queue = self._events.default_exchange, self.topology.parked_queue
         await self._publish(lambda: exchange.publish(parked, queue, timeout=5), queue)

@@ -17,7 +17,7 @@ from typing import Any
 
 import aio_pika
 import aiormq
-from aio_pika.abc import AbstractChannel, AbstractRobustConnection
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
 from aiormq.abc import ConfirmationFrameType
 from aiormq.connection import TransportFactory
 from aiormq.exceptions import AMQPConnectionError, ChannelInvalidStateError
@@ -25,7 +25,7 @@ from yarl import URL
 
 from contracts.events import TaskEvent
 from contracts.logs import log_reconnects
-from contracts.messages import CONTENT_TYPE, EVENT_TYPE
+from contracts.messages import CONTENT_TYPE, EVENT_TYPE, PARK_REASON_HEADER
 
 PERSISTENT = int(aio_pika.DeliveryMode.PERSISTENT)
 
@@ -153,6 +153,21 @@ async def publish(
         )
 
 
+def parked_copy(message: AbstractIncomingMessage, reason: str) -> aio_pika.Message:
+    """A message as it goes to `{ns}.parked` for a person to inspect: as received, with
+    why it was parked in a header."""
+    headers = dict(message.headers or {})
+    headers[PARK_REASON_HEADER] = reason[:1000]
+    return aio_pika.Message(
+        message.body,
+        headers=headers,
+        content_type=message.content_type,
+        message_id=message.message_id,
+        type=message.type,
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+    )
+
+
 async def publish_event(
     channel: AbstractChannel, stream: str, event: TaskEvent, *, confirm_within: float
 ) -> ConfirmationFrameType | None:
@@ -160,6 +175,7 @@ async def publish_event(
     return await publish(
         channel,
         event.model_dump_json(exclude_none=True).encode(),
+        # new each time: aiormq writes a message id into the properties it is given
         aiormq.spec.Basic.Properties(
             content_type=CONTENT_TYPE, message_type=EVENT_TYPE, delivery_mode=PERSISTENT
         ),

@@ -19,7 +19,7 @@ from aio_pika.abc import (
 )
 from aiormq.exceptions import DeliveryError, PublishError
 
-from contracts.amqp import PERSISTENT, connect, publish, publish_event
+from contracts.amqp import PERSISTENT, connect, parked_copy, publish, publish_event
 from contracts.background import Background
 from contracts.deadline import Deadline
 from contracts.declare import declare
@@ -29,7 +29,6 @@ from contracts.messages import (
     CONTENT_TYPE,
     COST_HEADER,
     OWNER_HEADER,
-    PARK_REASON_HEADER,
     SYNC_TYPE,
     WORK_TYPE,
     CancelRequest,
@@ -40,6 +39,10 @@ from contracts.topology import Topology
 from gateway.settings import GatewaySettings
 
 log = logging.getLogger("timebox.gateway.broker")
+
+
+def _not_connected() -> BrokerUnavailable:
+    return BrokerUnavailable("not connected to RabbitMQ; retry shortly", retry_after=2)
 
 
 class Broker:
@@ -83,11 +86,17 @@ class Broker:
             and not self.channel.is_closed
         )
 
+    def _live_channel(self) -> AbstractChannel:
+        """The publishing channel, or 503 at once while the connection is down."""
+        if self.channel is None or not self.connected:
+            raise _not_connected()
+        return self.channel
+
     async def _publish(
         self, exchange: AbstractExchange | None, message: aio_pika.Message, routing_key: str
     ) -> None:
         if exchange is None or not self.connected:
-            raise BrokerUnavailable("not connected to RabbitMQ; retry shortly", retry_after=2)
+            raise _not_connected()
         await self._confirmed(
             exchange.publish(message, routing_key, timeout=self.settings.publish_timeout),
             routing_key,
@@ -109,12 +118,9 @@ class Broker:
             raise BrokerUnavailable(f"RabbitMQ error: {exc!r}", retry_after=2) from exc
 
     async def publish_event(self, event: TaskEvent) -> None:
-        if self.channel is None or not self.connected:
-            raise BrokerUnavailable("not connected to RabbitMQ; retry shortly", retry_after=2)
+        channel = self._live_channel()
         stream, within = self.topology.events_stream, self.settings.publish_timeout
-        await self._confirmed(
-            publish_event(self.channel, stream, event, confirm_within=within), stream
-        )
+        await self._confirmed(publish_event(channel, stream, event, confirm_within=within), stream)
 
     async def publish_sync_marker(self) -> None:
         """A marker in the event stream: reading it back means the table has caught up."""
@@ -139,8 +145,7 @@ class Broker:
             headers[OWNER_HEADER] = owner
         if cost is not None:
             headers[COST_HEADER] = cost
-        if self.channel is None or not self.connected:
-            raise BrokerUnavailable("not connected to RabbitMQ; retry shortly", retry_after=2)
+        channel = self._live_channel()
         properties = aiormq.spec.Basic.Properties(
             content_type=CONTENT_TYPE,
             delivery_mode=PERSISTENT,
@@ -152,7 +157,7 @@ class Broker:
         )
         await self._confirmed(
             publish(
-                self.channel,
+                channel,
                 body,
                 properties,
                 exchange=self.topology.tasks_exchange,
@@ -204,17 +209,8 @@ class Broker:
     async def publish_parked(self, message: AbstractIncomingMessage, reason: str) -> None:
         """Copies a message to `{ns}.parked`, with why, for a person to inspect."""
         assert self.channel is not None
-        headers = dict(message.headers or {})
-        headers[PARK_REASON_HEADER] = reason[:1000]
         await self._publish(
             self.channel.default_exchange,
-            aio_pika.Message(
-                message.body,
-                headers=headers,
-                content_type=message.content_type,
-                message_id=message.message_id,
-                type=message.type,
-                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            ),
+            parked_copy(message, reason),
             self.topology.parked_queue,
         )
