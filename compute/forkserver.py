@@ -5,9 +5,10 @@ killed at its deadline needs a new child: a fork costs a few milliseconds.
 
 The worker talks to it over a Unix socket (SOCK_SEQPACKET: one message per send):
 `fork` carries the child's two pipe ends as file descriptors; the server answers
-nothing to it (the child says `ready` on its pipe) and sends `exit <pid> <code>
-<cpu seconds>` whenever it reaps one. It dies with the worker (PR_SET_PDEATHSIG), and
-its children die with it, so none outlives the worker.
+nothing to it (the child says `ready` on its pipe). It sends `up` once it has loaded
+the task code, and `exit <pid> <code> <cpu seconds>` whenever it reaps a child. It
+dies with the worker (PR_SET_PDEATHSIG), and its children die with it, so none
+outlives the worker.
 
 `python -m compute.forkserver FD NICE` runs the server on socket FD."""
 
@@ -25,6 +26,7 @@ from compute import child
 
 FORK = b"fork"
 EXIT = b"exit"
+UP = b"up"
 
 
 # -- the server process ---------------------------------------------------------------
@@ -36,6 +38,8 @@ def serve(sock: socket.socket, nice: int) -> None:
     os.nice(nice)  # inherited by every child
     child.load()
     me = os.getpid()
+    with contextlib.suppress(OSError):  # the worker is gone: recv below says so
+        sock.send(UP)
 
     def reap(signum: int, frame: FrameType | None) -> None:
         while True:
@@ -133,6 +137,7 @@ class ForkServer:
         self._sock: socket.socket | None = None
         self._proc: asyncio.subprocess.Process | None = None
         self._exits: dict[int, asyncio.Future[tuple[int, float | None]]] = {}
+        self.up = False  # it has loaded the task code: forks from now on take milliseconds
 
     @property
     def alive(self) -> bool:
@@ -169,6 +174,9 @@ class ForkServer:
             message = b""
         if not message:  # the server died, and its children with it
             self._lost()
+            return
+        if message == UP:
+            self.up = True
             return
         kind, pid, code, cpu = message.split()
         if kind == EXIT:
@@ -238,12 +246,14 @@ class ForkServer:
         writer = asyncio.StreamWriter(transport, protocol, None, loop)
         return Forked(self, writer, reader, read_transport)
 
-    async def close(self) -> None:
+    async def close(self, grace: float = 5.0) -> None:
+        """Ends the server (and so its children): it exits on our end's EOF, or is
+        killed after `grace` seconds."""
         if self._sock is not None:
             self._lost()  # closing our end ends the server
         if self._proc is not None:
             try:
-                await asyncio.wait_for(self._proc.wait(), 5)
+                await asyncio.wait_for(self._proc.wait(), grace)
             except TimeoutError:
                 with contextlib.suppress(ProcessLookupError):
                     self._proc.kill()

@@ -21,6 +21,13 @@ PROTOCOL_LIMIT = 256 * 1024 * 1024  # one result line may be large (process_text
 # how long a SIGKILLed child's exit report may take before the child counts as dead
 # without it: a slot must not wait forever on a fork server that does not answer
 REPORT_WITHIN = 5.0
+# how long a new child may take to say `ready` (a fork takes milliseconds) before a
+# fork server that has loaded the task code counts as hung and is replaced
+READY_WITHIN = 10.0
+
+
+class NotReady(RuntimeError):
+    """A new child did not say `ready` in time."""
 
 
 def cpu_seconds_of(pid: int) -> float | None:
@@ -46,10 +53,14 @@ class Child:
         return self.proc.pid
 
     @classmethod
-    async def spawn(cls, server: ForkServer) -> Child:
+    async def spawn(cls, server: ForkServer, ready_within: float = READY_WITHIN) -> Child:
         child = cls(await server.fork())
         try:
-            hello = await child.receive()
+            try:
+                async with asyncio.timeout(ready_within):
+                    hello = await child.receive()
+            except TimeoutError:
+                raise NotReady(f"no task process ready within {ready_within} s") from None
             if hello is None or hello.get("kind") != "ready":
                 raise RuntimeError(f"task child process did not start: {hello!r}")
         except BaseException:
@@ -123,9 +134,10 @@ class Child:
 class Pool:
     """`size` idle-or-busy children and one warm spare."""
 
-    def __init__(self, size: int, nice: int = 0) -> None:
+    def __init__(self, size: int, nice: int = 0, ready_within: float = READY_WITHIN) -> None:
         self.size = size
         self.nice = nice
+        self.ready_within = ready_within
         self.server = ForkServer(nice, PROTOCOL_LIMIT)
         self._restarting = asyncio.Lock()
         self._idle: asyncio.Queue[Child] = asyncio.Queue()
@@ -136,11 +148,12 @@ class Pool:
 
     async def start(self) -> None:
         await self.server.start()
+        self._spare = asyncio.create_task(self._spawn())
         children = await asyncio.gather(*(self._spawn() for _ in range(self.size)))
         for child in children:
             self._all.add(child)
             self._idle.put_nowait(child)
-        self._spare = asyncio.create_task(self._spawn())
+        await asyncio.wait([self._spare])  # the first kill is replaced at once too
 
     async def _spawn(self) -> Child:
         for attempt in range(1, 6):
@@ -150,8 +163,21 @@ class Pool:
                     await self.server.close()
                     self.server = ForkServer(self.nice, PROTOCOL_LIMIT)
                     await self.server.start()
+            server = self.server
             try:
-                return await Child.spawn(self.server)
+                return await Child.spawn(server, self.ready_within)
+            except NotReady:
+                # A hung fork server would leave the slot empty for good; a new one
+                # costs the tasks running in its children (they end as crashed).
+                async with self._restarting:
+                    # one still importing the task code is only slow
+                    if server is self.server and server.alive and server.up:
+                        log.error(
+                            "the fork server forked no task process within %.1f s; "
+                            "killing it and starting a new one",
+                            self.ready_within,
+                        )
+                        await server.close(grace=0.0)
             except (RuntimeError, OSError) as exc:
                 log.warning("a task process did not start (%r); retrying", exc)
                 await asyncio.sleep(0.05 * attempt)
@@ -160,15 +186,24 @@ class Pool:
     async def acquire(self) -> Child:
         self._waiting += 1
         try:
-            return await self._idle.get()
+            while True:
+                child = await self._idle.get()
+                if child.alive:
+                    return child
+                self.release(child)  # died while idle (with its fork server, say)
         finally:
             self._waiting -= 1
 
     def try_acquire(self) -> Child | None:
         """An idle child at once, unless there is none or others wait for one first."""
-        if self._waiting or self._idle.empty():
+        if self._waiting:
             return None
-        return self._idle.get_nowait()
+        while not self._idle.empty():
+            child = self._idle.get_nowait()
+            if child.alive:
+                return child
+            self.release(child)  # a task must not be charged for a child that died idle
+        return None
 
     def release(self, child: Child) -> None:
         if child.alive:

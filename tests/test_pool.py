@@ -111,6 +111,47 @@ async def test_a_kill_whose_exit_is_never_reported_still_frees_the_slot(pool: Po
     await echo_through(pool)  # the spare took its place
 
 
+async def test_a_child_that_died_idle_is_never_handed_a_task(pool: Pool) -> None:
+    """A task given to a child that is already dead would fail as `crashed` without
+    ever running: acquiring passes over it and replaces it instead."""
+    idle = await pool.acquire()
+    pool.release(idle)
+    os.kill(idle.pid, signal.SIGKILL)
+    await asyncio.wait_for(idle.proc.wait(), 5)  # the fork server reported its exit
+    assert pool.try_acquire() is not idle
+    child = await asyncio.wait_for(pool.acquire(), 5)
+    assert child is not idle
+    assert child.alive
+    pool.release(child)
+    await echo_through(pool)
+
+
+async def test_a_fork_server_that_stops_forking_is_replaced() -> None:
+    """A fork server that never answers would leave a killed child's slot empty for
+    good: a new child that is not ready in time gets its slot from a new server."""
+    pool = Pool(1, ready_within=0.5)
+    await pool.start()
+    try:
+        hung = pool.server.pid
+        assert hung is not None
+        os.kill(hung, signal.SIGSTOP)
+        child = await pool.acquire()
+        child.discard()
+        pool.release(child)  # the spare takes the slot; a new spare is asked for
+        spare = await asyncio.wait_for(pool.acquire(), 5)
+        # a hung server reports no exit: this one is known only once it is replaced
+        await asyncio.wait_for(spare.proc.wait(), 10)
+        pool.release(spare)
+        await asyncio.wait_for(echo_through(pool), 10)
+        assert pool.server.pid != hung
+        assert not alive(hung)  # killed, and its children with it
+        assert not alive(spare.pid)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(hung, signal.SIGCONT)
+        await pool.close()
+
+
 async def test_children_die_with_the_fork_server_and_the_pool_starts_another(pool: Pool) -> None:
     child = await pool.acquire()
     server = pool.server.pid
