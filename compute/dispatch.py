@@ -8,6 +8,11 @@ messages — those named by a work notice from a gateway, those the last get lef
 non-empty — and from every queue once per poll interval, which also finds messages
 nobody announced (redeliveries after a worker died).
 
+A poll asks each queue how many messages it holds (a passive declare) and gets only
+from those that hold some: on a quorum queue every basic.get, an empty one too, is an
+entry in its Raft log, written to disk and replicated, and idle workers polling with
+gets would write one per queue a second each.
+
 A pull costs a notice and a get round trip per task. So while only one queue has work
 and every slot is free, the puller lends all its slots to a consumer on that queue
 (a lease: prefetch = the slots lent, so the broker still never hands over more than
@@ -30,6 +35,7 @@ from aio_pika.abc import AbstractIncomingMessage
 log = logging.getLogger("timebox.worker.dispatch")
 
 Get = Callable[[str], Awaitable[AbstractIncomingMessage | None]]
+Count = Callable[[str], Awaitable[int]]  # the messages ready in a task's queue
 Handoff = Callable[[str, AbstractIncomingMessage, "Credit"], None]
 Deliver = Callable[[AbstractIncomingMessage], None]
 
@@ -48,10 +54,6 @@ class Consumers(Protocol):
     async def stop(self, consumer: str) -> None:
         """Cancels the consumer; returns once every message the broker delivered before
         its cancel-ok has gone to `deliver`."""
-        ...
-
-    async def ready(self, task: str) -> int:
-        """How many messages wait in `task`'s queue."""
         ...
 
 
@@ -86,11 +88,13 @@ class Puller:
         slots: int,
         poll_interval: float,
         *,
+        count: Count,
         consumers: Consumers | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.tasks = list(tasks)
         self._get = get
+        self._count = count
         self._size = slots
         self._free = slots  # slots lent neither to a message nor to a lease
         self._consumers = consumers
@@ -198,11 +202,14 @@ class Puller:
         count = len(self.tasks)
         turn = [self.tasks[(self._next + step) % count] for step in range(count)]
         candidates = [task for task in turn if self._maybe_ready[task]]
+        polled = [task for task in turn if not self._maybe_ready[task]]
         if self._poll_due():
             # the announced queues first: a poll must not delay the work known to wait
-            candidates += [task for task in turn if not self._maybe_ready[task]]
+            candidates += polled
         for task in candidates:
             notices = self._notices[task]
+            if task in polled and not await self._count(task):
+                continue  # a notice meanwhile has marked it for the next sweep
             message = await self._get(task)
             # the get-ok says how many are left: no need to look again while none is
             left = 0 if message is None else getattr(message, "message_count", 0) or 0
@@ -243,11 +250,10 @@ class Puller:
         others = [task for task in self.tasks if task != leased]
         if any(self._maybe_ready[task] for task in others):
             return True
-        assert self._consumers is not None  # a lease has them
         if not others or not self._poll_due():
             return False
         for task in others:
-            if await self._consumers.ready(task):
+            if await self._count(task):
                 self._maybe_ready[task] = True
                 return True
         return False

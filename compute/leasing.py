@@ -17,7 +17,6 @@ from pamqp.commands import Basic
 
 from compute.dispatch import Deliver
 from contracts.background import Background
-from contracts.declare import counts
 
 log = logging.getLogger("timebox.worker.leasing")
 
@@ -141,6 +140,3 @@ class QueueConsumers:
             # before the puller's next look at the queue: what is published after that
             # look is announced, what was published before it is found by it
             await self._notices.unmute(known.task)
-
-    async def ready(self, task: str) -> int:
-        return (await counts(self._channel, self._queues[task]))[0]

@@ -212,6 +212,9 @@ class Worker:
         async def get(task: str) -> AbstractIncomingMessage | None:
             return await queues[task].get(no_ack=False, fail=False, timeout=5)
 
+        async def count(task: str) -> int:
+            return (await counts(channel, self.topology.task_queue(task)))[0]
+
         leases = None
         if self.settings.lease_slots:
             assert self._notices is not None
@@ -223,6 +226,7 @@ class Worker:
             get,
             self.settings.concurrency,
             self.settings.poll_interval,
+            count=count,
             consumers=leases,
         )
         self._pulling = asyncio.get_running_loop().create_task(self.puller.run(self._start))

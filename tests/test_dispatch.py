@@ -35,8 +35,16 @@ class Queues:
     def __init__(self, **contents: list[int]) -> None:
         self.contents = {task: collections.deque(items) for task, items in contents.items()}
         self.gets = 0
+        self.counted: asyncio.Queue[str] = asyncio.Queue()
         self.asked: list[str] = []
         self.fail_next = 0
+
+    async def count(self, task: str) -> int:
+        """A passive declare's message count: touches no message."""
+        self.counted.put_nowait(task)
+        self.asked.append(f"count {task}")
+        await asyncio.sleep(0)
+        return len(self.contents[task])
 
     async def get(self, task: str) -> FakeMessage | None:
         self.gets += 1
@@ -94,10 +102,6 @@ class FakeConsumers:
         await asyncio.sleep(0)  # cancel-ok
         del self.active[tag]
         self.stopped += 1
-
-    async def ready(self, task: str) -> int:
-        await asyncio.sleep(0)
-        return len(self.queues.contents[task])
 
     def lose(self, tag: str) -> None:
         """The channel went: the consumer is gone, its unacked messages go back."""
@@ -157,7 +161,7 @@ async def running():
 async def test_never_more_messages_in_hand_than_free_slots(running) -> None:
     queues = Queues(a=[1, 2, 3], b=[4, 5, 6])
     taken = Taken()
-    running(Puller(["a", "b"], queues.get, slots=2, poll_interval=60), taken)
+    running(Puller(["a", "b"], queues.get, slots=2, poll_interval=60, count=queues.count), taken)
     first, second = await taken.next(), await taken.next()
     await settle()
     assert taken.items.empty()
@@ -173,7 +177,9 @@ async def test_never_more_messages_in_hand_than_free_slots(running) -> None:
 async def test_the_queues_take_turns(running) -> None:
     queues = Queues(a=[1, 2, 3], b=[4, 5, 6], c=[])
     taken = Taken()
-    running(Puller(["a", "b", "c"], queues.get, slots=10, poll_interval=60), taken)
+    running(
+        Puller(["a", "b", "c"], queues.get, slots=10, poll_interval=60, count=queues.count), taken
+    )
     order = [(await taken.next())[0] for _ in range(6)]
     assert order == ["a", "b", "a", "b", "a", "b"]
 
@@ -181,7 +187,7 @@ async def test_the_queues_take_turns(running) -> None:
 async def test_a_notice_wakes_an_idle_puller_at_once(running) -> None:
     queues = Queues(a=[], b=[])
     taken = Taken()
-    puller = Puller(["a", "b"], queues.get, slots=1, poll_interval=60)
+    puller = Puller(["a", "b"], queues.get, slots=1, poll_interval=60, count=queues.count)
     running(puller, taken)
     await settle()
     idle_gets = queues.gets
@@ -193,7 +199,7 @@ async def test_a_notice_wakes_an_idle_puller_at_once(running) -> None:
 
 async def test_a_notice_during_an_empty_get_is_not_lost(running) -> None:
     queues = Queues(a=[])
-    puller = Puller(["a"], queues.get, slots=1, poll_interval=60)
+    puller = Puller(["a"], queues.get, slots=1, poll_interval=60, count=queues.count)
     real_get = queues.get
 
     async def get_racing_a_publish(task: str) -> FakeMessage | None:
@@ -215,16 +221,40 @@ async def test_a_notice_during_an_empty_get_is_not_lost(running) -> None:
 async def test_the_poll_finds_messages_nobody_announced(running) -> None:
     queues = Queues(a=[], b=[])
     taken = Taken()
-    running(Puller(["a", "b"], queues.get, slots=1, poll_interval=0.05), taken)
+    running(Puller(["a", "b"], queues.get, slots=1, poll_interval=0.05, count=queues.count), taken)
     await settle()
     queues.contents["a"].append(3)  # a redelivery: no gateway announces it
     assert (await taken.next())[:2] == ("a", 3)
 
 
+async def test_a_poll_gets_only_from_a_queue_that_holds_messages(running) -> None:
+    """On a quorum queue every basic.get, an empty one too, is written to its Raft log:
+    an idle worker's poll asks for counts instead, and gets only where there is work."""
+    queues = Queues(a=[], b=[], c=[])
+    taken = Taken()
+    running(
+        Puller(["a", "b", "c"], queues.get, slots=1, poll_interval=0.05, count=queues.count),
+        taken,
+    )
+    for _ in range(6):  # two polls of the three queues
+        await asyncio.wait_for(queues.counted.get(), 2)
+    assert queues.gets == 3  # at start, when every queue may hold work; none since
+    queues.contents["b"].append(5)  # a redelivery: nobody announces it
+    assert (await taken.next())[:2] == ("b", 5)
+    assert queues.asked[-2:] == ["count b", "b"]
+
+
 async def test_a_poll_asks_the_announced_queue_first(running) -> None:
     now = [0.0]
     queues = Queues(a=[], b=[], c=[])
-    puller = Puller(["a", "b", "c"], queues.get, slots=1, poll_interval=1.0, clock=lambda: now[0])
+    puller = Puller(
+        ["a", "b", "c"],
+        queues.get,
+        slots=1,
+        poll_interval=1.0,
+        count=queues.count,
+        clock=lambda: now[0],
+    )
     taken = Taken()
     running(puller, taken)
     await settle()
@@ -240,7 +270,7 @@ async def test_a_failing_get_is_retried(running) -> None:
     queues = Queues(a=[1])
     queues.fail_next = 2
     taken = Taken()
-    running(Puller(["a"], queues.get, slots=1, poll_interval=60), taken)
+    running(Puller(["a"], queues.get, slots=1, poll_interval=60, count=queues.count), taken)
     assert (await taken.next())[:2] == ("a", 1)
     assert queues.gets == 3
 
@@ -249,7 +279,12 @@ def leasing(slots: int, poll_interval: float = 60, **contents: list[int]):  # ty
     queues = Queues(**contents)
     consumers = FakeConsumers(queues)
     puller = Puller(
-        list(contents), queues.get, slots=slots, poll_interval=poll_interval, consumers=consumers
+        list(contents),
+        queues.get,
+        slots=slots,
+        poll_interval=poll_interval,
+        count=queues.count,
+        consumers=consumers,
     )
     return queues, consumers, puller, Taken(slots)
 
@@ -378,7 +413,7 @@ async def test_a_cancel_that_meets_a_wake_up_still_stops_the_puller(lease: bool)
         queues, consumers, puller, taken = leasing(1, a=[], b=[])
     else:
         queues, puller, taken = Queues(a=[], b=[]), None, Taken()
-        puller = Puller(["a", "b"], queues.get, slots=1, poll_interval=60)
+        puller = Puller(["a", "b"], queues.get, slots=1, poll_interval=60, count=queues.count)
     task = asyncio.create_task(puller.run(taken.handoff))  # type: ignore[arg-type]
     await settle()
     if lease:
@@ -408,7 +443,7 @@ async def test_close_stops_a_puller_whose_cancel_a_get_swallowed() -> None:
             return reply.result()  # as asyncio.wait_for does on 3.11: the reply wins
 
     taken = Taken()
-    puller = Puller(["a", "b"], get, slots=1, poll_interval=60)
+    puller = Puller(["a", "b"], get, slots=1, poll_interval=60, count=Queues(a=[], b=[]).count)
     task = asyncio.create_task(puller.run(taken.handoff))  # type: ignore[arg-type]
     reply = await asyncio.wait_for(replies.get(), 2)
     reply.set_result(FakeMessage("a", 1, 0))

@@ -19,6 +19,7 @@ from pamqp.commands import Basic
 
 from compute.leasing import Notices, QueueConsumers
 from contracts.amqp import connect
+from contracts.declare import counts
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -113,7 +114,7 @@ async def test_every_delivery_before_the_cancel_is_passed_on_when_stop_returns(
         # came goes back to the queue (as a delivery: x-delivery-count + 1); nothing is
         # delivered after the cancel, nor left unacked unseen.
         end = asyncio.get_running_loop().time() + 2
-        while await consumers.ready("t") != 3 - passed_on:
+        while (await counts(channel, name))[0] != 3 - passed_on:
             assert asyncio.get_running_loop().time() < end, "a message was delivered unseen"
             await asyncio.sleep(0.02)
         assert len(got) == passed_on

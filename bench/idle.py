@@ -1,0 +1,74 @@
+"""What idle workers cost (not part of `make bench`): `python -m bench.idle [workers]`.
+
+Starts idle workers of every task type (they pull: compute/dispatch.py) and, over a
+window with no traffic, reads from /proc the CPU of the workers (their own loops) and
+of the local RabbitMQ, and from `rabbitmq-queues quorum_status` how far the task
+queues' Raft logs grew: each entry is written to disk and, in a cluster, replicated."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+import time
+
+from bench.stack import Stack, broker_pid
+from compute.pool import cpu_seconds_of
+from contracts.specs import load_specs
+from contracts.topology import Topology
+
+WINDOW = 20.0
+
+
+def raft_index(queue: str) -> int | None:
+    """The Raft log index of a quorum queue on the local broker (its largest member)."""
+    if shutil.which("rabbitmq-queues") is None:
+        return None
+    out = subprocess.run(
+        ["rabbitmq-queues", "quorum_status", queue, "--formatter", "json"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    ).stdout
+    found = re.findall(r'"Log Index":\s*(\d+)', out)
+    return max(map(int, found)) if found else None
+
+
+def main(workers: int = 1) -> None:
+    with Stack() as stack:
+        stack.gateway()
+        procs = [stack.worker(2) for _ in range(workers)]
+        queues = [Topology(namespace=stack.namespace).task_queue(t) for t in load_specs()]
+        time.sleep(3)  # past the start's sweep
+        beam = broker_pid()
+        pids = [p.pid for p in procs]
+        before = [cpu_seconds_of(pid) or 0.0 for pid in pids]
+        beam_before = cpu_seconds_of(beam) if beam else None
+        raft_before = [raft_index(q) for q in queues]
+        started = time.monotonic()
+        time.sleep(WINDOW)
+        elapsed = time.monotonic() - started
+        after = [cpu_seconds_of(pid) or 0.0 for pid in pids]
+        beam_after = cpu_seconds_of(beam) if beam else None
+        raft_after = [raft_index(q) for q in queues]
+    print(f"{workers} idle worker(s) of {len(queues)} task types, {elapsed:.1f} s window")
+    for i, (b, a) in enumerate(zip(before, after, strict=True)):
+        print(f"  worker {i}: {1000 * (a - b) / elapsed:.2f} ms CPU/s")
+    if beam_before is not None and beam_after is not None:
+        print(
+            f"  RabbitMQ (whole node): {1000 * (beam_after - beam_before) / elapsed:.2f} ms CPU/s"
+        )
+    grown = [
+        a - b
+        for a, b in zip(raft_after, raft_before, strict=True)
+        if a is not None and b is not None
+    ]
+    if grown:
+        print(f"  task queues' Raft log entries: {sum(grown) / elapsed:.2f}/s in all")
+    else:
+        print("  Raft indexes: not readable (no local rabbitmq-queues)")
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]) if len(sys.argv) > 1 else 1)
