@@ -275,7 +275,7 @@ async def test_a_failing_get_is_retried(running) -> None:
     assert queues.gets == 3
 
 
-def leasing(slots: int, poll_interval: float = 60, **contents: list[int]):  # type: ignore[no-untyped-def]
+def leasing(slots: int, poll_interval: float = 60, at_once: bool = True, **contents: list[int]):  # type: ignore[no-untyped-def]
     queues = Queues(**contents)
     consumers = FakeConsumers(queues)
     puller = Puller(
@@ -285,6 +285,7 @@ def leasing(slots: int, poll_interval: float = 60, **contents: list[int]):  # ty
         poll_interval=poll_interval,
         count=queues.count,
         consumers=consumers,
+        lease_at_once=at_once,
     )
     return queues, consumers, puller, Taken(slots)
 
@@ -314,6 +315,52 @@ async def test_an_idle_puller_lends_every_slot_to_the_only_queue_with_work(runni
     assert (await taken.next())[1] == 4
     assert queues.gets == gets  # no get: the consumer brought every message
     assert consumers.stopped == 0
+
+
+async def test_work_that_alternates_between_queues_is_pulled_without_leases(running) -> None:
+    """A lease for one message costs a consumer started and cancelled, and its queue's
+    notices unbound and bound again: for nothing."""
+    queues, consumers, puller, taken = leasing(2, at_once=False, a=[], b=[])
+    running(puller, taken)
+    await settle()
+    for task, body in [("a", 1), ("b", 2), ("a", 3), ("b", 4)]:
+        publish(queues, consumers, puller, task, body)
+        item = await taken.next()
+        assert item[:2] == (task, body)
+        taken.done(item)
+        await settle()
+    assert consumers.started == []
+    assert queues.gets == 2 + 4  # the first sweep, then one get a message
+
+
+async def test_a_second_notice_in_a_row_for_one_queue_starts_a_lease(running) -> None:
+    queues, consumers, puller, taken = leasing(2, at_once=False, a=[], b=[])
+    running(puller, taken)
+    await settle()
+    publish(queues, consumers, puller, "a", 1)
+    first = await taken.next()
+    taken.done(first)
+    await settle()
+    assert consumers.started == []  # pulled
+    gets = queues.gets
+    publish(queues, consumers, puller, "a", 2)
+    assert (await taken.next())[:2] == ("a", 2)
+    assert consumers.started == [("a", 2)]
+    assert queues.gets == gets  # the consumer brought it
+
+
+async def test_notices_for_one_queue_while_every_slot_is_busy_lead_to_a_lease(running) -> None:
+    queues, consumers, puller, taken = leasing(1, at_once=False, a=[], b=[])
+    running(puller, taken)
+    await settle()
+    publish(queues, consumers, puller, "a", 1)
+    first = await taken.next()
+    for body in (2, 3, 4):  # the slot is busy
+        publish(queues, consumers, puller, "a", body)
+    await settle()
+    taken.done(first)
+    assert (await taken.next())[:2] == ("a", 2)
+    assert consumers.started == [("a", 1)]
 
 
 async def test_work_in_another_queue_ends_the_lease_and_its_free_slots_come_back(
