@@ -18,11 +18,11 @@ and every slot is free, the puller lends all its slots to a consumer on that que
 (a lease: prefetch = the slots lent, so the broker still never hands over more than
 the free slots) and the messages come without either; a notice or a poll that finds
 work in another queue ends the lease, and the slots come back as their tasks end.
-A lease starts only once two notices in a row named that queue: a lease costs a
+No lease starts on a notice that follows one for another queue: a lease costs a
 consumer started and cancelled (two Raft log entries) and the queue's notices unbound
 and bound again, for nothing when the work alternates between types — and every idle
 worker that hears the notice would pay it. (Every worker that pulls a type hears the
-same notices, so this is the same for all of them.)"""
+same notices, so all of them decide alike.)"""
 
 from __future__ import annotations
 
@@ -98,8 +98,8 @@ class Puller:
         lease_at_once: bool = False,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        """`lease_at_once`: lease the only queue with work without waiting for a second
-        notice in a row for it."""
+        """`lease_at_once`: lease the only queue with work even right after a notice
+        for another queue."""
         self.tasks = list(tasks)
         self._get = get
         self._count = count
@@ -107,7 +107,7 @@ class Puller:
         self._free = slots  # slots lent neither to a message nor to a lease
         self._consumers = consumers
         self._lease_at_once = lease_at_once
-        self._noticed: tuple[str, int] | None = None  # the latest notice's queue, in a row
+        self._noticed: tuple[str | None, str | None] = (None, None)  # the last two named
         self._poll_interval = poll_interval
         self._clock = clock
         self._maybe_ready = dict.fromkeys(self.tasks, True)
@@ -125,8 +125,7 @@ class Puller:
         if task in self._maybe_ready:
             self._maybe_ready[task] = True
             self._notices[task] += 1
-            repeats = self._noticed[1] if self._noticed and self._noticed[0] == task else 0
-            self._noticed = (task, min(repeats + 1, 2))
+            self._noticed = (self._noticed[1], task)
             self._wake.set()
 
     def close(self) -> None:
@@ -180,7 +179,7 @@ class Puller:
             return
         if self._consumers is not None and self._free == self._size:
             hot = [task for task in self.tasks if self._maybe_ready[task]]
-            if len(hot) == 1 and (self._lease_at_once or self._noticed == (hot[0], 2)):
+            if len(hot) == 1 and (self._lease_at_once or set(self._noticed) <= {None, hot[0]}):
                 await self._start_lease(hot[0])
                 return
         taken = await self._sweep()

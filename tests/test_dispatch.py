@@ -323,29 +323,29 @@ async def test_work_that_alternates_between_queues_is_pulled_without_leases(runn
     queues, consumers, puller, taken = leasing(2, at_once=False, a=[], b=[])
     running(puller, taken)
     await settle()
-    for task, body in [("a", 1), ("b", 2), ("a", 3), ("b", 4)]:
+    for task, body in [("a", 1), ("b", 2), ("a", 3), ("b", 4), ("a", 5)]:
         publish(queues, consumers, puller, task, body)
         item = await taken.next()
         assert item[:2] == (task, body)
         taken.done(item)
         await settle()
-    assert consumers.started == []
-    assert queues.gets == 2 + 4  # the first sweep, then one get a message
+    assert consumers.started == [("a", 2)]  # the first: nothing else was announced yet
+    assert consumers.stopped == 1
 
 
 async def test_a_second_notice_in_a_row_for_one_queue_starts_a_lease(running) -> None:
     queues, consumers, puller, taken = leasing(2, at_once=False, a=[], b=[])
     running(puller, taken)
     await settle()
-    publish(queues, consumers, puller, "a", 1)
-    first = await taken.next()
-    taken.done(first)
-    await settle()
-    assert consumers.started == []  # pulled
+    for task, body in [("b", 1), ("a", 2)]:
+        publish(queues, consumers, puller, task, body)
+        taken.done(await taken.next())
+        await settle()
+    started = list(consumers.started)
     gets = queues.gets
-    publish(queues, consumers, puller, "a", 2)
-    assert (await taken.next())[:2] == ("a", 2)
-    assert consumers.started == [("a", 2)]
+    publish(queues, consumers, puller, "a", 3)
+    assert (await taken.next())[:2] == ("a", 3)
+    assert consumers.started == [*started, ("a", 2)]
     assert queues.gets == gets  # the consumer brought it
 
 
@@ -353,8 +353,10 @@ async def test_notices_for_one_queue_while_every_slot_is_busy_lead_to_a_lease(ru
     queues, consumers, puller, taken = leasing(1, at_once=False, a=[], b=[])
     running(puller, taken)
     await settle()
-    publish(queues, consumers, puller, "a", 1)
+    puller.notice("a")  # a notice for a (empty), then b's: b's message is pulled
+    publish(queues, consumers, puller, "b", 1)
     first = await taken.next()
+    assert first[:2] == ("b", 1)
     for body in (2, 3, 4):  # the slot is busy
         publish(queues, consumers, puller, "a", body)
     await settle()
