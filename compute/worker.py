@@ -213,7 +213,8 @@ class Worker:
             return await queues[task].get(no_ack=False, fail=False, timeout=5)
 
         async def count(task: str) -> int:
-            return (await counts(channel, self.topology.task_queue(task)))[0]
+            async with asyncio.timeout(5):  # as the get: a broker that does not answer
+                return (await counts(channel, self.topology.task_queue(task)))[0]
 
         leases = None
         if self.settings.lease_slots:
