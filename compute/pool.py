@@ -156,7 +156,8 @@ class Pool:
         await asyncio.wait([self._spare])  # the first kill is replaced at once too
 
     async def _spawn(self) -> Child:
-        for attempt in range(1, 6):
+        failures = 0
+        while True:
             async with self._restarting:  # one restart, however many spawns notice
                 if not self.server.alive:  # it died, and its children with it
                     log.error("the fork server died; starting a new one")
@@ -167,21 +168,25 @@ class Pool:
             try:
                 return await Child.spawn(server, self.ready_within)
             except NotReady:
-                # A hung fork server would leave the slot empty for good; a new one
-                # costs the tasks running in its children (they end as crashed).
                 async with self._restarting:
-                    # one still importing the task code is only slow
-                    if server is self.server and server.alive and server.up:
-                        log.error(
-                            "the fork server forked no task process within %.1f s; "
-                            "killing it and starting a new one",
-                            self.ready_within,
-                        )
-                        await server.close(grace=0.0)
+                    if server is not self.server or not server.alive or not server.up:
+                        continue  # replaced meanwhile, or still importing the task code
+                    # A hung fork server would leave the slot empty for good; a new one
+                    # costs the tasks running in its children (they end as crashed).
+                    log.error(
+                        "the fork server forked no task process within %.1f s; "
+                        "killing it and starting a new one",
+                        self.ready_within,
+                    )
+                    await server.close(grace=0.0)
+                    failure: Exception = NotReady("the fork server hung")
             except (RuntimeError, OSError) as exc:
                 log.warning("a task process did not start (%r); retrying", exc)
-                await asyncio.sleep(0.05 * attempt)
-        raise RuntimeError("cannot start task processes")
+                failure = exc
+            failures += 1
+            if failures >= 5:
+                raise RuntimeError("cannot start task processes") from failure
+            await asyncio.sleep(0.05 * failures)
 
     async def acquire(self) -> Child:
         self._waiting += 1

@@ -13,6 +13,7 @@ import time
 import pytest
 
 from compute import runner
+from compute.child import PLUGINS_ENV
 from compute.outcome import Kind
 from compute.pool import Pool
 from contracts.deadline import Deadline
@@ -149,6 +150,24 @@ async def test_a_fork_server_that_stops_forking_is_replaced() -> None:
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(hung, signal.SIGCONT)
+        await pool.close()
+
+
+async def test_a_fork_server_still_importing_the_task_code_is_waited_for(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Only a server that has loaded the task code and then forks nothing is hung: one
+    slow to import it (here 1.5 s, against 0.2 s for a child to be ready) is not killed."""
+    monkeypatch.setenv(PLUGINS_ENV, "tests.slow_import_tasks")
+    monkeypatch.setenv("TIMEBOX_TEST_IMPORT_SECONDS", "1.5")
+    pool = Pool(1, ready_within=0.2)
+    try:
+        await asyncio.wait_for(pool.start(), 20)
+        server = pool.server.pid
+        await echo_through(pool)
+        assert pool.server.pid == server
+        assert pool.server.up
+    finally:
         await pool.close()
 
 
