@@ -50,9 +50,17 @@ def test_fair_dispatch_spreads_equal_tasks_evenly_over_workers(make_stack) -> No
     batch = max(instant(s["finished_at"]) for s in statuses) - min(
         instant(s["created_at"]) for s in statuses
     )
-    ideal = 8 * 0.5 / 2
-    print(f"fair dispatch: split {sorted(per_worker.values())}, batch {batch:.2f} s, ideal {ideal}")
-    assert batch < ideal * 1.5
+    # side by side for most of the batch, however slow the machine is at the moment
+    spans = [
+        (
+            min(instant(s["started_at"]) for s in statuses if s["worker"] == worker),
+            max(instant(s["finished_at"]) for s in statuses if s["worker"] == worker),
+        )
+        for worker in per_worker
+    ]
+    together = min(end for _, end in spans) - max(start for start, _ in spans)
+    print(f"fair dispatch: split {sorted(per_worker.values())}, batch {batch:.2f} s, ideal 2.0")
+    assert together > 0.5 * batch, (spans, batch)
 
 
 @pytest.mark.parametrize(
