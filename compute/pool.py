@@ -169,8 +169,14 @@ class Pool:
                 return await Child.spawn(server, self.ready_within)
             except NotReady:
                 async with self._restarting:
-                    if server is not self.server or not server.alive or not server.up:
-                        continue  # replaced meanwhile, or still importing the task code
+                    if server is not self.server or not server.alive:
+                        continue  # replaced meanwhile
+                    if not server.up:  # still importing the task code: slow, not hung
+                        log.warning(
+                            "the fork server is still loading the task code (%.1f s more)",
+                            self.ready_within,
+                        )
+                        continue
                     # A hung fork server would leave the slot empty for good; a new one
                     # costs the tasks running in its children (they end as crashed).
                     log.error(
