@@ -7,13 +7,15 @@ queues' Raft logs grew: each entry is written to disk and, in a cluster, replica
 
 from __future__ import annotations
 
+import functools
 import re
 import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
-from bench.stack import Stack, broker_pid
+from bench.stack import CpuMeter, Stack, broker_cpu
 from compute.pool import cpu_seconds_of
 from contracts.specs import load_specs
 from contracts.topology import Topology
@@ -41,24 +43,22 @@ def main(workers: int = 1) -> None:
         procs = [stack.worker(2) for _ in range(workers)]
         queues = [Topology(namespace=stack.namespace).task_queue(t) for t in load_specs()]
         time.sleep(3)  # past the start's sweep
-        beam = broker_pid()
-        pids = [p.pid for p in procs]
-        before = [cpu_seconds_of(pid) or 0.0 for pid in pids]
-        beam_before = cpu_seconds_of(beam) if beam else None
+        readers: dict[str, Callable[[], float | None] | None] = {
+            f"worker {i}": functools.partial(cpu_seconds_of, p.pid) for i, p in enumerate(procs)
+        }
+        readers["RabbitMQ (whole node)"] = broker_cpu()
+        meter = CpuMeter(readers)
+        meter.start()
         raft_before = [raft_index(q) for q in queues]
         started = time.monotonic()
         time.sleep(WINDOW)
         elapsed = time.monotonic() - started
-        after = [cpu_seconds_of(pid) or 0.0 for pid in pids]
-        beam_after = cpu_seconds_of(beam) if beam else None
+        cpu = meter.ms_per(elapsed)
         raft_after = [raft_index(q) for q in queues]
     print(f"{workers} idle worker(s) of {len(queues)} task types, {elapsed:.1f} s window")
-    for i, (b, a) in enumerate(zip(before, after, strict=True)):
-        print(f"  worker {i}: {1000 * (a - b) / elapsed:.2f} ms CPU/s")
-    if beam_before is not None and beam_after is not None:
-        print(
-            f"  RabbitMQ (whole node): {1000 * (beam_after - beam_before) / elapsed:.2f} ms CPU/s"
-        )
+    for name, ms in cpu.items():
+        if ms is not None:
+            print(f"  {name}: {ms:.2f} ms CPU/s")
     grown = [
         a - b
         for a, b in zip(raft_after, raft_before, strict=True)

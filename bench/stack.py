@@ -11,6 +11,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 from yarl import URL
@@ -45,18 +46,24 @@ def broker_pid() -> int | None:
 
 
 class CpuMeter:
-    """CPU seconds spent by the processes of one measurement, read from /proc before
-    and after: the gateway, the worker with its children, RabbitMQ (when local) and
-    this process, the load generator."""
+    """CPU seconds spent by the processes of one measurement, read before and after:
+    by default the gateway, the worker with its children, RabbitMQ (when local, from
+    /proc) and this process, the load generator."""
 
-    def __init__(self, gateway: Gateway, worker: Worker) -> None:
-        self._readers = {
-            "gateway": lambda: cpu_seconds_of(gateway.pid),
-            "worker_with_children": lambda: tree_cpu(worker.pid, include_root=True),
-            "rabbitmq": (lambda: cpu_seconds_of(pid)) if (pid := broker_pid()) else None,
-            "load_generator": _own_cpu,
-        }
+    def __init__(self, readers: dict[str, Callable[[], float | None] | None]) -> None:
+        self._readers = readers
         self._start: dict[str, float | None] = {}
+
+    @classmethod
+    def of_stack(cls, gateway: Gateway, worker: Worker) -> CpuMeter:
+        return cls(
+            {
+                "gateway": lambda: cpu_seconds_of(gateway.pid),
+                "worker_with_children": lambda: tree_cpu(worker.pid, include_root=True),
+                "rabbitmq": broker_cpu(),
+                "load_generator": _own_cpu,
+            }
+        )
 
     def start(self) -> None:
         self._start = {k: read() if read else None for k, read in self._readers.items()}
@@ -71,6 +78,12 @@ class CpuMeter:
             else:
                 out[k] = round(1000 * (after - before) / n, 2)
         return out
+
+
+def broker_cpu() -> Callable[[], float | None] | None:
+    """A reader of the local RabbitMQ's CPU seconds; None when the broker is elsewhere."""
+    pid = broker_pid()
+    return None if pid is None else lambda: cpu_seconds_of(pid)
 
 
 def _own_cpu() -> float:

@@ -171,7 +171,7 @@ def run(n: int, rpc_seconds: float) -> dict[str, Any]:
         gateway = stack.gateway()
         worker = stack.worker(4)
         out["echo_202"] = asyncio.run(_end_to_end(gateway.url, stack.namespace, n))
-        meter = CpuMeter(gateway, worker)
+        meter = CpuMeter.of_stack(gateway, worker)
         out["echo_rpc"] = asyncio.run(
             _calls_per_s(gateway.url, rpc_seconds, "POST", rpc_path, meter)
         )

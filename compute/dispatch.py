@@ -95,18 +95,14 @@ class Puller:
         *,
         count: Count,
         consumers: Consumers | None = None,
-        lease_at_once: bool = False,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        """`lease_at_once`: lease the only queue with work even right after a notice
-        for another queue."""
         self.tasks = list(tasks)
         self._get = get
         self._count = count
         self._size = slots
         self._free = slots  # slots lent neither to a message nor to a lease
         self._consumers = consumers
-        self._lease_at_once = lease_at_once
         self._noticed: tuple[str | None, str | None] = (None, None)  # the last two named
         self._poll_interval = poll_interval
         self._clock = clock
@@ -179,7 +175,7 @@ class Puller:
             return
         if self._consumers is not None and self._free == self._size:
             hot = [task for task in self.tasks if self._maybe_ready[task]]
-            if len(hot) == 1 and (self._lease_at_once or set(self._noticed) <= {None, hot[0]}):
+            if len(hot) == 1 and set(self._noticed) <= {None, hot[0]}:
                 await self._start_lease(hot[0])
                 return
         taken = await self._sweep()

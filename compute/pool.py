@@ -199,9 +199,8 @@ class Pool:
         try:
             while True:
                 child = await self._idle.get()
-                if child.alive:
+                if self._usable(child):
                     return child
-                self.release(child)  # died while idle (with its fork server, say)
         finally:
             self._waiting -= 1
 
@@ -211,10 +210,16 @@ class Pool:
             return None
         while not self._idle.empty():
             child = self._idle.get_nowait()
-            if child.alive:
+            if self._usable(child):
                 return child
-            self.release(child)  # a task must not be charged for a child that died idle
         return None
+
+    def _usable(self, child: Child) -> bool:
+        """Whether an idle child is alive; one that died idle (with its fork server, say)
+        goes to be replaced: a task given to it would fail as crashed without running."""
+        if not child.alive:
+            self.release(child)
+        return child.alive
 
     def release(self, child: Child) -> None:
         if child.alive:

@@ -275,7 +275,7 @@ async def test_a_failing_get_is_retried(running) -> None:
     assert queues.gets == 3
 
 
-def leasing(slots: int, poll_interval: float = 60, at_once: bool = True, **contents: list[int]):  # type: ignore[no-untyped-def]
+def leasing(slots: int, poll_interval: float = 60, **contents: list[int]):  # type: ignore[no-untyped-def]
     queues = Queues(**contents)
     consumers = FakeConsumers(queues)
     puller = Puller(
@@ -285,7 +285,6 @@ def leasing(slots: int, poll_interval: float = 60, at_once: bool = True, **conte
         poll_interval=poll_interval,
         count=queues.count,
         consumers=consumers,
-        lease_at_once=at_once,
     )
     return queues, consumers, puller, Taken(slots)
 
@@ -320,7 +319,7 @@ async def test_an_idle_puller_lends_every_slot_to_the_only_queue_with_work(runni
 async def test_work_that_alternates_between_queues_is_pulled_without_leases(running) -> None:
     """A lease for one message costs a consumer started and cancelled, and its queue's
     notices unbound and bound again: for nothing."""
-    queues, consumers, puller, taken = leasing(2, at_once=False, a=[], b=[])
+    queues, consumers, puller, taken = leasing(2, a=[], b=[])
     running(puller, taken)
     await settle()
     for task, body in [("a", 1), ("b", 2), ("a", 3), ("b", 4), ("a", 5)]:
@@ -334,7 +333,7 @@ async def test_work_that_alternates_between_queues_is_pulled_without_leases(runn
 
 
 async def test_a_second_notice_in_a_row_for_one_queue_starts_a_lease(running) -> None:
-    queues, consumers, puller, taken = leasing(2, at_once=False, a=[], b=[])
+    queues, consumers, puller, taken = leasing(2, a=[], b=[])
     running(puller, taken)
     await settle()
     for task, body in [("b", 1), ("a", 2)]:
@@ -350,7 +349,7 @@ async def test_a_second_notice_in_a_row_for_one_queue_starts_a_lease(running) ->
 
 
 async def test_notices_for_one_queue_while_every_slot_is_busy_lead_to_a_lease(running) -> None:
-    queues, consumers, puller, taken = leasing(1, at_once=False, a=[], b=[])
+    queues, consumers, puller, taken = leasing(1, a=[], b=[])
     running(puller, taken)
     await settle()
     puller.notice("a")  # a notice for a (empty), then b's: b's message is pulled
