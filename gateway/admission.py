@@ -222,7 +222,7 @@ class Admission:
             for ids in by_task.values():
                 for task_id in list(ids):
                     record = self.table.get(task_id)
-                    stale = record is None or record.status.state is not state
+                    stale = record is None or record.refused or record.status.state is not state
                     deadline = record.status.deadline if record else None
                     if stale or (deadline is not None and deadline.timestamp() < now - 5):
                         ids.discard(task_id)

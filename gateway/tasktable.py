@@ -139,9 +139,15 @@ class TaskTable:
         """Records a task this gateway just queued, before its event comes back from the
         stream, so that the submitter's next request finds it."""
         record = self._tasks.get(queued.task_id)
-        if record is None:
-            record = self._insert(queued)
+        if record is not None:
+            record.local = True
+            return record
+        record = self._insert(queued)
         record.local = True
+        # now, not when the event comes back: admission judges a burst of submissions on
+        # all of them, not on those the stream has delivered so far
+        for listener in self.listeners:
+            listener(record, queued)
         return record
 
     def apply(self, offset: int, event: TaskEvent) -> None:

@@ -398,6 +398,29 @@ def test_the_wait_behind_a_backlog_comes_from_how_fast_it_really_drains() -> Non
     assert estimate.wait == pytest.approx((backlog - 21 + 0.5) / 8.0)
 
 
+def test_tasks_this_gateway_queues_count_before_the_stream_brings_their_events_back() -> None:
+    """A burst of submissions to one gateway: each is judged with the ones before it
+    queued, not only with those whose `queued` event the stream has delivered so far."""
+    from contracts.events import EventType, TaskEvent
+    from contracts.specs import SPECS
+    from gateway.admission import Admission
+    from gateway.settings import GatewaySettings
+    from gateway.tasktable import TaskTable
+
+    table = TaskTable(1000)
+    admission = Admission(GatewaySettings(), None, table, {"echo": SPECS["echo"]})  # type: ignore[arg-type]
+    queued = [TaskEvent(type=EventType.QUEUED, task_id=f"t{i}", task="echo") for i in range(3)]
+    for event in queued:
+        table.expect(event)
+    assert admission.estimate("echo").ready == 3
+    for offset, event in enumerate(queued):  # the stream's copies change nothing
+        table.apply(offset, event)
+    assert admission.estimate("echo").ready == 3
+    table.get("t0").refused = True  # type: ignore[union-attr]  # the broker refused it
+    admission._prune(time.time())
+    assert admission.estimate("echo").ready == 2
+
+
 def test_the_drain_rate_counts_only_the_time_the_slots_were_busy() -> None:
     """Bursts of work with idle seconds between them: 10 ends a second inside each
     burst is the rate, not the ends spread over the whole window."""
