@@ -140,7 +140,7 @@ async def _amqp_ceiling(n: int) -> dict[str, Any]:
             if received == n:
                 done.set()
 
-        await queue.consume(on_message)
+        tag = await queue.consume(on_message)
         window = asyncio.Semaphore(IN_FLIGHT)
 
         async def publish() -> None:
@@ -153,6 +153,7 @@ async def _amqp_ceiling(n: int) -> dict[str, Any]:
         await asyncio.gather(*(publish() for _ in range(n)))
         await done.wait()
         took = time.perf_counter() - start
+        await queue.cancel(tag)  # before the delete: the broker would cancel it, with a warning
         await consumer.queue_delete(name, if_unused=False, if_empty=False)
     return {"messages": n, "in_flight": IN_FLIGHT, "messages_per_s": round(n / took, 1)}
 
