@@ -15,8 +15,7 @@ import time
 
 import httpx
 
-from bench.idle import raft_index
-from bench.stack import Stack
+from bench.stack import Stack, raft_index
 from contracts.topology import Topology
 
 TYPES = ("echo", "process_text")

@@ -8,33 +8,16 @@ queues' Raft logs grew: each entry is written to disk and, in a cluster, replica
 from __future__ import annotations
 
 import functools
-import re
-import shutil
-import subprocess
 import sys
 import time
 from collections.abc import Callable
 
-from bench.stack import CpuMeter, Stack, broker_cpu
+from bench.stack import CpuMeter, Stack, broker_cpu, raft_index
 from compute.pool import cpu_seconds_of
 from contracts.specs import load_specs
 from contracts.topology import Topology
 
 WINDOW = 20.0
-
-
-def raft_index(queue: str) -> int | None:
-    """The Raft log index of a quorum queue on the local broker (its largest member)."""
-    if shutil.which("rabbitmq-queues") is None:
-        return None
-    out = subprocess.run(
-        ["rabbitmq-queues", "quorum_status", queue, "--formatter", "json"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    ).stdout
-    found = re.findall(r'"Log Index":\s*(\d+)', out)
-    return max(map(int, found)) if found else None
 
 
 def main(workers: int = 1) -> None:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -46,9 +48,8 @@ def broker_pid() -> int | None:
 
 
 class CpuMeter:
-    """CPU seconds spent by the processes of one measurement, read before and after:
-    by default the gateway, the worker with its children, RabbitMQ (when local, from
-    /proc) and this process, the load generator."""
+    """CPU seconds spent by the processes of one measurement (one reader each, None
+    where it cannot be read), read before and after."""
 
     def __init__(self, readers: dict[str, Callable[[], float | None] | None]) -> None:
         self._readers = readers
@@ -56,6 +57,8 @@ class CpuMeter:
 
     @classmethod
     def of_stack(cls, gateway: Gateway, worker: Worker) -> CpuMeter:
+        """The gateway, the worker with its children, RabbitMQ (when local, from /proc)
+        and this process, the load generator."""
         return cls(
             {
                 "gateway": lambda: cpu_seconds_of(gateway.pid),
@@ -84,6 +87,20 @@ def broker_cpu() -> Callable[[], float | None] | None:
     """A reader of the local RabbitMQ's CPU seconds; None when the broker is elsewhere."""
     pid = broker_pid()
     return None if pid is None else lambda: cpu_seconds_of(pid)
+
+
+def raft_index(queue: str) -> int | None:
+    """The Raft log index of a quorum queue on the local broker (its largest member)."""
+    if shutil.which("rabbitmq-queues") is None:
+        return None
+    out = subprocess.run(
+        ["rabbitmq-queues", "quorum_status", queue, "--formatter", "json"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    ).stdout
+    found = re.findall(r'"Log Index":\s*(\d+)', out)
+    return max(map(int, found)) if found else None
 
 
 def _own_cpu() -> float:

@@ -138,16 +138,13 @@ class TaskTable:
     def expect(self, queued: TaskEvent) -> Record:
         """Records a task this gateway just queued, before its event comes back from the
         stream, so that the submitter's next request finds it."""
-        record = self._tasks.get(queued.task_id)
-        if record is not None:
-            record.local = True
-            return record
-        record = self._insert(queued)
+        known = self._tasks.get(queued.task_id)
+        record = known or self._insert(queued)
         record.local = True
-        # now, not when the event comes back: admission judges a burst of submissions on
-        # all of them, not on those the stream has delivered so far
-        for listener in self.listeners:
-            listener(record, queued)
+        if known is None:
+            # now, not when the event comes back: admission judges a burst of submissions
+            # on all of them, not on those the stream has delivered so far
+            self._tell(record, queued)
         return record
 
     def apply(self, offset: int, event: TaskEvent) -> None:
@@ -165,6 +162,9 @@ class TaskTable:
             sub.push((offset, event))
         if event.terminal:
             record.done.set()
+        self._tell(record, event)
+
+    def _tell(self, record: Record, event: TaskEvent) -> None:
         for listener in self.listeners:
             listener(record, event)
 
