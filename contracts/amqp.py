@@ -28,6 +28,7 @@ from contracts.logs import log_reconnects
 from contracts.messages import CONTENT_TYPE, EVENT_TYPE, PARK_REASON_HEADER
 
 PERSISTENT = int(aio_pika.DeliveryMode.PERSISTENT)
+TRANSIENT = int(aio_pika.DeliveryMode.NOT_PERSISTENT)
 
 
 class CoalescingWriter(asyncio.StreamWriter):
@@ -132,9 +133,10 @@ async def publish(
     mandatory: bool = False,
     confirm_within: float,
 ) -> ConfirmationFrameType | None:
-    """Publishes and waits for the broker's confirm, straight through aiormq's channel
-    under `channel`: an aio_pika.Message costs about twenty attribute sets, each behind
-    a lock check, and a task costs a worker two messages out and the gateway two more.
+    """Publishes and waits for the broker's confirm (on a channel without confirms, for
+    nothing), straight through aiormq's channel under `channel`: an aio_pika.Message
+    costs about twenty attribute sets, each behind a lock check, and a task costs a
+    worker two messages out and the gateway three.
     As through aio-pika, a closed channel raises at once, a nack raises DeliveryError
     and an unroutable `mandatory` message PublishError (when the channel was opened
     with `on_return_raises`)."""

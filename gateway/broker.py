@@ -19,7 +19,7 @@ from aio_pika.abc import (
 )
 from aiormq.exceptions import DeliveryError, PublishError
 
-from contracts.amqp import PERSISTENT, connect, parked_copy, publish, publish_event
+from contracts.amqp import PERSISTENT, TRANSIENT, connect, parked_copy, publish, publish_event
 from contracts.background import Background
 from contracts.deadline import Deadline
 from contracts.declare import declare
@@ -54,7 +54,7 @@ class Broker:
         self.connection: AbstractRobustConnection | None = None
         self.channel: AbstractChannel | None = None
         self._control_exchange: AbstractExchange | None = None
-        self._notices: AbstractExchange | None = None
+        self._notices: AbstractChannel | None = None
         self._to_notify: set[str] = set()
         self._sending = Background()
 
@@ -70,8 +70,7 @@ class Broker:
         await declare(self.channel, self.topology, self.specs)
         self._control_exchange = await self.channel.get_exchange(self.topology.control_exchange)
         # work notices need no confirm: a lost one costs a worker's poll interval
-        notices = await self.connection.channel(publisher_confirms=False)
-        self._notices = await notices.get_exchange(self.topology.work_exchange)
+        self._notices = await self.connection.channel(publisher_confirms=False)
 
     async def close(self) -> None:
         if self.connection is not None:
@@ -186,15 +185,15 @@ class Broker:
         if self._notices is None:
             return
         try:
-            await self._notices.publish(
-                aio_pika.Message(
-                    WorkNotice(task=task).model_dump_json().encode(),
-                    content_type=CONTENT_TYPE,
-                    type=WORK_TYPE,
-                    delivery_mode=aio_pika.DeliveryMode.NOT_PERSISTENT,
+            await publish(
+                self._notices,
+                WorkNotice(task=task).model_dump_json().encode(),
+                aiormq.spec.Basic.Properties(
+                    content_type=CONTENT_TYPE, message_type=WORK_TYPE, delivery_mode=TRANSIENT
                 ),
-                task,
-                mandatory=False,  # no worker pulls this type (they consume it): nobody to tell
+                exchange=self.topology.work_exchange,
+                routing_key=task,  # not mandatory: no worker may pull this type (they consume it)
+                confirm_within=self.settings.publish_timeout,
             )
         except Exception as exc:  # a lost notice costs a worker's poll interval
             log.debug("work notice for %s not sent: %r", task, exc)
