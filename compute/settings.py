@@ -42,14 +42,6 @@ class WorkerSettings(CommonSettings):
         "and its first comes no sooner after its start: each report is an event every "
         "gateway reads, and a task shorter than this reports none",
     )
-    running_hold: float = Field(
-        default=0.02,
-        ge=0,
-        le=10,
-        description="a task's `running` event waits this long after its start (its time "
-        "stays the start's): a task that ends sooner sends it together with its outcome, "
-        "which costs the broker and every gateway one batch instead of two; 0 sends it at once",
-    )
     poll_interval: float = Field(
         default=1.0,
         gt=0,

@@ -423,39 +423,21 @@ class Worker:
             metrics.SLOTS_BUSY.dec()
 
     async def _run_in(self, delivery: Delivery, job: runner.Job, child: Child) -> Outcome:
-        # `running` waits up to `running_hold` seconds (its time is the start's): a task
-        # that ends sooner sends it with its outcome in one write, which the broker
-        # appends, confirms and delivers as one batch instead of two round trips. Its
-        # frames go out before the outcome's or a progress report's on the channel, so
-        # the stream keeps the order; progress waits for its confirm, the outcome does
-        # not (should a reconnect reorder them, a gateway ignores a `running` after the
-        # terminal event).
-        running = self._event(
-            delivery, EventType.RUNNING, attempt=delivery.attempt, slots=self.pool.size
+        # The task starts while `running` is being confirmed. Its frames go out first on
+        # the channel, so the stream keeps the order; progress waits for its confirm, the
+        # outcome does not (should a reconnect reorder them, a gateway ignores a
+        # `running` after the terminal event).
+        running = asyncio.ensure_future(
+            self._emit(delivery, EventType.RUNNING, attempt=delivery.attempt, slots=self.pool.size)
         )
-
-        def announce() -> asyncio.Future[None]:
-            if job.announced is None:
-                job.announced = asyncio.ensure_future(self._publish_event(running))
-            return job.announced
-
-        hold = self.settings.running_hold
-        held = asyncio.get_running_loop().call_later(hold, announce) if hold > 0 else None
-        if held is None:
-            announce()
-            await asyncio.sleep(0)  # let it write its frames before anything else
+        job.announced = running
+        await asyncio.sleep(0)  # let it write its frames before anything else
 
         async def on_progress(fraction: float, text: str | None) -> None:
-            await announce()
+            await running
             await self._emit(delivery, EventType.PROGRESS, progress=fraction, message=text)
 
-        try:
-            outcome = await runner.run(child, job, on_progress, self.settings.kill_grace)
-        finally:
-            if held is not None and job.announced is None:
-                held.cancel()
-                announce()
-                await asyncio.sleep(0)  # its frames first, the outcome's in the same write
+        outcome = await runner.run(child, job, on_progress, self.settings.kill_grace)
         if outcome.kind is Kind.SUCCEEDED and outcome.ran is not None:
             self.runtimes[delivery.task].add(outcome.ran, delivery.cost)
         return outcome
@@ -525,8 +507,8 @@ class Worker:
 
     # -- publishing ------------------------------------------------------------------
 
-    def _event(self, delivery: Delivery, event_type: EventType, **fields: object) -> TaskEvent:
-        return TaskEvent(
+    async def _emit(self, delivery: Delivery, event_type: EventType, **fields: object) -> None:
+        event = TaskEvent(
             type=event_type,
             task_id=delivery.task_id,
             task=delivery.task,
@@ -534,11 +516,6 @@ class Worker:
             owner=delivery.owner,
             **fields,
         )
-
-    async def _emit(self, delivery: Delivery, event_type: EventType, **fields: object) -> None:
-        await self._publish_event(self._event(delivery, event_type, **fields))
-
-    async def _publish_event(self, event: TaskEvent) -> None:
         assert self._events is not None
         events, stream = self._events, self.topology.events_stream
         await self._publish(lambda: publish_event(events, stream, event, confirm_within=5), stream)
