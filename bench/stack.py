@@ -112,6 +112,8 @@ class Stack:
     """A namespace with a gateway and workers, torn down (namespace deleted) on exit."""
 
     def __init__(self, **env: str) -> None:
+        # where its gateways and workers run from: set to another checkout, its code runs
+        self.cwd: Path | None = None
         self.namespace = f"tbbench-{uuid.uuid4().hex[:8]}"
         self.log_dir = Path(tempfile.mkdtemp(prefix="timebox-bench-"))
         self.env = {
@@ -123,15 +125,14 @@ class Stack:
         self.procs: list[Proc] = []
 
     def gateway(self, **env: str) -> Gateway:
-        g = Gateway(f"gateway{len(self.procs)}", {**self.env, **env}, self.log_dir)
+        g = Gateway(f"gateway{len(self.procs)}", {**self.env, **env}, self.log_dir, cwd=self.cwd)
         self.procs.append(g)
         g.wait_ready(60)
         return g
 
     def worker(self, concurrency: int, *extra: str, **env: str) -> Worker:
-        w = Worker(
-            f"worker{len(self.procs)}", {**self.env, **env}, self.log_dir, concurrency, *extra
-        )
+        name, env = f"worker{len(self.procs)}", {**self.env, **env}
+        w = Worker(name, env, self.log_dir, concurrency, *extra, cwd=self.cwd)
         self.procs.append(w)
         w.wait_ready(60)
         return w

@@ -35,7 +35,14 @@ class Proc:
     """A child program whose stderr is collected line by line, so a test can wait
     for a line to appear instead of sleeping."""
 
-    def __init__(self, name: str, args: list[str], env: dict[str, str], log_dir: Path) -> None:
+    def __init__(
+        self,
+        name: str,
+        args: list[str],
+        env: dict[str, str],
+        log_dir: Path,
+        cwd: Path | None = None,  # another checkout: its code runs (`python -m` looks here first)
+    ) -> None:
         self.name = name
         self.log_path = log_dir / f"{name}.log"
         self.lines: list[str] = []
@@ -47,6 +54,7 @@ class Proc:
             stderr=subprocess.PIPE,
             text=True,
             bufsize=1,
+            cwd=cwd,
             # killed when the test process dies: an interrupted run leaves no gateway or
             # worker behind (one that lives on would declare its deleted namespace again)
             preexec_fn=functools.partial(die_with_parent, os.getpid()),
@@ -113,12 +121,17 @@ class Proc:
 
 class Gateway(Proc):
     def __init__(
-        self, name: str, env: dict[str, str], log_dir: Path, port: int | None = None
+        self,
+        name: str,
+        env: dict[str, str],
+        log_dir: Path,
+        port: int | None = None,
+        cwd: Path | None = None,
     ) -> None:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         super().__init__(
-            name, [sys.executable, "-m", "gateway", "--port", str(self.port)], env, log_dir
+            name, [sys.executable, "-m", "gateway", "--port", str(self.port)], env, log_dir, cwd
         )
 
     def wait_ready(self, timeout: float = 20.0) -> None:
@@ -135,13 +148,20 @@ class Gateway(Proc):
 
 class Worker(Proc):
     def __init__(
-        self, name: str, env: dict[str, str], log_dir: Path, concurrency: int, *extra: str
+        self,
+        name: str,
+        env: dict[str, str],
+        log_dir: Path,
+        concurrency: int,
+        *extra: str,
+        cwd: Path | None = None,
     ) -> None:
         super().__init__(
             name,
             [sys.executable, "-m", "compute", "--concurrency", str(concurrency), *extra],
             env,
             log_dir,
+            cwd,
         )
 
     def wait_ready(self, timeout: float = 20.0) -> None:
