@@ -90,9 +90,9 @@ def checkout(revision: str | None) -> Iterator[Path | None]:
         shutil.rmtree(where.parent, ignore_errors=True)
 
 
-def _add_cpu(side: Side, meter: CpuMeter, calls: int) -> None:
+def _add_cpu(side: Side, ms_per_call: dict[str, float | None], calls: int) -> None:
     side.calls += calls
-    for k, ms in meter.ms_per(calls).items():
+    for k, ms in ms_per_call.items():
         if ms is not None:
             side.cpu_ms[k] = side.cpu_ms.get(k, 0.0) + ms * calls
 
@@ -106,7 +106,7 @@ def rpc_block(side: Side, client: httpx.Client) -> None:
         r = client.post(ECHO_RPC, json={"payload": i})
         samples.append(time.perf_counter() - start)
         assert r.status_code == 200, r.text
-    _add_cpu(side, meter, RPC_PER_BLOCK)
+    _add_cpu(side, meter.ms_per(RPC_PER_BLOCK), RPC_PER_BLOCK)
     side.latencies += samples
     side.blocks.append(statistics.median(samples) * 1000)
 
@@ -114,11 +114,7 @@ def rpc_block(side: Side, client: httpx.Client) -> None:
 def load_block(side: Side) -> None:
     meter = CpuMeter.of_stack(side.gateway, side.worker)
     out = asyncio.run(_calls_per_s(side.gateway.url, LOAD_SECONDS, "POST", ECHO_RPC, meter))
-    calls = round(out["calls_per_s"] * out["seconds"])
-    for k, ms in out["cpu_ms_per_call"].items():
-        if ms is not None:
-            side.cpu_ms[k] = side.cpu_ms.get(k, 0.0) + ms * calls
-    side.calls += calls
+    _add_cpu(side, out["cpu_ms_per_call"], round(out["calls_per_s"] * out["seconds"]))
     side.blocks.append(out["calls_per_s"])
 
 
@@ -159,7 +155,7 @@ def main() -> None:
     info = machine()
     print(
         f"{info['when']}: {info['cpu']}, {info['cores']} cores, Python {info['python']}, "
-        f"{info['rabbitmq']}; mode {args.mode}, {args.blocks} blocks per side of "
+        f"RabbitMQ {info['rabbitmq']}; mode {args.mode}, {args.blocks} blocks per side of "
         + (
             f"{RPC_PER_BLOCK} sequential RPCs"
             if args.mode == "rpc"
