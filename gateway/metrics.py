@@ -29,6 +29,11 @@ END_TO_END = Histogram(
 SSE_STREAMS = Gauge("timebox_sse_streams", "Open SSE streams on this gateway")
 BROKER_CONNECTED = Gauge("timebox_broker_connected", "1 while connected to RabbitMQ")
 TASKS_KNOWN = Gauge("timebox_tasks_known", "Tasks in this gateway's table")
+EVENTS_READ = Counter(
+    "timebox_gateway_events_read",
+    "Messages read from the event stream (the whole retention window at startup, then "
+    "each new one; read again after a reconnect, they would count twice)",
+)
 
 
 def observe(record: Record, event: TaskEvent) -> None:

@@ -72,6 +72,16 @@ class Proxy:
     def heal(self) -> None:
         self.cut_off = False
 
+    def drop(self) -> None:
+        """Closes every connection through it at once: the program sees its connection
+        reset and connects again (through the proxy)."""
+
+        def close_all() -> None:
+            for w in list(self._writers):
+                w.close()
+
+        self._loop.call_soon_threadsafe(close_all)
+
     def close(self) -> None:
         def stop() -> None:
             for w in list(self._writers):

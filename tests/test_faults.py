@@ -2,6 +2,7 @@
 fault an invariant checker counts tasks lost, duplicated terminal events and tasks
 that never ended."""
 
+import re
 import shutil
 import signal
 import subprocess
@@ -217,6 +218,47 @@ def test_a_partition_between_gateway_and_broker_is_noticed_and_heals(make_stack,
             assert after.status_code == 200
             gateway.wait_for_line("reconnected to RabbitMQ")
             assert_clean(stack, client, [before.json()["id"], after.json()["id"]])
+    finally:
+        proxy.close()
+
+
+def events_read(client: httpx.Client) -> float:
+    metrics = client.get("/metrics").text
+    found = re.search(r"^timebox_gateway_events_read_total (\S+)$", metrics, re.M)
+    assert found is not None
+    return float(found[1])
+
+
+def test_a_gateway_that_reconnects_reads_the_event_stream_on_from_where_it_was(
+    make_stack, amqp_url
+) -> None:
+    """Not from the start of the retention window again: with an hour of events there,
+    that would keep the gateway's core busy for minutes after every reconnect."""
+    url = urlsplit(amqp_url)
+    proxy = Proxy(url.port or 5672, url.hostname or "127.0.0.1")
+    try:
+        via_proxy = url._replace(netloc=f"{url.username}:{url.password}@127.0.0.1:{proxy.port}")
+        stack: Stack = make_stack()
+        gateway = stack.gateway(TIMEBOX_AMQP_URL=via_proxy.geturl())
+        stack.worker(1)
+        with stack.client() as client:
+            ids = []
+            for i in range(10):
+                r = client.post("/v1/tasks/echo", params={"wait": "true"}, json={"payload": i})
+                assert r.status_code == 200
+                ids.append(r.json()["id"])
+            before = events_read(client)
+            assert before >= 30
+            lines = len(gateway.lines)
+            proxy.drop()
+            gateway.wait_for_line("reconnected to RabbitMQ", 30, start=lines)
+            wait_until(lambda: client.get("/readyz").status_code == 200, 30, "ready again")
+            after = client.post("/v1/tasks/echo", params={"wait": "true"}, json={"payload": 10})
+            assert after.status_code == 200
+            ids.append(after.json()["id"])
+            read = events_read(client) - before
+            assert 3 <= read < 10, read  # the new task's events, not the thirty before again
+            assert_clean(stack, client, ids)
     finally:
         proxy.close()
 
