@@ -29,7 +29,7 @@ def log_reconnects(connection: Any, log: logging.Logger) -> None:
     """Makes each loss and recovery of a robust aio-pika connection one log line."""
 
     def lost(_sender: object, exc: BaseException | None = None) -> None:
-        if exc is not None:
+        if exc is not None and not connection.close_called:  # not our own close
             log.warning("lost the connection to RabbitMQ (%s); reconnecting", exc)
 
     def back(_sender: object, *_: object) -> None:

@@ -252,6 +252,7 @@ def test_a_gateway_that_reconnects_reads_the_event_stream_on_from_where_it_was(
             lines = len(gateway.lines)
             proxy.drop()
             gateway.wait_for_line("reconnected to RabbitMQ", 30, start=lines)
+            assert gateway.count("lost the connection") == 1  # one line for the loss
             wait_until(lambda: client.get("/readyz").status_code == 200, 30, "ready again")
             after = client.post("/v1/tasks/echo", params={"wait": "true"}, json={"payload": 10})
             assert after.status_code == 200
@@ -302,6 +303,8 @@ def test_sigterm_lets_a_worker_finish_its_task_and_hand_back_the_rest(make_stack
         wait_for_event(client, running, "running")
         worker.signal(signal.SIGTERM)
         assert worker.popen.wait(30) == 0
+        worker.stop()  # its log read to the end
+        assert worker.count("lost the connection") == 0  # its own close is no loss
         assert client.get(f"/v1/tasks/{running}").json()["state"] == "succeeded"
         assert client.get(f"/v1/tasks/{waiting}").json()["state"] == "queued"
         stack.worker(1)  # the handed-back task runs on the next worker
@@ -338,6 +341,8 @@ def test_sigterm_to_a_gateway_ends_its_streams_cleanly(make_stack) -> None:
     # uvicorn re-raises the signal once it has shut down cleanly
     assert gateway.popen.wait(15) in (0, -signal.SIGTERM)
     gateway.wait_for_line("Application shutdown complete")
+    gateway.stop()  # its log read to the end
+    assert gateway.count("lost the connection") == 0  # its own close is no loss
     assert "succeeded" not in kinds  # the stream ended early, without an error
 
 
