@@ -26,7 +26,6 @@ import shutil
 import statistics
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +33,7 @@ from pathlib import Path
 import httpx
 
 from bench.__main__ import machine
-from bench.latency import percentiles
+from bench.latency import _timed, percentiles
 from bench.stack import CpuMeter, Stack
 from bench.throughput import IN_FLIGHT, _calls_per_s
 from tests.harness import Gateway, Worker
@@ -100,12 +99,12 @@ def _add_cpu(side: Side, ms_per_call: dict[str, float | None], calls: int) -> No
 def rpc_block(side: Side, client: httpx.Client) -> None:
     meter = CpuMeter.of_stack(side.gateway, side.worker)
     meter.start()
-    samples = []
-    for i in range(RPC_PER_BLOCK):
-        start = time.perf_counter()
+
+    def rpc(i: int) -> None:
         r = client.post(ECHO_RPC, json={"payload": i})
-        samples.append(time.perf_counter() - start)
         assert r.status_code == 200, r.text
+
+    samples = _timed(RPC_PER_BLOCK, rpc)
     _add_cpu(side, meter.ms_per(RPC_PER_BLOCK), RPC_PER_BLOCK)
     side.latencies += samples
     side.blocks.append(statistics.median(samples) * 1000)

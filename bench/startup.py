@@ -14,66 +14,50 @@ reconnected, with `/healthz` answer times meanwhile.
 from __future__ import annotations
 
 import asyncio
-import json
 import sys
 import time
 import uuid
 
 import aio_pika
-import aiormq
 import httpx
 from yarl import URL
 
 from bench.stack import AMQP_URL, Stack
 from compute.pool import cpu_seconds_of
-from contracts.amqp import PERSISTENT, publish
-from contracts.messages import CONTENT_TYPE, EVENT_TYPE
-from contracts.topology import QueueDecl, Topology
+from contracts.amqp import publish_event
+from contracts.declare import declare
+from contracts.events import EventType, TaskEvent
+from contracts.topology import Topology
 from tests.proxy import Proxy
 
 BATCH = 3000
 AFTER = 10.0  # seconds watched after the reconnect
 
 
-def _events(n: int) -> list[bytes]:
-    at = time.time()
-    out: list[bytes] = []
-    while len(out) < n:
-        task = {"task_id": str(uuid.uuid4()), "task": "echo", "at": at}
-        out.append(json.dumps({"type": "queued", **task, "deadline_ms": int(at * 1000)}).encode())
-        out.append(json.dumps({"type": "running", **task, "worker": "w:1", "attempt": 1}).encode())
-        out.append(json.dumps({"type": "succeeded", **task, "result": {"payload": 1}}).encode())
-    return out[:n]
+def _events(n: int) -> list[TaskEvent]:
+    events: list[TaskEvent] = []
+    while len(events) < n:
+        task = {"task_id": str(uuid.uuid4()), "task": "echo"}
+        events += [
+            TaskEvent(type=EventType.QUEUED, deadline_ms=int(time.time() * 1000), **task),
+            TaskEvent(type=EventType.RUNNING, worker="w:1", attempt=1, **task),
+            TaskEvent(type=EventType.SUCCEEDED, worker="w:1", result={"payload": 1}, **task),
+        ]
+    return events[:n]
 
 
 async def fill(namespace: str, n: int) -> None:
     topology = Topology(namespace=namespace)
-    stream = topology.events_stream
-    arguments = next(
-        d.arguments
-        for d in topology.declarations([])
-        if isinstance(d, QueueDecl) and d.name == stream
-    )
     connection = await aio_pika.connect(AMQP_URL)
     async with connection:
         channel = await connection.channel(publisher_confirms=True)
-        await channel.declare_queue(stream, durable=True, arguments=arguments)
+        await declare(channel, topology, [])  # the stream, as a gateway declares it
         events = _events(n)
         for i in range(0, n, BATCH):
             await asyncio.gather(
                 *(
-                    publish(
-                        channel,
-                        body,
-                        aiormq.spec.Basic.Properties(
-                            content_type=CONTENT_TYPE,
-                            message_type=EVENT_TYPE,
-                            delivery_mode=PERSISTENT,
-                        ),
-                        routing_key=stream,
-                        confirm_within=60,
-                    )
-                    for body in events[i : i + BATCH]
+                    publish_event(channel, topology.events_stream, event, confirm_within=60)
+                    for event in events[i : i + BATCH]
                 )
             )
 
