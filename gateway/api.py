@@ -16,7 +16,7 @@ from sse_starlette import EventSourceResponse
 from starlette.types import Message
 
 from contracts.deadline import Deadline
-from contracts.errors import TaskNotFound, TimeboxError, UnknownTaskType
+from contracts.errors import BrokerUnavailable, TaskNotFound, TimeboxError, UnknownTaskType
 from contracts.events import EventType, TaskEvent, TaskState, TaskStatus
 from contracts.messages import CancelRequest
 from contracts.specs import TaskSpec
@@ -202,6 +202,8 @@ async def submit(
             return await respond(svc, request, earlier, _deadline_of(earlier, deadline), wait)
     cost = spec.cost_of(body)
     try:
+        if not svc.eventlog.reading:  # its outcome could not be seen here
+            raise BrokerUnavailable("not reading the event stream; retry shortly", retry_after=2)
         svc.admission.admit(spec, cost, deadline)
     except TimeboxError as exc:
         metrics.REFUSALS.labels(spec.name, exc.slug).inc()
@@ -441,6 +443,14 @@ def build_router(specs: dict[str, TaskSpec[Any]]) -> APIRouter:
                 "not-ready",
                 "Not ready",
                 "not connected to RabbitMQ",
+                headers={"Retry-After": "1"},
+            )
+        if not svc.eventlog.reading:
+            return problem(
+                503,
+                "not-ready",
+                "Not ready",
+                "not reading the event stream: reconnecting to RabbitMQ",
                 headers={"Retry-After": "1"},
             )
         if not svc.eventlog.caught_up.is_set():

@@ -33,21 +33,22 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         await broker.start()
         table = TaskTable(settings.task_table_size)
         table.listeners.append(metrics.observe)
-        metrics.BROKER_CONNECTED.set_function(lambda: float(broker.connected))
-        metrics.TASKS_KNOWN.set_function(lambda: float(len(table)))
         eventlog = EventLog(broker, table)
+        metrics.BROKER_CONNECTED.set_function(lambda: float(broker.connected and eventlog.reading))
+        metrics.TASKS_KNOWN.set_function(lambda: float(len(table)))
         admission = Admission(settings, broker, table, specs)
         app.state.services = Services(settings, broker, table, eventlog, admission, Auth(settings))
         await eventlog.start()
         await DeadLetters(broker, table).start()
         figures = asyncio.create_task(admission.run())
         streams = asyncio.create_task(app.state.services.end_streams_on_shutdown())
-        log.info("gateway ready on namespace %r", settings.namespace)
+        log.info("%s ready on namespace %r", broker.name, settings.namespace)
         try:
             yield
         finally:
             await stop(figures)
             await stop(streams)
+            await eventlog.close()
             await broker.close()
 
     app = FastAPI(

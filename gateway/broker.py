@@ -58,10 +58,15 @@ class Broker:
         self._to_notify: set[str] = set()
         self._sending = Background()
 
+    @property
+    def name(self) -> str:
+        """Its connection's name in the management UI."""
+        return f"gateway {self.instance[:8]}"
+
     async def start(self) -> None:
         self.connection = await connect(
             self.settings.amqp_url,
-            f"gateway {self.instance[:8]}",
+            self.name,
             heartbeat=self.settings.heartbeat,
             reconnect_interval=self.settings.reconnect_interval,
             log=log,

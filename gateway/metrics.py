@@ -27,7 +27,10 @@ END_TO_END = Histogram(
     "timebox_gateway_task_seconds", "From queued to the terminal event", ["task"], buckets=BUCKETS
 )
 SSE_STREAMS = Gauge("timebox_sse_streams", "Open SSE streams on this gateway")
-BROKER_CONNECTED = Gauge("timebox_broker_connected", "1 while connected to RabbitMQ")
+BROKER_CONNECTED = Gauge(
+    "timebox_broker_connected",
+    "1 while connected to RabbitMQ, both to publish and to read the event stream",
+)
 TASKS_KNOWN = Gauge("timebox_tasks_known", "Tasks in this gateway's table")
 EVENTS_READ = Counter(
     "timebox_gateway_events_read",

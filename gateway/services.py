@@ -43,10 +43,6 @@ class Services:
         closed = self.table.close_subscriptions()
         log.info("shutting down: ended %d event streams", closed)
 
-    @property
-    def ready(self) -> bool:
-        return self.broker.connected and self.eventlog.caught_up.is_set()
-
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         self.background.spawn(coro)
 

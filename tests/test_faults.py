@@ -252,7 +252,10 @@ def test_a_gateway_that_reconnects_reads_the_event_stream_on_from_where_it_was(
             lines = len(gateway.lines)
             proxy.drop()
             gateway.wait_for_line("reconnected to RabbitMQ", 30, start=lines)
-            assert gateway.count("lost the connection") == 1  # one line for the loss
+            gateway.wait_for_line("reading the event stream again", 30, start=lines)
+            # one line for each connection's loss: publishing, and reading the stream
+            assert gateway.count("lost the connection") == 1
+            assert gateway.count("stopped reading the event stream") == 1
             wait_until(lambda: client.get("/readyz").status_code == 200, 30, "ready again")
             after = client.post("/v1/tasks/echo", params={"wait": "true"}, json={"payload": 10})
             assert after.status_code == 200
@@ -262,6 +265,59 @@ def test_a_gateway_that_reconnects_reads_the_event_stream_on_from_where_it_was(
             assert_clean(stack, client, ids)
     finally:
         proxy.close()
+
+
+def _close_connection(name: str) -> None:
+    """Closes the connection of that name at the broker, as an operator can from the
+    management UI."""
+    listed = subprocess.run(
+        ["rabbitmqctl", "list_connections", "pid", "client_properties", "-q"],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    ).stdout
+    named = f'{{"connection_name","{name}"}}'  # as rabbitmqctl prints client properties
+    pids = [line.split("\t")[0] for line in listed.splitlines() if named in line]
+    assert len(pids) == 1, (named, listed)
+    subprocess.run(
+        ["rabbitmqctl", "close_connection", pids[0], "timebox fault test"],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
+
+
+def test_a_gateway_whose_stream_connection_is_closed_reads_on_from_where_it_was(
+    make_stack, amqp_url
+) -> None:
+    """The gateway reads the event stream on a connection of its own, and restores that
+    consumer itself: its publishing connection stays up meanwhile."""
+    if not _local_broker(amqp_url):
+        pytest.skip("needs the local broker and rabbitmqctl")
+    stack: Stack = make_stack()
+    gateway = stack.gateway()
+    stack.worker(1)
+    name = re.search(r"(gateway \w+) ready on namespace", gateway.wait_for_line("ready on"))
+    assert name is not None
+    with stack.client() as client:
+        ids = []
+        for i in range(5):
+            r = client.post("/v1/tasks/echo", params={"wait": "true"}, json={"payload": i})
+            assert r.status_code == 200
+            ids.append(r.json()["id"])
+        before = events_read(client)
+        lines = len(gateway.lines)
+        _close_connection(f"{name[1]} events")
+        gateway.wait_for_line("stopped reading the event stream", 30, start=lines)
+        gateway.wait_for_line("reading the event stream again", 30, start=lines)
+        wait_until(lambda: client.get("/readyz").status_code == 200, 30, "ready again")
+        after = client.post("/v1/tasks/echo", params={"wait": "true"}, json={"payload": 5})
+        assert after.status_code == 200
+        ids.append(after.json()["id"])
+        assert 3 <= events_read(client) - before < 10  # not the fifteen before again
+        assert gateway.count("lost the connection") == 0  # the publishing one stayed up
+        assert_clean(stack, client, ids)
 
 
 def test_a_subscriber_that_stops_reading_is_cut_off_and_slows_nobody(make_stack) -> None:
@@ -343,6 +399,7 @@ def test_sigterm_to_a_gateway_ends_its_streams_cleanly(make_stack) -> None:
     gateway.wait_for_line("Application shutdown complete")
     gateway.stop()  # its log read to the end
     assert gateway.count("lost the connection") == 0  # its own close is no loss
+    assert gateway.count("stopped reading the event stream") == 0
     assert "succeeded" not in kinds  # the stream ended early, without an error
 
 
