@@ -39,6 +39,9 @@ from gateway.tasktable import TaskTable
 log = logging.getLogger("timebox.gateway.events")
 
 PREFETCH = 2000
+# credit back well before the broker stops at PREFETCH unacked, and soon when it goes quiet
+ACK_EVERY = PREFETCH // 4
+ACK_AFTER = 0.005  # seconds
 
 Ends = tuple[asyncio.Future[Any], ...]
 
@@ -52,6 +55,8 @@ class EventLog:
         self._channel: AbstractChannel | None = None
         self._next_offset: int | None = None  # None: the first in the stream
         self._unacked: tuple[AbstractChannel, int] | None = None
+        self._unacked_count = 0
+        self._ack_timer: asyncio.TimerHandle | None = None
         self._acks = Background()
         self._following: asyncio.Task[None] | None = None
 
@@ -71,6 +76,8 @@ class EventLog:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._following
         await self._disconnect()
+        if self._ack_timer is not None:
+            self._ack_timer.cancel()
         await self._acks.cancel()
 
     async def _consume(self) -> Ends:
@@ -154,15 +161,23 @@ class EventLog:
                 self._ack_soon(message.channel, message.delivery_tag)
 
     def _ack_soon(self, channel: AbstractChannel, delivery_tag: int) -> None:
-        """One ack (`multiple`) for the messages handled in one turn of the loop: one
-        frame for the broker to handle instead of one per event."""
-        pending = self._unacked is not None
+        """Acks (`multiple`) in batches. On a stream an ack only gives the consumer
+        credit (nothing is redelivered for want of one), and one ack a loop turn was
+        a write(2) for a few events, 15 % of a gateway's time reading at startup."""
+        if self._unacked is not None and self._unacked[0] is not channel:
+            self._flush_acks()  # a new channel's tags say nothing about the old one's
         self._unacked = (channel, delivery_tag)
-        if not pending:
-            asyncio.get_running_loop().call_soon(self._flush_acks)
+        self._unacked_count += 1
+        if self._unacked_count >= ACK_EVERY:
+            self._flush_acks()
+        elif self._ack_timer is None:
+            self._ack_timer = asyncio.get_running_loop().call_later(ACK_AFTER, self._flush_acks)
 
     def _flush_acks(self) -> None:
-        unacked, self._unacked = self._unacked, None
+        if self._ack_timer is not None:
+            self._ack_timer.cancel()
+            self._ack_timer = None
+        unacked, self._unacked, self._unacked_count = self._unacked, None, 0
         if unacked is not None:
             self._acks.spawn(_ack(*unacked))
 
