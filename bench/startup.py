@@ -7,7 +7,7 @@ bench`:
 fills a fresh namespace's stream with EVENTS events (default 150,000: a third each
 `queued`, `running` and `succeeded`, of `echo` tasks), starts a gateway on it through
 a loopback proxy, and reports how long it took to become ready and the CPU it spent;
-then drops its connection and reports the CPU it spends in the 10 s after it has
+then drops its connections and reports the CPU it spends in the 10 s after it has
 reconnected, with `/healthz` answer times meanwhile.
 """
 
