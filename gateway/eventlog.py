@@ -106,7 +106,8 @@ class EventLog:
                     arguments={"x-stream-offset": offset},
                 )
             except BaseException:
-                await connection.close()
+                with contextlib.suppress(Exception):
+                    await connection.close()
                 raise
         self._connection, self._channel = connection, channel
         return (ended, connection.closing, channel.closing)
@@ -123,15 +124,15 @@ class EventLog:
                 self._next_offset,
             )
             await self._disconnect()
-            failures = 0
+            told = False
             while True:
                 try:
                     ends = await self._consume()
                     break
                 except Exception as exc:  # the broker still away: try again
-                    if failures == 0:
+                    if not told:
                         log.warning("cannot read the event stream yet (%r); retrying", exc)
-                    failures += 1
+                        told = True
                     await asyncio.sleep(interval)
             log.warning("reading the event stream again, from offset %s", self._next_offset)
 
