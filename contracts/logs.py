@@ -8,6 +8,8 @@ import sys
 from datetime import UTC, datetime
 from typing import Any
 
+from aiormq.exceptions import ConnectionClosed
+
 _STANDARD = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
 
 
@@ -53,4 +55,18 @@ def configure_logging(fmt: str = "text", level: int = logging.INFO) -> None:
     # aio-pika logs each channel callback of a dropped connection as an ERROR with a
     # traceback; the reconnect itself is what matters, and it is logged by us
     logging.getLogger("aio_pika.tools").setLevel(logging.CRITICAL)
+    logging.getLogger("aiormq.connection").addFilter(_broker_closes)
     logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
+def _broker_closes(record: logging.LogRecord) -> bool:
+    """Drops aiormq's lines for a connection the broker closed (an ERROR, then a
+    WARNING with a traceback): each program logs that loss as one line of its own. A
+    reader that failed otherwise (a malformed frame, say) still shows."""
+    if str(record.msg).startswith("Unexpected connection close from remote"):
+        return False
+    error = record.exc_info[1] if record.exc_info else None
+    return not (
+        str(record.msg).startswith("Cancelling cause reader exited abnormally")
+        and isinstance(error, ConnectionClosed)
+    )

@@ -117,8 +117,8 @@ def test_the_broker_closing_every_connection_loses_nothing(make_stack, amqp_url)
     if not _local_broker(amqp_url):
         pytest.skip("needs the local broker and rabbitmqctl")
     stack: Stack = make_stack()
-    stack.gateway()
-    stack.worker(2)
+    gateway = stack.gateway()
+    worker = stack.worker(2)
     with stack.client() as client:
         ids = [
             client.post("/v1/tasks/burn_cpu", json={"seconds": 0.3}).json()["id"] for _ in range(12)
@@ -162,6 +162,8 @@ def test_the_broker_closing_every_connection_loses_nothing(make_stack, amqp_url)
         watcher.join()
         assert seen[-1] == "succeeded"
         assert_clean(stack, client, ids)
+    for program in (gateway, worker):  # each loss its own line, no traceback
+        assert program.count("Traceback") == 0, program.name
 
 
 def test_a_client_resumes_on_another_gateway_with_no_gap_and_no_duplicate(make_stack) -> None:
@@ -317,6 +319,9 @@ def test_a_gateway_whose_stream_connection_is_closed_reads_on_from_where_it_was(
         ids.append(after.json()["id"])
         assert 3 <= events_read(client) - before < 10  # not the fifteen before again
         assert gateway.count("lost the connection") == 0  # the publishing one stayed up
+        # one line for the loss: not aiormq's ERROR and traceback besides
+        assert gateway.count("stopped reading the event stream") == 1
+        assert gateway.count("ERROR|Traceback") == 0
         assert_clean(stack, client, ids)
 
 
