@@ -438,30 +438,14 @@ def build_router(specs: dict[str, TaskSpec[Any]]) -> APIRouter:
     async def readyz(request: Request) -> Response:
         svc = services(request)
         if not svc.broker.connected:
-            return problem(
-                503,
-                "not-ready",
-                "Not ready",
-                "not connected to RabbitMQ",
-                headers={"Retry-After": "1"},
-            )
-        if not svc.eventlog.reading:
-            return problem(
-                503,
-                "not-ready",
-                "Not ready",
-                "not reading the event stream: reconnecting to RabbitMQ",
-                headers={"Retry-After": "1"},
-            )
-        if not svc.eventlog.caught_up.is_set():
-            return problem(
-                503,
-                "not-ready",
-                "Not ready",
-                "still reading the event stream",
-                headers={"Retry-After": "1"},
-            )
-        return JSONResponse({"status": "ready", "tasks_known": len(svc.table)})
+            why = "not connected to RabbitMQ"
+        elif not svc.eventlog.reading:
+            why = "not reading the event stream: reconnecting to RabbitMQ"
+        elif not svc.eventlog.caught_up.is_set():
+            why = "still reading the event stream"
+        else:
+            return JSONResponse({"status": "ready", "tasks_known": len(svc.table)})
+        return problem(503, "not-ready", "Not ready", why, headers={"Retry-After": "1"})
 
     return router
 

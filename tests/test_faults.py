@@ -224,6 +224,13 @@ def test_a_partition_between_gateway_and_broker_is_noticed_and_heals(make_stack,
         proxy.close()
 
 
+def echo_rpc(client: httpx.Client, payload: int) -> str:
+    """An RPC `echo` that must succeed; its task id."""
+    r = client.post("/v1/tasks/echo", params={"wait": "true"}, json={"payload": payload})
+    assert r.status_code == 200
+    return str(r.json()["id"])
+
+
 def events_read(client: httpx.Client) -> float:
     metrics = client.get("/metrics").text
     found = re.search(r"^timebox_gateway_events_read_total (\S+)$", metrics, re.M)
@@ -244,11 +251,7 @@ def test_a_gateway_that_reconnects_reads_the_event_stream_on_from_where_it_was(
         gateway = stack.gateway(TIMEBOX_AMQP_URL=via_proxy.geturl())
         stack.worker(1)
         with stack.client() as client:
-            ids = []
-            for i in range(10):
-                r = client.post("/v1/tasks/echo", params={"wait": "true"}, json={"payload": i})
-                assert r.status_code == 200
-                ids.append(r.json()["id"])
+            ids = [echo_rpc(client, i) for i in range(10)]
             before = events_read(client)
             assert before >= 30
             lines = len(gateway.lines)
@@ -259,9 +262,7 @@ def test_a_gateway_that_reconnects_reads_the_event_stream_on_from_where_it_was(
             assert gateway.count("lost the connection") == 1
             assert gateway.count("stopped reading the event stream") == 1
             wait_until(lambda: client.get("/readyz").status_code == 200, 30, "ready again")
-            after = client.post("/v1/tasks/echo", params={"wait": "true"}, json={"payload": 10})
-            assert after.status_code == 200
-            ids.append(after.json()["id"])
+            ids.append(echo_rpc(client, 10))
             read = events_read(client) - before
             assert 3 <= read < 10, read  # the new task's events, not the thirty before again
             assert_clean(stack, client, ids)
@@ -303,20 +304,14 @@ def test_a_gateway_whose_stream_connection_is_closed_reads_on_from_where_it_was(
     name = re.search(r"(gateway \w+) ready on namespace", gateway.wait_for_line("ready on"))
     assert name is not None
     with stack.client() as client:
-        ids = []
-        for i in range(5):
-            r = client.post("/v1/tasks/echo", params={"wait": "true"}, json={"payload": i})
-            assert r.status_code == 200
-            ids.append(r.json()["id"])
+        ids = [echo_rpc(client, i) for i in range(5)]
         before = events_read(client)
         lines = len(gateway.lines)
         _close_connection(f"{name[1]} events")
         gateway.wait_for_line("stopped reading the event stream", 30, start=lines)
         gateway.wait_for_line("reading the event stream again", 30, start=lines)
         wait_until(lambda: client.get("/readyz").status_code == 200, 30, "ready again")
-        after = client.post("/v1/tasks/echo", params={"wait": "true"}, json={"payload": 5})
-        assert after.status_code == 200
-        ids.append(after.json()["id"])
+        ids.append(echo_rpc(client, 5))
         assert 3 <= events_read(client) - before < 10  # not the fifteen before again
         assert gateway.count("lost the connection") == 0  # the publishing one stayed up
         # one line for the loss: not aiormq's ERROR and traceback besides
