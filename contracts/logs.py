@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import sys
 from datetime import UTC, datetime
 from typing import Any
 
-from aiormq.exceptions import ConnectionClosed
+from aiormq.exceptions import AMQPConnectionError, ConnectionClosed
 
 _STANDARD = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
 
@@ -28,13 +29,19 @@ class JsonFormatter(logging.Formatter):
 
 
 def log_reconnects(connection: Any, log: logging.Logger) -> None:
-    """Makes each loss and recovery of a robust aio-pika connection one log line."""
+    """Makes each loss and recovery of a robust aio-pika connection one log line (its
+    failed attempts to connect again meanwhile are not losses)."""
+    down = False
 
     def lost(_sender: object, exc: BaseException | None = None) -> None:
-        if exc is not None and not connection.close_called:  # not our own close
+        nonlocal down
+        if exc is not None and not connection.close_called and not down:  # not our close
+            down = True
             log.warning("lost the connection to RabbitMQ (%s); reconnecting", exc)
 
     def back(_sender: object, *_: object) -> None:
+        nonlocal down
+        down = False
         log.warning("reconnected to RabbitMQ")
 
     connection.close_callbacks.add(lost)
@@ -55,18 +62,22 @@ def configure_logging(fmt: str = "text", level: int = logging.INFO) -> None:
     # aio-pika logs each channel callback of a dropped connection as an ERROR with a
     # traceback; the reconnect itself is what matters, and it is logged by us
     logging.getLogger("aio_pika.tools").setLevel(logging.CRITICAL)
-    logging.getLogger("aiormq.connection").addFilter(_broker_closes)
+    logging.getLogger("aiormq.connection").addFilter(_connection_losses)
     logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
-def _broker_closes(record: logging.LogRecord) -> bool:
-    """Drops aiormq's lines for a connection the broker closed (an ERROR, then a
-    WARNING with a traceback): each program logs that loss as one line of its own. A
-    reader that failed otherwise (a malformed frame, say) still shows."""
+def _connection_losses(record: logging.LogRecord) -> bool:
+    """Drops aiormq's lines for a connection the broker closed or the network dropped
+    (an ERROR, a WARNING with a traceback): each program logs that loss as one line of
+    its own. A reader that failed otherwise (a malformed frame, say) still shows."""
     if str(record.msg).startswith("Unexpected connection close from remote"):
         return False
+    if not str(record.msg).startswith("Cancelling cause reader exited abnormally"):
+        return True
     error = record.exc_info[1] if record.exc_info else None
+    if isinstance(error, ConnectionClosed):
+        return False
     return not (
-        str(record.msg).startswith("Cancelling cause reader exited abnormally")
-        and isinstance(error, ConnectionClosed)
+        isinstance(error, AMQPConnectionError)  # the socket ended or was reset
+        and isinstance(error.__cause__, asyncio.IncompleteReadError | ConnectionError)
     )
