@@ -30,7 +30,7 @@ from compute.leasing import Notices, QueueConsumers
 from compute.outcome import Disposition, Kind, Outcome, settle
 from compute.pool import Child, Pool
 from compute.settings import WorkerSettings
-from contracts.amqp import connect, parked_copy, publish_event
+from contracts.amqp import connect, parked_copy, publish_event, until_confirmed
 from contracts.background import Background
 from contracts.deadline import DEADLINE_HEADER, Deadline
 from contracts.declare import counts, declare
@@ -528,15 +528,7 @@ class Worker:
 
     async def _publish(self, publish: Callable[[], Awaitable[object]], routing_key: str) -> None:
         """Publishes with a confirm, retrying across reconnects: an outcome is never dropped."""
-        delay = 0.05
-        while True:
-            try:
-                await publish()
-                return
-            except Exception as exc:
-                log.warning("publish to %s failed (%s); retrying", routing_key, exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+        await until_confirmed(publish, f"a message to {routing_key}", log)
 
 
 async def _ignore(message: AbstractIncomingMessage) -> None:

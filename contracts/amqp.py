@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aio_pika
@@ -153,6 +155,40 @@ async def publish(
             mandatory=mandatory,
             wait=False,  # the confirm comes after the frames are written: no drain to wait for
         )
+
+
+async def until_confirmed(
+    publish: Callable[[], Awaitable[object]],
+    what: str,
+    log: logging.Logger,
+    *,
+    give_up_at: float | None = None,
+) -> bool:
+    """Calls `publish` until it returns (the broker has confirmed), across reconnects:
+    for a message that must not be lost to an outage, such as an outcome. Returns False
+    if `give_up_at` (epoch seconds) passed first, once the message no longer matters.
+    The first failure is logged as a warning, the retries that follow at debug level:
+    the outage has its own line."""
+    delay, failures = 0.05, 0
+    while True:
+        try:
+            await publish()
+            if failures:
+                log.info("published %s after %d failed attempts", what, failures)
+            return True
+        except Exception as exc:
+            failures += 1
+            if give_up_at is not None and time.time() + delay >= give_up_at:
+                log.warning("gave up publishing %s: it no longer matters (%s)", what, exc)
+                return False
+            log.log(
+                logging.WARNING if failures == 1 else logging.DEBUG,
+                "publishing %s failed (%s); retrying until the broker confirms it",
+                what,
+                exc,
+            )
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 2.0)
 
 
 def parked_copy(message: AbstractIncomingMessage, reason: str) -> aio_pika.Message:

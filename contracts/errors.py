@@ -11,6 +11,7 @@ involved, one terminal event.
      ├── DeadlineUnmeetable      422  this input alone cannot finish in time  → rejected
      ├── Overloaded              503  backlog or full queue; retry later       → rejected
      └── BrokerUnavailable       503  no confirmed publish possible right now
+          └── ConfirmLost        503  no confirm came: the message may be queued or not
 """
 
 from __future__ import annotations
@@ -81,3 +82,8 @@ class BrokerUnavailable(TimeboxError):
     status = 503
     slug = "broker-unavailable"
     title = "Message broker unavailable"
+
+
+class ConfirmLost(BrokerUnavailable):
+    """A publish timed out or its connection went before the confirm: the broker may
+    still have taken the message (a blocked connection sends it once unblocked)."""

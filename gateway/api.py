@@ -15,8 +15,15 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sse_starlette import EventSourceResponse
 from starlette.types import Message
 
+from contracts.amqp import until_confirmed
 from contracts.deadline import Deadline
-from contracts.errors import BrokerUnavailable, TaskNotFound, TimeboxError, UnknownTaskType
+from contracts.errors import (
+    BrokerUnavailable,
+    ConfirmLost,
+    TaskNotFound,
+    TimeboxError,
+    UnknownTaskType,
+)
 from contracts.events import EventType, TaskEvent, TaskState, TaskStatus
 from contracts.messages import CancelRequest
 from contracts.specs import TaskSpec
@@ -202,6 +209,7 @@ async def submit(
             return await respond(svc, request, earlier, _deadline_of(earlier, deadline), wait)
     cost = spec.cost_of(body)
     try:
+        svc.broker.require_connected()  # refused before anything is sent or to be undone
         if not svc.eventlog.reading:  # its outcome could not be seen here
             raise BrokerUnavailable("not reading the event stream; retry shortly", retry_after=2)
         svc.admission.admit(spec, cost, deadline)
@@ -232,19 +240,42 @@ async def submit(
         task_sent = True
         await event_sent
     except TimeboxError as exc:
-        event_sent.cancel()
+        _forget(event_sent)
         record.refused = True  # an idempotent retry must not find it
-        if task_sent:  # queued, but unannounced: make sure it never runs
-            cancel = CancelRequest(task_id=task_id, deadline_ms=deadline.epoch_ms, announced=True)
-            svc.spawn(svc.broker.publish_cancel(cancel))
         metrics.REFUSALS.labels(spec.name, exc.slug).inc()
+        # The client hears 503; the rest must hear it too, even across a reconnect. Both
+        # matter only until the deadline: then the task message expires unstarted.
+        if task_sent or isinstance(exc, ConfirmLost):  # it may be queued: it must not run
+            cancel = CancelRequest(task_id=task_id, deadline_ms=deadline.epoch_ms, announced=True)
+            svc.spawn(
+                until_confirmed(
+                    lambda: svc.broker.publish_cancel(cancel),
+                    f"the cancel of refused task {task_id}",
+                    log,
+                    give_up_at=deadline.epoch,
+                )
+            )
         rejected = TaskEvent(
             type=EventType.REJECTED, task_id=task_id, task=spec.name, owner=owner, reason=exc.detail
         )
-        svc.spawn(svc.broker.publish_event(rejected))
+        svc.spawn(
+            until_confirmed(
+                lambda: svc.broker.publish_event(rejected),
+                f"the rejected event of task {task_id}",
+                log,
+                give_up_at=deadline.epoch,
+            )
+        )
         raise
     log.debug("queued %s %s (deadline in %.3f s)", spec.name, task_id, deadline.remaining())
     return await respond(svc, request, record, deadline, wait)
+
+
+def _forget(publishing: asyncio.Future[None]) -> None:
+    """Stops a publish whose outcome no longer matters; a failure it has already had is
+    the one being answered, not one to log as never retrieved."""
+    if not publishing.cancel() and not publishing.cancelled():
+        publishing.exception()
 
 
 def _deadline_of(record: Record, fallback: Deadline) -> Deadline:

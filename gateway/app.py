@@ -48,6 +48,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         finally:
             await stop(figures)
             await stop(streams)
+            await app.state.services.background.cancel()
             await eventlog.close()
             await broker.close()
 

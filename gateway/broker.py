@@ -23,7 +23,7 @@ from contracts.amqp import PERSISTENT, TRANSIENT, connect, parked_copy, publish,
 from contracts.background import Background
 from contracts.deadline import Deadline
 from contracts.declare import declare
-from contracts.errors import BrokerUnavailable, Overloaded
+from contracts.errors import BrokerUnavailable, ConfirmLost, Overloaded
 from contracts.events import TaskEvent
 from contracts.messages import (
     CONTENT_TYPE,
@@ -90,10 +90,15 @@ class Broker:
             and not self.channel.is_closed
         )
 
+    def require_connected(self) -> None:
+        """Raises the 503 of a gateway that cannot publish now."""
+        if not self.connected:
+            raise _not_connected()
+
     def _live_channel(self) -> AbstractChannel:
         """The publishing channel, or 503 at once while the connection is down."""
-        if self.channel is None or not self.connected:
-            raise _not_connected()
+        self.require_connected()
+        assert self.channel is not None
         return self.channel
 
     async def _publish(
@@ -117,9 +122,9 @@ class Broker:
                 f"queue {routing_key!r} is full (the broker refused the message)", retry_after=1
             ) from exc
         except (TimeoutError, ConnectionError, RuntimeError) as exc:
-            raise BrokerUnavailable(f"no confirm from RabbitMQ: {exc!r}", retry_after=2) from exc
+            raise ConfirmLost(f"no confirm from RabbitMQ: {exc!r}", retry_after=2) from exc
         except aio_pika.exceptions.AMQPError as exc:
-            raise BrokerUnavailable(f"RabbitMQ error: {exc!r}", retry_after=2) from exc
+            raise ConfirmLost(f"RabbitMQ error: {exc!r}", retry_after=2) from exc
 
     async def publish_event(self, event: TaskEvent) -> None:
         channel = self._live_channel()

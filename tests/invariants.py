@@ -6,6 +6,7 @@ import asyncio
 import collections
 import json
 from dataclasses import dataclass
+from typing import Any
 
 import aio_pika
 import httpx
@@ -50,8 +51,19 @@ def check(client: httpx.Client, task_ids: list[str], amqp_url: str, namespace: s
 
 
 async def _raw_terminals(amqp_url: str, namespace: str) -> collections.Counter[str]:
-    """Terminal events per task in the whole stream, read from its first offset."""
-    counts: collections.Counter[str] = collections.Counter()
+    """Terminal events per task in the whole stream."""
+    terminal = {t.value for t in TERMINAL}
+    return collections.Counter(
+        event["task_id"]
+        for event in await raw_events(amqp_url, namespace)
+        if event["type"] in terminal
+    )
+
+
+async def raw_events(amqp_url: str, namespace: str) -> list[dict[str, Any]]:
+    """Every task event in the stream, read from its first offset, as the workers and
+    gateways published them (a gateway ignores what comes after a terminal event)."""
+    events: list[dict[str, Any]] = []
     connection = await aio_pika.connect(amqp_url)
     async with connection:
         channel = await connection.channel()
@@ -64,9 +76,7 @@ async def _raw_terminals(amqp_url: str, namespace: str) -> collections.Counter[s
             seen += 1
             await message.ack()
             if message.type == "timebox.event":
-                event = json.loads(message.body)
-                if event["type"] in {t.value for t in TERMINAL}:
-                    counts[event["task_id"]] += 1
+                events.append(json.loads(message.body))
 
         tag = await queue.consume(on_message, arguments={"x-stream-offset": "first"})
         last = -1
@@ -74,4 +84,4 @@ async def _raw_terminals(amqp_url: str, namespace: str) -> collections.Counter[s
             last = seen
             await asyncio.sleep(0.5)
         await queue.cancel(tag)
-    return counts
+    return events

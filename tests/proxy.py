@@ -1,7 +1,7 @@
 """A TCP proxy on loopback between a program and the broker, which a test can cut
-(bytes are swallowed both ways: a silent partition, as on a real network) and heal.
-Given several targets it connects to the first that answers, like a load balancer in
-front of a cluster."""
+(bytes are swallowed both ways: a silent partition, as on a real network) and heal,
+drop connections from, or have refuse new ones. Given several targets it connects to
+the first that answers, like a load balancer in front of a cluster."""
 
 from __future__ import annotations
 
@@ -17,7 +17,9 @@ class Proxy:
         self.targets = [(target_host, p) for p in (target_port, *more)]
         self.port = free_port()
         self.cut_off = False
+        self.refusing = False  # new connections are closed at once
         self._writers: set[asyncio.StreamWriter] = set()
+        self._accepted: list[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = []
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -40,6 +42,9 @@ class Proxy:
         self._loop.close()
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.refusing:
+            writer.close()
+            return
         for target in self.targets:
             try:
                 up_reader, up_writer = await asyncio.open_connection(*target)
@@ -50,6 +55,7 @@ class Proxy:
             writer.close()
             return
         self._writers.update({writer, up_writer})
+        self._accepted.append((writer, up_writer))
         await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
 
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -72,15 +78,16 @@ class Proxy:
     def heal(self) -> None:
         self.cut_off = False
 
-    def drop(self) -> None:
-        """Closes every connection through it at once: the program sees its connection
-        reset and connects again (through the proxy)."""
+    def drop(self, index: int | None = None) -> None:
+        """Closes every connection through it at once, or only the index-th it accepted:
+        the program sees its connection reset and connects again (through the proxy)."""
 
-        def close_all() -> None:
-            for w in list(self._writers):
+        def close() -> None:
+            writers = list(self._writers) if index is None else self._accepted[index]
+            for w in writers:
                 w.close()
 
-        self._loop.call_soon_threadsafe(close_all)
+        self._loop.call_soon_threadsafe(close)
 
     def close(self) -> None:
         def stop() -> None:

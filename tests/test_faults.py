@@ -2,14 +2,18 @@
 fault an invariant checker counts tasks lost, duplicated terminal events and tasks
 that never ended."""
 
+import asyncio
+import contextlib
 import re
 import shutil
 import signal
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from urllib.parse import urlsplit
 
+import aio_pika
 import httpx
 import pytest
 from httpx_sse import connect_sse
@@ -318,6 +322,119 @@ def test_a_gateway_whose_stream_connection_is_closed_reads_on_from_where_it_was(
         # one line for the loss: not aiormq's ERROR and traceback besides
         assert gateway.count("stopped reading the event stream") == 1
         assert gateway.count("ERROR|Traceback") == 0
+        assert_clean(stack, client, ids)
+
+
+def _tasks_known(client: httpx.Client) -> float:
+    found = re.search(r"^timebox_tasks_known (\S+)$", client.get("/metrics").text, re.M)
+    assert found is not None
+    return float(found[1])
+
+
+def test_a_gateway_that_cannot_publish_refuses_at_once_and_leaves_nothing_behind(
+    make_stack, amqp_url
+) -> None:
+    """Its publishing connection is down, its reading one up: a task is refused before
+    anything is recorded or sent, so there is nothing to undo and nothing to log."""
+    url = urlsplit(amqp_url)
+    proxy = Proxy(url.port or 5672, url.hostname or "127.0.0.1")
+    try:
+        via_proxy = url._replace(netloc=f"{url.username}:{url.password}@127.0.0.1:{proxy.port}")
+        stack: Stack = make_stack()
+        gateway = stack.gateway(TIMEBOX_AMQP_URL=via_proxy.geturl())
+        stack.worker(1)
+        with stack.client() as client:
+            ids = [echo_rpc(client, 0)]
+            known = _tasks_known(client)
+            proxy.refusing = True  # it cannot reconnect until the end
+            proxy.drop(0)  # the first connection a gateway opens: the publishing one
+            wait_until(lambda: client.get("/readyz").status_code == 503, 10, "not ready")
+            refused = client.post("/v1/tasks/echo", json={"payload": 1})
+            assert refused.status_code == 503
+            assert refused.json()["detail"] == "not connected to RabbitMQ; retry shortly"
+            assert _tasks_known(client) == known
+            gateway.wait_for_line("Connection attempt .* failed", 30)  # refused: not a loss
+            proxy.refusing = False
+            gateway.wait_for_line("reconnected to RabbitMQ", 30)
+            assert gateway.count("lost the connection") == 1
+            wait_until(lambda: client.get("/readyz").status_code == 200, 30, "ready again")
+            ids.append(echo_rpc(client, 2))
+            assert gateway.count("stopped reading the event stream") == 0
+            assert gateway.count("ERROR|Traceback") == 0
+            assert_clean(stack, client, ids)
+    finally:
+        proxy.close()
+
+
+@contextlib.contextmanager
+def _memory_alarm(amqp_url: str) -> Iterator[None]:
+    """RabbitMQ's memory alarm, raised and then cleared: meanwhile it reads nothing
+    from a connection that publishes, and takes what it holds once the alarm ends.
+    Entered once a probe's publish goes unconfirmed: the alarm reaches each connection
+    a moment after rabbitmqctl returns."""
+
+    def ctl(*args: str) -> str:
+        done = subprocess.run(
+            ["rabbitmqctl", "-q", *args], check=True, capture_output=True, text=True, timeout=30
+        )
+        return done.stdout.strip()
+
+    async def probe() -> aio_pika.abc.AbstractConnection:
+        connection = await aio_pika.connect(amqp_url)
+        channel = await connection.channel(publisher_confirms=True)
+        while True:  # an unroutable message: confirmed at once, unless the alarm holds it
+            try:
+                await channel.default_exchange.publish(aio_pika.Message(b""), "none", timeout=0.5)
+            except TimeoutError:
+                return connection
+
+    was = ctl("eval", "vm_memory_monitor:get_vm_memory_high_watermark().")
+    absolute = re.fullmatch(r"\{absolute,(\d+)\}", was)
+    loop = asyncio.new_event_loop()
+    connection: aio_pika.abc.AbstractConnection | None = None
+    ctl("set_vm_memory_high_watermark", "absolute", "1")
+    try:
+        connection = loop.run_until_complete(asyncio.wait_for(probe(), 15))
+        yield
+    finally:
+        ctl("set_vm_memory_high_watermark", *(["absolute", absolute[1]] if absolute else [was]))
+        if connection is not None:
+            with contextlib.suppress(Exception):
+                loop.run_until_complete(asyncio.wait_for(connection.close(), 5))
+        loop.close()
+
+
+def test_a_task_whose_publish_is_not_confirmed_is_refused_and_never_runs(
+    make_stack, amqp_url
+) -> None:
+    """No confirm within the publish timeout: the client hears 503, though the broker
+    may take the task later (here: when the alarm ends). The gateway cancels it and
+    announces it rejected, each retried until the broker confirms it."""
+    if not _local_broker(amqp_url):
+        pytest.skip("needs the local broker and rabbitmqctl")
+    stack: Stack = make_stack()
+    gateway = stack.gateway(TIMEBOX_PUBLISH_TIMEOUT="1")
+    worker = stack.worker(1)
+    with stack.client() as client:
+        ids = [echo_rpc(client, 0)]
+        with _memory_alarm(stack.amqp_url):
+            refused = client.post(
+                "/v1/tasks/burn_cpu",
+                headers={"Request-Timeout": "30"},
+                json={"seconds": 1.0},
+                timeout=15,
+            )
+            assert refused.status_code == 503, refused.text
+            gateway.wait_for_line("publishing the rejected event of task .* failed", 15)
+        line = gateway.wait_for_line("published the rejected event of task (\\S+) after", 30)
+        task_id = line.split("rejected event of task ")[1].split()[0]
+        gateway.wait_for_line(f"published the cancel of refused task {task_id}", 30)
+        worker.wait_for_line(f"cancelled burn_cpu {task_id}", 30)
+        ids.append(echo_rpc(client, 1))
+        assert client.get(f"/v1/tasks/{task_id}").json()["state"] == "rejected"
+        published = asyncio.run(invariants.raw_events(stack.amqp_url, stack.namespace))
+        assert "succeeded" not in [e["type"] for e in published if e["task_id"] == task_id]
+        assert gateway.count("Traceback") == 0
         assert_clean(stack, client, ids)
 
 
