@@ -20,7 +20,15 @@ from httpx_sse import connect_sse
 
 from tests import invariants
 from tests.conftest import LOCAL_AMQP_URL, Stack
-from tests.harness import Worker, alive, process_tree, task_events, wait_for_event, wait_until
+from tests.harness import (
+    Gateway,
+    Worker,
+    alive,
+    process_tree,
+    task_events,
+    wait_for_event,
+    wait_until,
+)
 from tests.proxy import Proxy
 
 pytestmark = pytest.mark.timeout(120)
@@ -197,13 +205,21 @@ def test_a_client_resumes_on_another_gateway_with_no_gap_and_no_duplicate(make_s
         assert again.status_code == 204
 
 
-def test_a_partition_between_gateway_and_broker_is_noticed_and_heals(make_stack, amqp_url):
+@contextlib.contextmanager
+def _gateway_through_proxy(stack: Stack, amqp_url: str) -> Iterator[tuple[Gateway, Proxy]]:
+    """A gateway whose broker connections go through a proxy the test controls."""
     url = urlsplit(amqp_url)
     proxy = Proxy(url.port or 5672, url.hostname or "127.0.0.1")
     try:
         via_proxy = url._replace(netloc=f"{url.username}:{url.password}@127.0.0.1:{proxy.port}")
-        stack: Stack = make_stack(TIMEBOX_HEARTBEAT="2")
-        gateway = stack.gateway(TIMEBOX_AMQP_URL=via_proxy.geturl())
+        yield stack.gateway(TIMEBOX_AMQP_URL=via_proxy.geturl()), proxy
+    finally:
+        proxy.close()
+
+
+def test_a_partition_between_gateway_and_broker_is_noticed_and_heals(make_stack, amqp_url):
+    stack: Stack = make_stack(TIMEBOX_HEARTBEAT="2")
+    with _gateway_through_proxy(stack, amqp_url) as (gateway, proxy):
         stack.worker(1)
         with stack.client() as client:
             before = client.post("/v1/tasks/echo", params={"wait": "true"}, json={"payload": 0})
@@ -224,8 +240,6 @@ def test_a_partition_between_gateway_and_broker_is_noticed_and_heals(make_stack,
             assert after.status_code == 200
             gateway.wait_for_line("reconnected to RabbitMQ")
             assert_clean(stack, client, [before.json()["id"], after.json()["id"]])
-    finally:
-        proxy.close()
 
 
 def echo_rpc(client: httpx.Client, payload: int) -> str:
@@ -247,12 +261,8 @@ def test_a_gateway_that_reconnects_reads_the_event_stream_on_from_where_it_was(
 ) -> None:
     """Not from the start of the retention window again: with an hour of events there,
     that would keep the gateway's core busy for minutes after every reconnect."""
-    url = urlsplit(amqp_url)
-    proxy = Proxy(url.port or 5672, url.hostname or "127.0.0.1")
-    try:
-        via_proxy = url._replace(netloc=f"{url.username}:{url.password}@127.0.0.1:{proxy.port}")
-        stack: Stack = make_stack()
-        gateway = stack.gateway(TIMEBOX_AMQP_URL=via_proxy.geturl())
+    stack: Stack = make_stack()
+    with _gateway_through_proxy(stack, amqp_url) as (gateway, proxy):
         stack.worker(1)
         with stack.client() as client:
             ids = [echo_rpc(client, i) for i in range(10)]
@@ -271,8 +281,6 @@ def test_a_gateway_that_reconnects_reads_the_event_stream_on_from_where_it_was(
             read = events_read(client) - before
             assert 3 <= read < 10, read  # the new task's events, not the thirty before again
             assert_clean(stack, client, ids)
-    finally:
-        proxy.close()
 
 
 def _close_connection(name: str) -> None:
@@ -336,12 +344,8 @@ def test_a_gateway_that_cannot_publish_refuses_at_once_and_leaves_nothing_behind
 ) -> None:
     """Its publishing connection is down, its reading one up: a task is refused before
     anything is recorded or sent, so there is nothing to undo and nothing to log."""
-    url = urlsplit(amqp_url)
-    proxy = Proxy(url.port or 5672, url.hostname or "127.0.0.1")
-    try:
-        via_proxy = url._replace(netloc=f"{url.username}:{url.password}@127.0.0.1:{proxy.port}")
-        stack: Stack = make_stack()
-        gateway = stack.gateway(TIMEBOX_AMQP_URL=via_proxy.geturl())
+    stack: Stack = make_stack()
+    with _gateway_through_proxy(stack, amqp_url) as (gateway, proxy):
         stack.worker(1)
         with stack.client() as client:
             ids = [echo_rpc(client, 0)]
@@ -362,8 +366,6 @@ def test_a_gateway_that_cannot_publish_refuses_at_once_and_leaves_nothing_behind
             assert gateway.count("stopped reading the event stream") == 0
             assert gateway.count("ERROR|Traceback") == 0
             assert_clean(stack, client, ids)
-    finally:
-        proxy.close()
 
 
 @contextlib.contextmanager
