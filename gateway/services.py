@@ -12,8 +12,9 @@ from typing import Any
 import anyio
 from fastapi import Request
 
+from contracts.amqp import until_confirmed
 from contracts.background import Background
-from contracts.errors import TaskAlreadyEnded, TaskNotFound
+from contracts.errors import ConfirmLost, TaskAlreadyEnded, TaskNotFound, TimeboxError
 from contracts.events import EventType, TaskEvent, TaskState
 from contracts.messages import CancelRequest
 from gateway.admission import Admission
@@ -67,26 +68,57 @@ class Services:
     async def cancel(self, record: Record, why: str) -> None:
         """Cancels a task that has not ended. A queued one is announced `cancelled` at
         once (its message is dropped when a worker gets it, or expires); a running one
-        is killed by its worker, which announces it."""
+        is killed by its worker, which announces it. Once the cancel may have reached
+        the broker it is the gateway's to finish: what was not confirmed is retried."""
         status = record.status
         if status.state.terminal:
             raise TaskAlreadyEnded(f"task {status.id} has already ended: {status.state.value}")
+        self.broker.require_connected()  # refused before anything is sent
         queued = status.state is TaskState.QUEUED
         deadline_ms = int(status.deadline.timestamp() * 1000) if status.deadline else 0
-        await self.broker.publish_cancel(
-            CancelRequest(task_id=status.id, deadline_ms=deadline_ms, announced=queued)
-        )
-        if queued:
-            await self.broker.publish_event(
-                TaskEvent(
-                    type=EventType.CANCELLED,
-                    task_id=status.id,
-                    task=status.task,
-                    owner=record.owner,
-                    reason=why,
-                )
+        request = CancelRequest(task_id=status.id, deadline_ms=deadline_ms, announced=queued)
+        # a worker drops an announced cancel's task without a word: this event is its end
+        announcement = (
+            TaskEvent(
+                type=EventType.CANCELLED,
+                task_id=status.id,
+                task=status.task,
+                owner=record.owner,
+                reason=why,
             )
+            if queued
+            else None
+        )
+        try:
+            await self.broker.publish_cancel(request)
+        except ConfirmLost:
+            self.spawn(self._finish_cancel(request, announcement))
+        else:
+            if announcement is not None:
+                try:
+                    await self.broker.publish_event(announcement)
+                except TimeboxError:
+                    self.spawn(self._announce(announcement))
         log.info("cancel %s %s: %s", status.task, status.id, why)
+
+    async def _finish_cancel(self, request: CancelRequest, announcement: TaskEvent | None) -> None:
+        """A cancel whose confirm did not come: it is retried until the task's deadline
+        (then the task expires unstarted), and then announced."""
+        sent = await until_confirmed(
+            lambda: self.broker.publish_cancel(request),
+            f"the cancel of task {request.task_id}",
+            log,
+            give_up_at=request.deadline_ms / 1000,
+        )
+        if sent and announcement is not None:
+            await self._announce(announcement)
+
+    async def _announce(self, announcement: TaskEvent) -> None:
+        await until_confirmed(
+            lambda: self.broker.publish_event(announcement),
+            f"the cancelled event of task {announcement.task_id}",
+            log,
+        )
 
     async def cancel_quietly(self, record: Record, why: str) -> None:
         try:

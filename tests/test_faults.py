@@ -440,6 +440,33 @@ def test_a_task_whose_publish_is_not_confirmed_is_refused_and_never_runs(
         assert_clean(stack, client, ids)
 
 
+def test_a_cancel_whose_publish_is_not_confirmed_is_finished_by_the_gateway(
+    make_stack, amqp_url
+) -> None:
+    """A queued task's cancel tells the workers to drop it without a word, so its
+    `cancelled` event must follow even when the cancel's confirm did not come: the
+    DELETE is accepted, and the gateway retries both until the broker confirms them."""
+    if not _local_broker(amqp_url):
+        pytest.skip("needs the local broker and rabbitmqctl")
+    stack: Stack = make_stack()
+    gateway = stack.gateway(TIMEBOX_PUBLISH_TIMEOUT="1")
+    worker = stack.worker(1)
+    with stack.client() as client:
+        timeout = {"Request-Timeout": "60"}
+        busy = client.post("/v1/tasks/burn_cpu", headers=timeout, json={"seconds": 3.0})
+        wait_for_event(client, busy.json()["id"], "running")
+        task_id = client.post("/v1/tasks/echo", headers=timeout, json={"payload": 1}).json()["id"]
+        with _memory_alarm(stack.amqp_url):
+            assert client.delete(f"/v1/tasks/{task_id}", timeout=15).status_code == 202
+            gateway.wait_for_line(f"publishing the cancel of task {task_id} failed", 15)
+        gateway.wait_for_line(f"published the cancel of task {task_id} after", 30)
+        assert wait_for_event(client, task_id, "cancelled")
+        worker.wait_for_line(f"cancelled echo {task_id}: cancelled before start", 30)
+        assert task_events(client, busy.json()["id"])[-1][0] == "succeeded"
+        assert gateway.count("Traceback") == 0
+        assert_clean(stack, client, [busy.json()["id"], task_id])
+
+
 def test_a_subscriber_that_stops_reading_is_cut_off_and_slows_nobody(make_stack) -> None:
     import socket
 
