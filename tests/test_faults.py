@@ -11,6 +11,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 from urllib.parse import urlsplit
 
 import aio_pika
@@ -406,17 +407,22 @@ def _memory_alarm(amqp_url: str) -> Iterator[None]:
         loop.close()
 
 
+def _alarm_stack(make_stack: Any, amqp_url: str) -> tuple[Stack, Gateway, Worker]:
+    """A gateway that waits 1 s for a confirm and a worker of one slot, on the local
+    broker, whose memory alarm the test raises."""
+    if not _local_broker(amqp_url):
+        pytest.skip("needs the local broker and rabbitmqctl")
+    stack: Stack = make_stack()
+    return stack, stack.gateway(TIMEBOX_PUBLISH_TIMEOUT="1"), stack.worker(1)
+
+
 def test_a_task_whose_publish_is_not_confirmed_is_refused_and_never_runs(
     make_stack, amqp_url
 ) -> None:
     """No confirm within the publish timeout: the client hears 503, though the broker
     may take the task later (here: when the alarm ends). The gateway cancels it and
     announces it rejected, each retried until the broker confirms it."""
-    if not _local_broker(amqp_url):
-        pytest.skip("needs the local broker and rabbitmqctl")
-    stack: Stack = make_stack()
-    gateway = stack.gateway(TIMEBOX_PUBLISH_TIMEOUT="1")
-    worker = stack.worker(1)
+    stack, gateway, worker = _alarm_stack(make_stack, amqp_url)
     with stack.client() as client:
         ids = [echo_rpc(client, 0)]
         with _memory_alarm(stack.amqp_url):
@@ -446,11 +452,7 @@ def test_a_cancel_whose_publish_is_not_confirmed_is_finished_by_the_gateway(
     """A queued task's cancel tells the workers to drop it without a word, so its
     `cancelled` event must follow even when the cancel's confirm did not come: the
     DELETE is accepted, and the gateway retries both until the broker confirms them."""
-    if not _local_broker(amqp_url):
-        pytest.skip("needs the local broker and rabbitmqctl")
-    stack: Stack = make_stack()
-    gateway = stack.gateway(TIMEBOX_PUBLISH_TIMEOUT="1")
-    worker = stack.worker(1)
+    stack, gateway, worker = _alarm_stack(make_stack, amqp_url)
     with stack.client() as client:
         timeout = {"Request-Timeout": "60"}
         busy = client.post("/v1/tasks/burn_cpu", headers=timeout, json={"seconds": 3.0})
