@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
 from collections.abc import Coroutine
@@ -14,7 +15,13 @@ from fastapi import Request
 
 from contracts.amqp import until_confirmed
 from contracts.background import Background
-from contracts.errors import ConfirmLost, TaskAlreadyEnded, TaskNotFound, TimeboxError
+from contracts.errors import (
+    BrokerUnavailable,
+    ConfirmLost,
+    TaskAlreadyEnded,
+    TaskNotFound,
+    TimeboxError,
+)
 from contracts.events import EventType, TaskEvent, TaskState
 from contracts.messages import CancelRequest
 from gateway.admission import Admission
@@ -121,12 +128,30 @@ class Services:
         )
 
     async def cancel_quietly(self, record: Record, why: str) -> None:
+        """A cancel whose caller has gone (the client went away): if the broker cannot
+        take it now, it is retried until the task's deadline, not dropped while the
+        task burns CPU for nobody."""
         try:
             await self.cancel(record, why)
         except TaskAlreadyEnded:
             pass
+        except BrokerUnavailable:
+            self.spawn(self._cancel_later(record, why))
         except Exception as exc:
             log.warning("could not cancel %s: %r", record.status.id, exc)
+
+    async def _cancel_later(self, record: Record, why: str) -> None:
+        async def attempt() -> None:
+            with contextlib.suppress(TaskAlreadyEnded):
+                await self.cancel(record, why)
+
+        deadline = record.status.deadline
+        await until_confirmed(
+            attempt,
+            f"the cancel of task {record.status.id}",
+            log,
+            give_up_at=deadline.timestamp() if deadline else None,
+        )
 
 
 def services(request: Request) -> Services:

@@ -284,6 +284,42 @@ def test_a_gateway_that_reconnects_reads_the_event_stream_on_from_where_it_was(
             assert_clean(stack, client, ids)
 
 
+def test_a_cancel_for_a_client_gone_while_the_gateway_cannot_publish_is_sent_once_it_can(
+    make_stack, amqp_url
+) -> None:
+    """An RPC client goes away while the gateway's publishing connection is down: the
+    cancel is retried until the broker takes it, not dropped with a warning while the
+    task burns CPU for nobody until its deadline."""
+    import socket
+
+    stack: Stack = make_stack()
+    with _gateway_through_proxy(stack, amqp_url) as (gateway, proxy):
+        worker = stack.worker(1)
+        with stack.client() as client:
+            headers = {"Idempotency-Key": "gone-while-down", "Request-Timeout": "60"}
+            body = b'{"seconds": 30}'
+            rpc = socket.create_connection(("127.0.0.1", gateway.port))
+            rpc.sendall(
+                b"POST /v1/tasks/burn_cpu?wait=true HTTP/1.1\r\nHost: x\r\n"
+                + b"".join(f"{k}: {v}\r\n".encode() for k, v in headers.items())
+                + b"Content-Type: application/json\r\n"
+                + f"Content-Length: {len(body)}\r\n\r\n".encode()
+                + body
+            )
+            task_id = client.post("/v1/tasks/burn_cpu", headers=headers, json={"seconds": 30})
+            task_id = task_id.json()["id"]
+            wait_for_event(client, task_id, "running")
+            proxy.refusing = True
+            proxy.drop(0)  # the publishing connection
+            wait_until(lambda: client.get("/readyz").status_code == 503, 10, "not ready")
+            rpc.close()  # the client goes away
+            gateway.wait_for_line(f"publishing the cancel of task {task_id} failed", 15)
+            proxy.refusing = False
+            worker.wait_for_line(f"cancelled burn_cpu {task_id}", 20)
+            assert task_events(client, task_id)[-1][0] == "cancelled"
+            assert_clean(stack, client, [task_id])
+
+
 def _close_connection(name: str) -> None:
     """Closes the connection of that name at the broker, as an operator can from the
     management UI."""
