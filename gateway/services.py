@@ -115,7 +115,7 @@ class Services:
             lambda: self.broker.publish_cancel(request),
             f"the cancel of task {request.task_id}",
             log,
-            give_up_at=request.deadline_ms / 1000,
+            give_up_at=request.deadline_ms / 1000 or None,  # 0: its deadline is unknown
         )
         if sent and announcement is not None:
             await self._announce(announcement)
