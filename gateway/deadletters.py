@@ -3,11 +3,13 @@ else is a `failed` event and a copy in `{ns}.parked` with its reason."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any
 
 from aio_pika.abc import AbstractIncomingMessage
 
+from contracts.amqp import until_confirmed
 from contracts.events import ErrorInfo, EventType, TaskEvent
 from contracts.messages import OWNER_HEADER
 from gateway.broker import Broker
@@ -57,7 +59,9 @@ class DeadLetters:
                 )
         else:
             why = f"dead-lettered by the broker ({reason})"
-            await self.broker.publish_parked(message, why)
+            await until_confirmed(
+                lambda: self.broker.publish_parked(message, why), f"a parked copy of {task_id}", log
+            )
             log.warning("parked message %s (%s): %s", task_id, task, why)
             if task_id and task:
                 event = TaskEvent(
@@ -69,5 +73,16 @@ class DeadLetters:
                     reason=why,
                 )
         if event is not None:
-            await self.broker.publish_event(event)
-        await message.ack()
+            await self._announce(event)
+        # acked once its event is confirmed; a channel lost meanwhile redelivers it (to
+        # this gateway or another), and a second event after the first is ignored
+        with contextlib.suppress(Exception):
+            await message.ack()
+
+    async def _announce(self, event: TaskEvent) -> None:
+        """Retried until confirmed: nobody else will ever say how this task ended."""
+        await until_confirmed(
+            lambda: self.broker.publish_event(event),
+            f"the {event.type.value} event of task {event.task_id}",
+            log,
+        )

@@ -505,6 +505,31 @@ def test_a_cancel_whose_publish_is_not_confirmed_is_finished_by_the_gateway(
         assert_clean(stack, client, [busy.json()["id"], task_id])
 
 
+def test_a_task_that_expires_in_the_queue_during_an_alarm_is_announced_after_it(
+    make_stack, amqp_url
+) -> None:
+    """The broker dead-letters an expired message whatever the alarm; the gateway that
+    reads it is the only one who can say the task expired, so it retries the event
+    until the broker confirms it and acks the dead letter then. (A publish that failed
+    in the consumer held the dead letter unacked, with a traceback; a hundred of them,
+    the prefetch, stopped the gateway reading dead letters at all.)"""
+    stack, gateway, _ = _alarm_stack(make_stack, amqp_url)
+    with stack.client() as client:
+        busy = client.post("/v1/tasks/burn_cpu", json={"seconds": 4.0}).json()["id"]
+        wait_for_event(client, busy, "running")
+        short = client.post(
+            "/v1/tasks/echo", headers={"Request-Timeout": "1.5"}, json={"payload": 1}
+        )
+        task_id = short.json()["id"]
+        with _memory_alarm(stack.amqp_url):  # raised before the task expires behind `busy`
+            gateway.wait_for_line(f"publishing the expired event of task {task_id} failed", 15)
+        gateway.wait_for_line(f"published the expired event of task {task_id} after", 30)
+        assert [e[0] for e in task_events(client, task_id)] == ["queued", "expired"]
+        assert task_events(client, busy)[-1][0] == "succeeded"
+        assert gateway.count("Traceback") == 0
+        assert_clean(stack, client, [busy, task_id])
+
+
 def test_a_subscriber_that_stops_reading_is_cut_off_and_slows_nobody(make_stack) -> None:
     import socket
 
