@@ -491,7 +491,7 @@ def test_a_cancel_whose_publish_is_not_confirmed_is_finished_by_the_gateway(
     stack, gateway, worker = _alarm_stack(make_stack, amqp_url)
     with stack.client() as client:
         timeout = {"Request-Timeout": "60"}
-        busy = client.post("/v1/tasks/burn_cpu", headers=timeout, json={"seconds": 3.0})
+        busy = client.post("/v1/tasks/burn_cpu", headers=timeout, json={"seconds": 6.0})
         wait_for_event(client, busy.json()["id"], "running")
         task_id = client.post("/v1/tasks/echo", headers=timeout, json={"payload": 1}).json()["id"]
         with _memory_alarm(stack.amqp_url):
@@ -515,11 +515,10 @@ def test_a_task_that_expires_in_the_queue_during_an_alarm_is_announced_after_it(
     the prefetch, stopped the gateway reading dead letters at all.)"""
     stack, gateway, _ = _alarm_stack(make_stack, amqp_url)
     with stack.client() as client:
-        busy = client.post("/v1/tasks/burn_cpu", json={"seconds": 4.0}).json()["id"]
+        busy = client.post("/v1/tasks/burn_cpu", json={"seconds": 8.0}).json()["id"]
         wait_for_event(client, busy, "running")
-        short = client.post(
-            "/v1/tasks/echo", headers={"Request-Timeout": "1.5"}, json={"payload": 1}
-        )
+        # time to raise the alarm first: two rabbitmqctl calls, a second or more when busy
+        short = client.post("/v1/tasks/echo", headers={"Request-Timeout": "4"}, json={"payload": 1})
         task_id = short.json()["id"]
         with _memory_alarm(stack.amqp_url):  # raised before the task expires behind `busy`
             gateway.wait_for_line(f"publishing the expired event of task {task_id} failed", 15)
