@@ -12,7 +12,6 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -518,17 +517,22 @@ class Worker:
         )
         assert self._events is not None
         events, stream = self._events, self.topology.events_stream
-        await self._publish(lambda: publish_event(events, stream, event, confirm_within=5), stream)
+        # retried across reconnects: an outcome is never dropped
+        await until_confirmed(
+            lambda: publish_event(events, stream, event, confirm_within=5),
+            f"the {event_type.value} event of task {delivery.task_id}",
+            log,
+        )
 
     async def _park(self, message: AbstractIncomingMessage, reason: str) -> None:
         parked = parked_copy(message, reason)
         assert self._events is not None
         exchange, queue = self._events.default_exchange, self.topology.parked_queue
-        await self._publish(lambda: exchange.publish(parked, queue, timeout=5), queue)
-
-    async def _publish(self, publish: Callable[[], Awaitable[object]], routing_key: str) -> None:
-        """Publishes with a confirm, retrying across reconnects: an outcome is never dropped."""
-        await until_confirmed(publish, f"a message to {routing_key}", log)
+        await until_confirmed(
+            lambda: exchange.publish(parked, queue, timeout=5),
+            f"a parked copy of {message.message_id}",
+            log,
+        )
 
 
 async def _ignore(message: AbstractIncomingMessage) -> None:

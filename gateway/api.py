@@ -15,7 +15,6 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sse_starlette import EventSourceResponse
 from starlette.types import Message
 
-from contracts.amqp import until_confirmed
 from contracts.deadline import Deadline
 from contracts.errors import (
     BrokerUnavailable,
@@ -247,25 +246,11 @@ async def submit(
         # matter only until the deadline: then the task message expires unstarted.
         if task_sent or isinstance(exc, ConfirmLost):  # it may be queued: it must not run
             cancel = CancelRequest(task_id=task_id, deadline_ms=deadline.epoch_ms, announced=True)
-            svc.spawn(
-                until_confirmed(
-                    lambda: svc.broker.publish_cancel(cancel),
-                    f"the cancel of refused task {task_id}",
-                    log,
-                    give_up_at=deadline.epoch,
-                )
-            )
+            svc.spawn(svc.broker.send_cancel(cancel, f"the cancel of refused task {task_id}"))
         rejected = TaskEvent(
             type=EventType.REJECTED, task_id=task_id, task=spec.name, owner=owner, reason=exc.detail
         )
-        svc.spawn(
-            until_confirmed(
-                lambda: svc.broker.publish_event(rejected),
-                f"the rejected event of task {task_id}",
-                log,
-                give_up_at=deadline.epoch,
-            )
-        )
+        svc.spawn(svc.broker.announce(rejected, give_up_at=deadline.epoch))
         raise
     log.debug("queued %s %s (deadline in %.3f s)", spec.name, task_id, deadline.remaining())
     return await respond(svc, request, record, deadline, wait)

@@ -19,7 +19,15 @@ from aio_pika.abc import (
 )
 from aiormq.exceptions import DeliveryError, PublishError
 
-from contracts.amqp import PERSISTENT, TRANSIENT, connect, parked_copy, publish, publish_event
+from contracts.amqp import (
+    PERSISTENT,
+    TRANSIENT,
+    connect,
+    parked_copy,
+    publish,
+    publish_event,
+    until_confirmed,
+)
 from contracts.background import Background
 from contracts.deadline import Deadline
 from contracts.declare import declare
@@ -213,6 +221,27 @@ class Broker:
             self._control_exchange,
             aio_pika.Message(request.model_dump_json().encode(), content_type=CONTENT_TYPE),
             "",
+        )
+
+    async def send_cancel(self, request: CancelRequest, what: str | None = None) -> bool:
+        """Publishes a cancel, retried until confirmed or until the task's deadline (then
+        its message expires unstarted, and the cancel no longer matters). False if it
+        gave up."""
+        return await until_confirmed(
+            lambda: self.publish_cancel(request),
+            what or f"the cancel of task {request.task_id}",
+            log,
+            give_up_at=request.deadline_ms / 1000 or None,  # 0: its deadline is unknown
+        )
+
+    async def announce(self, event: TaskEvent, *, give_up_at: float | None = None) -> None:
+        """Publishes an event nobody else will publish (how a task ended), retried until
+        confirmed, or until `give_up_at` (epoch seconds)."""
+        await until_confirmed(
+            lambda: self.publish_event(event),
+            f"the {event.type.value} event of task {event.task_id}",
+            log,
+            give_up_at=give_up_at,
         )
 
     async def publish_parked(self, message: AbstractIncomingMessage, reason: str) -> None:

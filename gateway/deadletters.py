@@ -73,16 +73,8 @@ class DeadLetters:
                     reason=why,
                 )
         if event is not None:
-            await self._announce(event)
+            await self.broker.announce(event)  # nobody else will say how it ended
         # acked once its event is confirmed; a channel lost meanwhile redelivers it (to
         # this gateway or another), and a second event after the first is ignored
         with contextlib.suppress(Exception):
             await message.ack()
-
-    async def _announce(self, event: TaskEvent) -> None:
-        """Retried until confirmed: nobody else will ever say how this task ended."""
-        await until_confirmed(
-            lambda: self.broker.publish_event(event),
-            f"the {event.type.value} event of task {event.task_id}",
-            log,
-        )

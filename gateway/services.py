@@ -105,27 +105,13 @@ class Services:
                 try:
                     await self.broker.publish_event(announcement)
                 except TimeboxError:
-                    self.spawn(self._announce(announcement))
+                    self.spawn(self.broker.announce(announcement))
         log.info("cancel %s %s: %s", status.task, status.id, why)
 
     async def _finish_cancel(self, request: CancelRequest, announcement: TaskEvent | None) -> None:
-        """A cancel whose confirm did not come: it is retried until the task's deadline
-        (then the task expires unstarted), and then announced."""
-        sent = await until_confirmed(
-            lambda: self.broker.publish_cancel(request),
-            f"the cancel of task {request.task_id}",
-            log,
-            give_up_at=request.deadline_ms / 1000 or None,  # 0: its deadline is unknown
-        )
-        if sent and announcement is not None:
-            await self._announce(announcement)
-
-    async def _announce(self, announcement: TaskEvent) -> None:
-        await until_confirmed(
-            lambda: self.broker.publish_event(announcement),
-            f"the cancelled event of task {announcement.task_id}",
-            log,
-        )
+        """A cancel whose confirm did not come: sent again, then announced."""
+        if await self.broker.send_cancel(request) and announcement is not None:
+            await self.broker.announce(announcement)
 
     async def cancel_quietly(self, record: Record, why: str) -> None:
         """A cancel whose caller has gone (the client went away): if the broker cannot
