@@ -1,19 +1,25 @@
-"""What a gateway spends reading the event stream: at startup (the whole retention
-window) and after its broker connection drops (only what is new). Not part of `make
-bench`:
+"""What a gateway spends reading the event stream: at startup, and after its broker
+connection drops (only what is new). Not part of `make bench`:
 
     python -m bench.startup [EVENTS]
 
 fills a fresh namespace's stream with EVENTS events (default 150,000: a third each
-`queued`, `running` and `succeeded`, of `echo` tasks), starts a gateway on it through
-a loopback proxy, and reports how long it took to become ready and the CPU it spent;
-then drops its connections and reports the CPU it spends in the 10 s after it has
-reconnected, with `/healthz` answer times meanwhile.
+`queued`, `running` and `succeeded`, of `echo` tasks), then:
+
+1. starts a gateway on it through a loopback proxy, with the default maximum timeout:
+   every event is in its live window (gateway/eventlog.py), read before it is ready.
+   Reports how long it took to become ready and the CPU it spent;
+2. drops that gateway's connections and reports the CPU it spends in the 10 s after
+   it has reconnected, with `/healthz` answer times meanwhile;
+3. starts a second gateway with a maximum timeout of 1 s, once the events are older
+   than its live window: they are its history, read after it is ready. Reports when
+   it was ready, when it had read the history, and `/healthz` answer times meanwhile.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 import sys
 import time
 import uuid
@@ -32,6 +38,7 @@ from tests.proxy import Proxy
 
 BATCH = 3000
 AFTER = 10.0  # seconds watched after the reconnect
+SHORT_TIMEOUT = 1.0  # the second gateway's maximum timeout: a live window of about 2 s
 
 
 def _events(n: int) -> list[TaskEvent]:
@@ -95,13 +102,45 @@ def main(n: int) -> None:
                     answers.append(time.perf_counter() - t)
                     time.sleep(0.05)
                 used = _cpu(gateway.pid) - cpu
-                answers.sort()
                 print(
-                    f"after a reconnect: {used:.2f} s of CPU in {AFTER:.0f} s; /healthz p50 "
-                    f"{answers[len(answers) // 2] * 1000:.1f} ms, max {answers[-1] * 1000:.0f} ms"
+                    f"after a reconnect: {used:.2f} s of CPU in {AFTER:.0f} s; {_answers(answers)}"
                 )
+            gateway.stop()
+            _history(stack, n)
     finally:
         proxy.close()
+
+
+def _history(stack: Stack, n: int) -> None:
+    started = time.monotonic()
+    gateway = stack.gateway(
+        TIMEBOX_MAX_TIMEOUT=str(SHORT_TIMEOUT), TIMEBOX_DEFAULT_TIMEOUT=str(SHORT_TIMEOUT)
+    )
+    ready = time.monotonic() - started
+    lines = len(gateway.lines)
+    answers = []
+    with httpx.Client(base_url=gateway.url, timeout=30) as client:
+        while not gateway.count(r"read the event history"):
+            t = time.perf_counter()
+            client.get("/healthz")
+            answers.append(time.perf_counter() - t)
+            time.sleep(0.05)
+    line = gateway.wait_for_line(r"read the event history", 1, start=lines)
+    found = re.search(r"(\d+) events before offset \d+ in ([\d.]+) s", line)
+    assert found, line
+    print(
+        f"the same {n} events as history (max timeout {SHORT_TIMEOUT:.0f} s): ready after "
+        f"{ready:.1f} s; {found[1]} events of history read in {found[2]} s more, "
+        + _answers(answers)
+    )
+
+
+def _answers(seconds: list[float]) -> str:
+    if not seconds:
+        return "/healthz not asked"
+    seconds = sorted(seconds)
+    p50, top = seconds[len(seconds) // 2] * 1000, seconds[-1] * 1000
+    return f"/healthz p50 {p50:.1f} ms, max {top:.0f} ms"
 
 
 if __name__ == "__main__":

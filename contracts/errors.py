@@ -10,6 +10,7 @@ involved, one terminal event.
      ├── TaskAlreadyEnded        409  cancel of a task in a terminal state
      ├── DeadlineUnmeetable      422  this input alone cannot finish in time  → rejected
      ├── Overloaded              503  backlog or full queue; retry later       → rejected
+     ├── HistoryNotRead          503  unknown id, while a new gateway reads older events
      └── BrokerUnavailable       503  no confirmed publish possible right now
           └── ConfirmLost        503  no confirm came: the message may be queued or not
 """
@@ -76,6 +77,15 @@ class Overloaded(TimeboxError):
     status = 503
     slug = "overloaded"
     title = "Too much work queued to finish in time"
+
+
+class HistoryNotRead(TimeboxError):
+    """The id is not among the tasks read so far, and a starting gateway has not yet
+    read the event history before its live window: it may be there."""
+
+    status = 503
+    slug = "history-not-read"
+    title = "Older tasks not read yet"
 
 
 class BrokerUnavailable(TimeboxError):

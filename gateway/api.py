@@ -19,7 +19,6 @@ from contracts.deadline import Deadline
 from contracts.errors import (
     BrokerUnavailable,
     ConfirmLost,
-    TaskNotFound,
     TimeboxError,
     UnknownTaskType,
 )
@@ -41,7 +40,7 @@ PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
         409: "cancelled, or already ended",
         422: "invalid input or Request-Timeout",
         500: "the task failed",
-        503: "overloaded or broker unavailable; see Retry-After",
+        503: "overloaded, broker unavailable, or older tasks not read yet; see Retry-After",
         504: "expired or aborted at its deadline",
     }.items()
 }
@@ -202,7 +201,7 @@ async def submit(
     )
     wait = _wants_wait(prefer, wait)
     if idempotency_key:
-        earlier = svc.table.by_idempotency_key(owner, idempotency_key)
+        earlier = await svc.by_idempotency_key(owner, idempotency_key)
         if earlier is not None and not earlier.refused:
             log.info("idempotent retry of %s %s", spec.name, earlier.status.id)
             return await respond(svc, request, earlier, _deadline_of(earlier, deadline), wait)
@@ -361,7 +360,7 @@ def build_router(specs: dict[str, TaskSpec[Any]]) -> APIRouter:
         if token is not None and svc.auth.token_allows(task_id, token):
             found = await svc.table.arrival(task_id, svc.settings.arrival_wait)
             if found is None:
-                raise TaskNotFound(f"no task with id {task_id!r}")
+                raise svc.not_found(task_id)
             record = found
         else:
             record = await svc.find(task_id, svc.auth.caller(request))
@@ -460,7 +459,10 @@ def build_router(specs: dict[str, TaskSpec[Any]]) -> APIRouter:
         elif not svc.eventlog.caught_up.is_set():
             why = "still reading the event stream"
         else:
-            return JSONResponse({"status": "ready", "tasks_known": len(svc.table)})
+            history = "read" if svc.eventlog.history_read.is_set() else "reading"
+            return JSONResponse(
+                {"status": "ready", "tasks_known": len(svc.table), "history": history}
+            )
         return problem(503, "not-ready", "Not ready", why, headers={"Retry-After": "1"})
 
     return router

@@ -1,5 +1,13 @@
-"""Reads the `{ns}.events` stream from the start of its retention window into the
-task table, and keeps following it, on a broker connection of its own.
+"""Reads the `{ns}.events` stream into the task table, and keeps following it, on a
+broker connection of its own.
+
+The live window first: from the oldest moment a task whose deadline is still ahead
+can have begun (the maximum timeout ago). A gateway is ready once it has read that
+far, whatever the retention: every task that can still run is known. The history
+before that window is read after it, on another connection (`recall`); until it is
+read, an id the table does not know is answered 503 rather than 404. Reading the
+whole retention first kept a gateway unready for 2-3 minutes with an hour of 100
+tasks/s.
 
 A connection of its own: while a memory or disk alarm lasts, RabbitMQ stops reading
 from every connection that publishes. Acks sent on the gateway's publishing connection
@@ -22,6 +30,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
+from collections.abc import Callable, Coroutine
+from datetime import UTC, datetime
 from typing import Any
 
 import aiormq
@@ -39,11 +50,16 @@ from gateway.tasktable import TaskTable
 log = logging.getLogger("timebox.gateway.events")
 
 PREFETCH = 2000
-# credit back well before the broker stops at PREFETCH unacked, and soon when it goes quiet
-ACK_EVERY = PREFETCH // 4
+# the history is read while the gateway serves: each batch the broker sends at once is
+# folded in one turn of the loop, which nothing else gets meanwhile
+HISTORY_PREFETCH = 200
 ACK_AFTER = 0.005  # seconds
 
+# beyond the maximum timeout: stream timestamps are whole seconds of the broker's clock
+LIVE_WINDOW_MARGIN = 1.0
+
 Ends = tuple[asyncio.Future[Any], ...]
+OnDelivery = Callable[[DeliveredMessage], Coroutine[Any, Any, None]]
 
 
 class EventLog:
@@ -51,14 +67,14 @@ class EventLog:
         self.broker = broker
         self.table = table
         self.caught_up = asyncio.Event()
+        self.history_read = asyncio.Event()
         self._connection: AbstractConnection | None = None
         self._channel: AbstractChannel | None = None
-        self._next_offset: int | None = None  # None: the first in the stream
-        self._unacked: tuple[AbstractChannel, int] | None = None
-        self._unacked_count = 0
-        self._ack_timer: asyncio.TimerHandle | None = None
-        self._acks = Background()
+        self._next_offset: int | None = None  # None: the start of the live window
+        self._history_end: int | None = None  # the first offset read live
+        self._acks = Acks(PREFETCH)
         self._following: asyncio.Task[None] | None = None
+        self._history: asyncio.Task[None] | None = None
 
     @property
     def reading(self) -> bool:
@@ -68,30 +84,45 @@ class EventLog:
     async def start(self) -> None:
         ends = await self._consume()
         self._following = asyncio.create_task(self._follow(ends))
+        self._history = asyncio.create_task(self._read_history())
         await self.broker.publish_sync_marker()
 
     async def close(self) -> None:
-        if self._following is not None:
-            self._following.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._following
+        for task in (self._following, self._history):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await self._disconnect()
-        if self._ack_timer is not None:
-            self._ack_timer.cancel()
-        await self._acks.cancel()
+        await self._acks.close()
+
+    def live_window_start(self) -> datetime:
+        settings = self.broker.settings
+        window = settings.max_timeout + settings.clock_skew + LIVE_WINDOW_MARGIN
+        return datetime.fromtimestamp(time.time() - window, tz=UTC)
 
     async def _consume(self) -> Ends:
         """Connects and consumes from the next offset to read. Returns the futures of
         which one completes when the consumer ends."""
+        offset = self.live_window_start() if self._next_offset is None else self._next_offset
+        connection, channel, ends = await self._open("events", offset, PREFETCH, self._on_delivery)
+        self._connection, self._channel = connection, channel
+        return ends
+
+    async def _open(
+        self, what: str, offset: int | str | datetime, prefetch: int, on_delivery: OnDelivery
+    ) -> tuple[AbstractConnection, AbstractChannel, Ends]:
+        """A connection of its own consuming the stream from `offset`, and the futures
+        of which one completes when the consumer ends."""
         settings = self.broker.settings
         url = URL(settings.amqp_url).update_query(heartbeat=settings.heartbeat)
-        name = f"{self.broker.name} events"
+        name = f"{self.broker.name} {what}"
         # a link that accepts and then says nothing must not hold the reconnect for long
         async with asyncio.timeout(max(5.0, 2.0 * settings.heartbeat)):
             connection = await aiormq.connect(url, client_properties={"connection_name": name})
             try:
                 channel = await connection.channel()
-                await channel.basic_qos(prefetch_count=PREFETCH)
+                await channel.basic_qos(prefetch_count=prefetch)
                 ended: asyncio.Future[str] = asyncio.get_running_loop().create_future()
 
                 def cancelled(_: object) -> None:
@@ -99,18 +130,16 @@ class EventLog:
                         ended.set_result("the broker cancelled the consumer")
 
                 channel.on_consumer_cancel_callbacks.add(cancelled)
-                offset = "first" if self._next_offset is None else self._next_offset
                 await channel.basic_consume(
                     self.broker.topology.events_stream,
-                    self._on_delivery,
+                    on_delivery,
                     arguments={"x-stream-offset": offset},
                 )
             except BaseException:
                 with contextlib.suppress(Exception):
                     await connection.close()
                 raise
-        self._connection, self._channel = connection, channel
-        return (ended, connection.closing, channel.closing)
+        return connection, channel, (ended, connection.closing, channel.closing)
 
     async def _follow(self, ends: Ends) -> None:
         """Consumes again whenever the consumer ends, until closed."""
@@ -149,6 +178,8 @@ class EventLog:
             metrics.EVENTS_READ.inc()
             if self._next_offset is None or offset >= self._next_offset:
                 self._next_offset = offset + 1
+            if self._history_end is None:
+                self._history_end = offset
         try:
             if properties.message_type == SYNC_TYPE:
                 if message.body.decode(errors="replace") == self.broker.instance:
@@ -158,29 +189,117 @@ class EventLog:
         except ValidationError as exc:
             log.warning("skipping an unreadable event at offset %s: %s", offset, exc)
         finally:
-            if message.delivery_tag is not None:
-                self._ack_soon(message.channel, message.delivery_tag)
+            self._acks.soon(message)
 
-    def _ack_soon(self, channel: AbstractChannel, delivery_tag: int) -> None:
-        """Acks (`multiple`) in batches. On a stream an ack only gives the consumer
-        credit (nothing is redelivered for want of one), and one ack a loop turn was
-        a write(2) for a few events, 15 % of a gateway's time reading at startup."""
-        if self._unacked is not None and self._unacked[0] is not channel:
-            self._flush_acks()  # a new channel's tags say nothing about the old one's
-        self._unacked = (channel, delivery_tag)
-        self._unacked_count += 1
-        if self._unacked_count >= ACK_EVERY:
-            self._flush_acks()
-        elif self._ack_timer is None:
-            self._ack_timer = asyncio.get_running_loop().call_later(ACK_AFTER, self._flush_acks)
+    # -- the history ---------------------------------------------------------------
 
-    def _flush_acks(self) -> None:
-        if self._ack_timer is not None:
-            self._ack_timer.cancel()
-            self._ack_timer = None
-        unacked, self._unacked, self._unacked_count = self._unacked, None, 0
+    async def _read_history(self) -> None:
+        """Once caught up with the live window, reads the events before it into the
+        table, on a connection of its own (again from where it was, if that is lost)."""
+        await self.caught_up.wait()
+        end = self._history_end
+        assert end is not None  # the sync marker was read live, if nothing else
+        started, read = time.monotonic(), 0
+        next_offset: int | str = "first"
+        reached: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        acks = Acks(HISTORY_PREFETCH)
+
+        async def on_delivery(message: DeliveredMessage) -> None:
+            nonlocal next_offset, read
+            offset = (message.header.properties.headers or {}).get("x-stream-offset")
+            try:
+                if not isinstance(offset, int):
+                    return
+                if offset >= end:
+                    if not reached.done():
+                        reached.set_result(None)
+                    return
+                next_offset = offset + 1
+                read += 1
+                metrics.EVENTS_READ.inc()
+                if message.header.properties.message_type != SYNC_TYPE:
+                    self.table.recall(offset, TaskEvent.model_validate_json(message.body))
+            except ValidationError as exc:
+                log.warning("skipping an unreadable event at offset %s: %s", offset, exc)
+            finally:
+                acks.soon(message)
+
+        interval = self.broker.settings.reconnect_interval
+        told = False
+        try:
+            while end > 0 and not reached.done():
+                try:
+                    connection, _, ends = await self._open(
+                        "history", next_offset, HISTORY_PREFETCH, on_delivery
+                    )
+                except Exception as exc:
+                    if not told:
+                        log.warning("cannot read the event history yet (%r); retrying", exc)
+                        told = True
+                    await asyncio.sleep(interval)
+                    continue
+                try:
+                    done, _ = await asyncio.wait(
+                        (reached, *ends), return_when=asyncio.FIRST_COMPLETED
+                    )
+                finally:
+                    with contextlib.suppress(Exception):
+                        await connection.close()
+                if not reached.done():
+                    log.warning(
+                        "stopped reading the event history (%s); reading on from offset %s",
+                        _why(done.pop()),
+                        next_offset,
+                    )
+                    await asyncio.sleep(interval)
+        finally:
+            await acks.close()
+        self.history_read.set()
+        log.info(
+            "read the event history: %d events before offset %d in %.1f s",
+            read,
+            end,
+            time.monotonic() - started,
+        )
+
+
+class Acks:
+    """Acks (`multiple`) in batches. On a stream an ack only gives the consumer credit
+    (nothing is redelivered for want of one), and one ack a loop turn was a write(2)
+    for a few events, 15 % of a gateway's time reading at startup."""
+
+    def __init__(self, prefetch: int) -> None:
+        # credit back well before the broker stops at the prefetch, and soon when quiet
+        self._every = prefetch // 4
+        self._unacked: tuple[AbstractChannel, int] | None = None
+        self._count = 0
+        self._timer: asyncio.TimerHandle | None = None
+        self._sending = Background()
+
+    def soon(self, message: DeliveredMessage) -> None:
+        if message.delivery_tag is None:
+            return
+        if self._unacked is not None and self._unacked[0] is not message.channel:
+            self._flush()  # a new channel's tags say nothing about the old one's
+        self._unacked = (message.channel, message.delivery_tag)
+        self._count += 1
+        if self._count >= self._every:
+            self._flush()
+        elif self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(ACK_AFTER, self._flush)
+
+    def _flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        unacked, self._unacked, self._count = self._unacked, None, 0
         if unacked is not None:
-            self._acks.spawn(_ack(*unacked))
+            self._sending.spawn(_ack(*unacked))
+
+    async def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        await self._sending.cancel()
 
 
 async def _ack(channel: AbstractChannel, delivery_tag: int) -> None:

@@ -18,6 +18,7 @@ from contracts.background import Background
 from contracts.errors import (
     BrokerUnavailable,
     ConfirmLost,
+    HistoryNotRead,
     TaskAlreadyEnded,
     TaskNotFound,
     TimeboxError,
@@ -60,8 +61,37 @@ class Services:
         if record is not None and record.owner != owner:
             await asyncio.sleep(wait)  # as slow as an unknown id: existence does not leak
         if record is None or record.owner != owner:
-            raise TaskNotFound(f"no task with id {task_id!r}")
+            raise self.not_found(task_id)
         return record
+
+    def not_found(self, task_id: str) -> TimeboxError:
+        """What an id the table does not know gets: 404, or 503 while it may still be
+        in the history this gateway has not read yet (eventlog.py)."""
+        if self._arrival_wait(task_id) and not self.eventlog.history_read.is_set():
+            return HistoryNotRead(
+                f"task {task_id!r} is not among the tasks read so far; this gateway is "
+                "still reading older ones",
+                retry_after=2,
+            )
+        return TaskNotFound(f"no task with id {task_id!r}")
+
+    async def by_idempotency_key(self, owner: str | None, key: str) -> Record | None:
+        """The task made earlier with this key, if any. While the history is being read,
+        it may be there: waits for it briefly, then 503 rather than a second task."""
+        earlier = self.table.by_idempotency_key(owner, key)
+        history = self.eventlog.history_read
+        if earlier is None and not history.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.settings.arrival_wait):
+                    await history.wait()
+            earlier = self.table.by_idempotency_key(owner, key)
+            if earlier is None and not history.is_set():
+                raise HistoryNotRead(
+                    "this Idempotency-Key may be an older task's; this gateway is still "
+                    "reading older tasks",
+                    retry_after=2,
+                )
+        return earlier
 
     def _arrival_wait(self, task_id: str) -> float:
         """How long to wait for an unknown id to show up in the stream: only ids that

@@ -1,7 +1,9 @@
 """The gateway's view of recent tasks, folded from the event stream.
 
-Every gateway reads the whole stream, so any replica answers for any task. The
-table is bounded: the oldest tasks are forgotten first."""
+Every gateway reads the whole stream, so any replica answers for any task. A starting
+gateway reads the live window first (`apply`: every task whose deadline may still be
+ahead) and the older history after it (`recall`): the history's tasks are older than
+any in the live window, and are forgotten first when the table is full."""
 
 from __future__ import annotations
 
@@ -83,6 +85,17 @@ class Record:
             return self.events[-1][0]
         return None
 
+    def refold(self, offset: int, event: TaskEvent) -> None:
+        """Folds in an event older than some already folded in: the status is folded
+        again in stream order, where the first terminal event wins."""
+        ordered = sorted([*self.events, (offset, event)], key=lambda item: item[0])
+        status = TaskStatus.first(ordered[0][1])
+        kept = [ordered[0]]
+        for item in ordered[1:]:
+            if status.apply(item[1]):
+                kept.append(item)
+        self.status, self.events = status, kept
+
     def subscribe(self, buffer: int) -> Subscriber:
         sub = Subscriber(asyncio.Queue(maxsize=buffer))
         self.subscribers.add(sub)
@@ -101,21 +114,22 @@ class TaskTable:
     def __init__(self, max_tasks: int) -> None:
         self.max_tasks = max_tasks
         self._tasks: OrderedDict[str, Record] = OrderedDict()
+        self._history: OrderedDict[str, Record] = OrderedDict()  # older than all of _tasks
         self.last_offset = -1
         self.listeners: list[Callable[[Record, TaskEvent], None]] = []
         self._idempotent: dict[tuple[str | None, str], str] = {}
         self._arrivals: dict[str, list[asyncio.Future[Record]]] = {}
 
     def __len__(self) -> int:
-        return len(self._tasks)
+        return len(self._tasks) + len(self._history)
 
     def get(self, task_id: str) -> Record | None:
-        return self._tasks.get(task_id)
+        return self._tasks.get(task_id) or self._history.get(task_id)
 
     async def arrival(self, task_id: str, patience: float) -> Record | None:
         """The task's record, waiting up to `patience` seconds for its first event to be
         read: a task just submitted through another gateway is known here a moment later."""
-        record = self._tasks.get(task_id)
+        record = self.get(task_id)
         if record is not None or patience <= 0:
             return record
         future: asyncio.Future[Record] = asyncio.get_running_loop().create_future()
@@ -133,7 +147,7 @@ class TaskTable:
 
     def by_idempotency_key(self, owner: str | None, key: str) -> Record | None:
         task_id = self._idempotent.get((owner, key))
-        return None if task_id is None else self._tasks.get(task_id)
+        return None if task_id is None else self.get(task_id)
 
     def expect(self, queued: TaskEvent) -> Record:
         """Records a task this gateway just queued, before its event comes back from the
@@ -152,7 +166,7 @@ class TaskTable:
         if offset <= self.last_offset:
             return
         self.last_offset = offset
-        record = self._tasks.get(event.task_id)
+        record = self.get(event.task_id)
         if record is None:
             record = self._insert(event)
         elif not record.status.apply(event):
@@ -164,13 +178,56 @@ class TaskTable:
             record.done.set()
         self._tell(record, event)
 
+    def recall(self, offset: int, event: TaskEvent) -> None:
+        """Folds in one event of the history: older than the live window `apply` began
+        with, read in stream order after it. Its task began before that window, so its
+        deadline has passed: no listener is told (admission and metrics look at the
+        present). A subscriber is sent it only if it comes after every event the task
+        has; one older than some (a task whose end was in the live window) goes into
+        the replay of later subscribers only."""
+        record = self.get(event.task_id)
+        if record is None:
+            if not self._room_for_history():
+                return
+            record = Record(TaskStatus.first(event), owner=event.owner, cost=event.cost)
+            self._history[event.task_id] = record
+            self._arrived(event.task_id, record)
+            record.events.append((offset, event))
+        elif not record.events or offset > record.events[-1][0]:
+            if not record.status.apply(event):
+                return
+            record.events.append((offset, event))
+            for sub in record.subscribers:
+                sub.push((offset, event))
+        elif all(known != offset for known, _ in record.events):
+            record.refold(offset, event)  # a task of both: the live window has its end
+        else:
+            return
+        if record.cost is None:
+            record.cost = event.cost
+        if event.idempotency_key is not None and record.idempotency_key is None:
+            record.idempotency_key = event.idempotency_key
+            self._idempotent[(record.owner, event.idempotency_key)] = event.task_id
+        if record.status.state.terminal:
+            record.done.set()
+
+    def _room_for_history(self) -> bool:
+        """Makes room for one more task of the history, the oldest of it going first;
+        False when the live window's tasks fill the table."""
+        if len(self) < self.max_tasks:
+            return True
+        if not self._history:
+            return False
+        self._forget(self._history)
+        return True
+
     def _tell(self, record: Record, event: TaskEvent) -> None:
         for listener in self.listeners:
             listener(record, event)
 
     def close_subscriptions(self) -> int:
         closed = 0
-        for record in self._tasks.values():
+        for record in [*self._history.values(), *self._tasks.values()]:
             for sub in record.subscribers:
                 sub.close()
                 closed += 1
@@ -179,16 +236,23 @@ class TaskTable:
     def _insert(self, event: TaskEvent) -> Record:
         record = Record(TaskStatus.first(event), owner=event.owner, cost=event.cost)
         self._tasks[event.task_id] = record
-        for future in self._arrivals.pop(event.task_id, []):
-            if not future.done():
-                future.set_result(record)
+        self._arrived(event.task_id, record)
         if event.idempotency_key is not None:
             record.idempotency_key = event.idempotency_key
             self._idempotent[(event.owner, event.idempotency_key)] = event.task_id
-        while len(self._tasks) > self.max_tasks:
-            _, old = self._tasks.popitem(last=False)
-            if old.idempotency_key is not None:
-                self._idempotent.pop((old.owner, old.idempotency_key), None)
+        while len(self) > self.max_tasks:
+            self._forget(self._history or self._tasks)
         if event.terminal:
             record.done.set()
         return record
+
+    def _arrived(self, task_id: str, record: Record) -> None:
+        for future in self._arrivals.pop(task_id, []):
+            if not future.done():
+                future.set_result(record)
+
+    def _forget(self, tasks: OrderedDict[str, Record]) -> None:
+        """Forgets the oldest task of `tasks`."""
+        _, old = tasks.popitem(last=False)
+        if old.idempotency_key is not None:
+            self._idempotent.pop((old.owner, old.idempotency_key), None)

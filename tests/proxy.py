@@ -8,8 +8,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
-from tests.harness import free_port
+from tests.harness import Gateway, free_port
+
+if TYPE_CHECKING:
+    from tests.conftest import Stack
 
 
 class Proxy:
@@ -72,6 +78,11 @@ class Proxy:
             with contextlib.suppress(Exception):
                 writer.close()
 
+    @property
+    def accepted(self) -> int:
+        """How many connections it has accepted, in all."""
+        return len(self._accepted)
+
     def cut(self) -> None:
         self.cut_off = True
 
@@ -97,3 +108,15 @@ class Proxy:
 
         self._loop.call_soon_threadsafe(stop)
         self._thread.join(5)
+
+
+@contextlib.contextmanager
+def gateway_through_proxy(stack: Stack, amqp_url: str) -> Iterator[tuple[Gateway, Proxy]]:
+    """A gateway whose broker connections go through a proxy the test controls."""
+    url = urlsplit(amqp_url)
+    proxy = Proxy(url.port or 5672, url.hostname or "127.0.0.1")
+    try:
+        via_proxy = url._replace(netloc=f"{url.username}:{url.password}@127.0.0.1:{proxy.port}")
+        yield stack.gateway(TIMEBOX_AMQP_URL=via_proxy.geturl()), proxy
+    finally:
+        proxy.close()

@@ -12,7 +12,6 @@ import threading
 import time
 from collections.abc import Iterator
 from typing import Any
-from urllib.parse import urlsplit
 
 import aio_pika
 import httpx
@@ -30,7 +29,7 @@ from tests.harness import (
     wait_for_event,
     wait_until,
 )
-from tests.proxy import Proxy
+from tests.proxy import gateway_through_proxy
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -206,21 +205,9 @@ def test_a_client_resumes_on_another_gateway_with_no_gap_and_no_duplicate(make_s
         assert again.status_code == 204
 
 
-@contextlib.contextmanager
-def _gateway_through_proxy(stack: Stack, amqp_url: str) -> Iterator[tuple[Gateway, Proxy]]:
-    """A gateway whose broker connections go through a proxy the test controls."""
-    url = urlsplit(amqp_url)
-    proxy = Proxy(url.port or 5672, url.hostname or "127.0.0.1")
-    try:
-        via_proxy = url._replace(netloc=f"{url.username}:{url.password}@127.0.0.1:{proxy.port}")
-        yield stack.gateway(TIMEBOX_AMQP_URL=via_proxy.geturl()), proxy
-    finally:
-        proxy.close()
-
-
 def test_a_partition_between_gateway_and_broker_is_noticed_and_heals(make_stack, amqp_url):
     stack: Stack = make_stack(TIMEBOX_HEARTBEAT="2")
-    with _gateway_through_proxy(stack, amqp_url) as (gateway, proxy):
+    with gateway_through_proxy(stack, amqp_url) as (gateway, proxy):
         stack.worker(1)
         with stack.client() as client:
             before = client.post("/v1/tasks/echo", params={"wait": "true"}, json={"payload": 0})
@@ -263,7 +250,7 @@ def test_a_gateway_that_reconnects_reads_the_event_stream_on_from_where_it_was(
     """Not from the start of the retention window again: with an hour of events there,
     that would keep the gateway's core busy for minutes after every reconnect."""
     stack: Stack = make_stack()
-    with _gateway_through_proxy(stack, amqp_url) as (gateway, proxy):
+    with gateway_through_proxy(stack, amqp_url) as (gateway, proxy):
         stack.worker(1)
         with stack.client() as client:
             ids = [echo_rpc(client, i) for i in range(10)]
@@ -293,7 +280,7 @@ def test_a_cancel_for_a_client_gone_while_the_gateway_cannot_publish_is_sent_onc
     import socket
 
     stack: Stack = make_stack()
-    with _gateway_through_proxy(stack, amqp_url) as (gateway, proxy):
+    with gateway_through_proxy(stack, amqp_url) as (gateway, proxy):
         worker = stack.worker(1)
         with stack.client() as client:
             headers = {"Idempotency-Key": "gone-while-down", "Request-Timeout": "60"}
@@ -382,7 +369,7 @@ def test_a_gateway_that_cannot_publish_refuses_at_once_and_leaves_nothing_behind
     """Its publishing connection is down, its reading one up: a task is refused before
     anything is recorded or sent, so there is nothing to undo and nothing to log."""
     stack: Stack = make_stack()
-    with _gateway_through_proxy(stack, amqp_url) as (gateway, proxy):
+    with gateway_through_proxy(stack, amqp_url) as (gateway, proxy):
         stack.worker(1)
         with stack.client() as client:
             ids = [echo_rpc(client, 0)]
