@@ -42,10 +42,14 @@ def tune_gc() -> None:
     heap had grown by a quarter, scanning millions of objects that were all still
     alive: pauses of up to 1.6 s while the streams opened and while their events went
     out. A larger young generation lets far fewer objects survive into the old ones,
-    and what was loaded at startup is left out of every collection."""
+    and what was loaded at startup is left out of every collection. The middle one is
+    collected every second young collection: at every twentieth, it held up to a
+    million objects that had all survived (a table growing while the history was
+    read) and took 405 ms to scan, in which nothing was answered; now about 70 ms.
+    The full collection is still weighed after the same 200 young ones."""
     gc.collect()
     gc.freeze()
-    gc.set_threshold(50_000, 20, 10)
+    gc.set_threshold(50_000, 2, 100)
 
 
 if __name__ == "__main__":
