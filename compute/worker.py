@@ -12,6 +12,7 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -122,6 +123,7 @@ class Worker:
         self.puller: Puller | None = None
         self._notices: Notices | None = None
         self._pulling: asyncio.Task[None] | None = None
+        self.waiting: Callable[[str], Awaitable[int]] | None = None  # ready in a task's queue
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -194,6 +196,12 @@ class Worker:
         # per-consumer prefetch: quorum queues refuse a channel-wide (global) one
         await channel.set_qos(prefetch_count=self.settings.concurrency)
         queues: dict[str, AbstractQueue] = {}
+
+        async def count(task: str) -> int:
+            async with asyncio.timeout(5):  # as a get: a broker that does not answer
+                return (await counts(channel, self.topology.task_queue(task)))[0]
+
+        self.waiting = count
         for task in self.tasks:
             queues[task] = await channel.declare_queue(
                 self.topology.task_queue(task),
@@ -210,10 +218,6 @@ class Worker:
 
         async def get(task: str) -> AbstractIncomingMessage | None:
             return await queues[task].get(no_ack=False, fail=False, timeout=5)
-
-        async def count(task: str) -> int:
-            async with asyncio.timeout(5):  # as the get: a broker that does not answer
-                return (await counts(channel, self.topology.task_queue(task)))[0]
 
         leases = None
         if self.settings.lease_slots:
@@ -324,6 +328,32 @@ class Worker:
             )
         return None
 
+    async def _behind_a_backlog(self, delivery: Delivery) -> Outcome | None:
+        """A stricter start rule where it costs nothing: a task whose time left covers the
+        99th percentile of recent run times but not the slowest is not started while more
+        of its type wait in the queue. Its slot runs the next, which has more time left,
+        instead of one start in a hundred at the edge running past its stop time and
+        being killed, its CPU wasted. Without a backlog it starts: it would finish 99
+        times in 100, and nothing else would use the slot."""
+        if not self.settings.start_only_if_finishable or self.waiting is None:
+            return None
+        slowest = self.runtimes[delivery.task].expect(delivery.cost, q=1.0)
+        left = delivery.deadline.remaining() - self.settings.reply_margin - self.settings.clock_skew
+        if slowest is None or left >= slowest:
+            return None
+        try:
+            waiting = await self.waiting(delivery.task)
+        except Exception as exc:  # the broker did not say: the usual rule decides
+            log.debug("no count of the %s queue: %r", delivery.task, exc)
+            return None
+        if not waiting:
+            return None
+        return Outcome(
+            Kind.EXPIRED,
+            reason=f"unmeetable behind a backlog: the slowest recent run took {slowest:.2f} s, "
+            f"{left:.2f} s left, {waiting} more waiting",
+        )
+
     async def _handle(
         self, task: str, message: AbstractIncomingMessage, credit: Credit | None = None
     ) -> None:
@@ -349,7 +379,7 @@ class Worker:
         )
         self.jobs[job.task_id] = job  # from here on a cancel reaches it
         try:
-            outcome = self._stop_reason(delivery)
+            outcome = self._stop_reason(delivery) or await self._behind_a_backlog(delivery)
             if outcome is None:
                 child = await self._slot_for(job)
                 if child is None:

@@ -1,5 +1,6 @@
 """Admission control, backpressure and fair dispatch: refuse at once what cannot finish."""
 
+import asyncio
 import collections
 import itertools
 import time
@@ -8,6 +9,10 @@ from datetime import datetime
 import httpx
 import pytest
 
+from compute.outcome import Kind
+from compute.settings import WorkerSettings
+from compute.worker import Delivery, Worker
+from contracts.deadline import Deadline
 from tests.conftest import Stack
 from tests.harness import (
     messages_ready,
@@ -343,6 +348,43 @@ def test_a_worker_does_not_start_what_it_cannot_finish(make_stack) -> None:
         events = task_events(client, task_id)
         assert [e[0] for e in events] == ["queued", "expired"]
         assert events[-1][1]["reason"].startswith("unmeetable")
+
+
+def test_behind_a_backlog_a_task_only_the_slowest_recent_run_would_miss_is_not_started() -> None:
+    """Time left that covers the 99th percentile of recent run times but not the
+    slowest: started when nothing else waits (it would finish 99 times in 100), not
+    while more wait (the next one has more time left)."""
+
+    async def scenario() -> None:
+        worker = Worker(WorkerSettings(), tasks=["echo"])
+        for _ in range(199):
+            worker.runtimes["echo"].add(0.1)
+        worker.runtimes["echo"].add(1.0)
+        waiting = 0
+
+        async def count(task: str) -> int:
+            assert task == "echo"
+            return waiting
+
+        worker.waiting = count
+        margin = worker.settings.reply_margin + worker.settings.clock_skew
+
+        def delivery(left: float) -> Delivery:
+            deadline = Deadline(int((time.time() + margin + left) * 1000))
+            return Delivery("echo", "t1", deadline, "{}", 1, None, None, None)
+
+        edge = delivery(0.5)
+        assert worker._stop_reason(edge) is None  # the usual rule starts it
+        assert await worker._behind_a_backlog(edge) is None
+        waiting = 3
+        outcome = await worker._behind_a_backlog(edge)
+        assert outcome is not None
+        assert outcome.kind is Kind.EXPIRED
+        assert outcome.reason is not None
+        assert outcome.reason.startswith("unmeetable behind a backlog")
+        assert await worker._behind_a_backlog(delivery(1.5)) is None  # covers the slowest
+
+    asyncio.run(scenario())
 
 
 def test_without_start_only_if_finishable_the_task_starts_and_is_aborted(make_stack) -> None:
