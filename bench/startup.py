@@ -24,16 +24,13 @@ import sys
 import time
 import uuid
 
-import aio_pika
 import httpx
 from yarl import URL
 
 from bench.stack import AMQP_URL, Stack
 from compute.pool import cpu_seconds_of
-from contracts.amqp import publish_event
-from contracts.declare import declare
-from contracts.events import EventType, TaskEvent
-from contracts.topology import Topology
+from contracts.events import TaskEvent
+from tests.harness import echo_lifecycle, fill_stream
 from tests.proxy import Proxy
 
 BATCH = 3000
@@ -41,32 +38,11 @@ AFTER = 10.0  # seconds watched after the reconnect
 SHORT_TIMEOUT = 1.0  # the second gateway's maximum timeout: a live window of about 2 s
 
 
-def _events(n: int) -> list[TaskEvent]:
+async def fill(namespace: str, n: int) -> None:
     events: list[TaskEvent] = []
     while len(events) < n:
-        task = {"task_id": str(uuid.uuid4()), "task": "echo"}
-        events += [
-            TaskEvent(type=EventType.QUEUED, deadline_ms=int(time.time() * 1000), **task),
-            TaskEvent(type=EventType.RUNNING, worker="w:1", attempt=1, **task),
-            TaskEvent(type=EventType.SUCCEEDED, worker="w:1", result={"payload": 1}, **task),
-        ]
-    return events[:n]
-
-
-async def fill(namespace: str, n: int) -> None:
-    topology = Topology(namespace=namespace)
-    connection = await aio_pika.connect(AMQP_URL)
-    async with connection:
-        channel = await connection.channel(publisher_confirms=True)
-        await declare(channel, topology, [])  # the stream, as a gateway declares it
-        events = _events(n)
-        for i in range(0, n, BATCH):
-            await asyncio.gather(
-                *(
-                    publish_event(channel, topology.events_stream, event, confirm_within=60)
-                    for event in events[i : i + BATCH]
-                )
-            )
+        events += echo_lifecycle(str(uuid.uuid4()))
+    await fill_stream(AMQP_URL, namespace, events[:n], BATCH)
 
 
 def _cpu(pid: int) -> float:

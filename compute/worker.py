@@ -309,18 +309,26 @@ class Worker:
             if not self.in_flight:
                 self._idle.set()
 
+    @property
+    def _stop_margin(self) -> float:
+        """How long before its deadline a task must have stopped: the time for its answer
+        to reach the client, and the clocks' disagreement."""
+        return self.settings.reply_margin + self.settings.clock_skew
+
+    def _time_left(self, delivery: Delivery) -> float:
+        return delivery.deadline.remaining() - self._stop_margin
+
     def _stop_reason(self, delivery: Delivery) -> Outcome | None:
         """Why a delivered task must not start now, if it must not."""
         cancel = self.cancels.get(delivery.task_id)
         if cancel is not None:
             return Outcome(Kind.CANCELLED, reason="cancelled before start")
-        margin = self.settings.reply_margin + self.settings.clock_skew
-        if delivery.deadline.expired(margin):
+        left = self._time_left(delivery)
+        if left <= 0:
             return Outcome(Kind.EXPIRED, reason="deadline passed before start")
         # the 99th percentile: a task started with less time left than it likely needs
         # would more often than not burn CPU until its abort; not starting it costs none
         expected = self.runtimes[delivery.task].expect(delivery.cost, q=LIKELY)
-        left = delivery.deadline.remaining() - margin
         if self.settings.start_only_if_finishable and expected is not None and left < expected:
             return Outcome(
                 Kind.EXPIRED,
@@ -338,7 +346,7 @@ class Worker:
         if not self.settings.start_only_if_finishable or self.waiting is None:
             return None
         slowest = self.runtimes[delivery.task].expect(delivery.cost, q=1.0)
-        left = delivery.deadline.remaining() - self.settings.reply_margin - self.settings.clock_skew
+        left = self._time_left(delivery)
         if slowest is None or left >= slowest:
             return None
         try:
@@ -368,13 +376,12 @@ class Worker:
             with contextlib.suppress(Exception):
                 await message.ack()
             return
-        margin = self.settings.reply_margin + self.settings.clock_skew
         job = runner.Job(
             task=delivery.task,
             task_id=delivery.task_id,
             input_json=delivery.input_json,
             deadline=delivery.deadline,
-            stop_at=delivery.deadline.epoch - margin,
+            stop_at=delivery.deadline.epoch - self._stop_margin,
             progress_interval=self.settings.progress_interval,
         )
         self.jobs[job.task_id] = job  # from here on a cancel reaches it

@@ -31,9 +31,9 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import aiormq
 from aiormq.abc import AbstractChannel, AbstractConnection, DeliveredMessage
@@ -59,6 +59,7 @@ ACK_AFTER = 0.005  # seconds
 LIVE_WINDOW_MARGIN = 1.0
 
 Ends = tuple[asyncio.Future[Any], ...]
+T = TypeVar("T")
 OnDelivery = Callable[[DeliveredMessage], Coroutine[Any, Any, None]]
 
 
@@ -143,7 +144,6 @@ class EventLog:
 
     async def _follow(self, ends: Ends) -> None:
         """Consumes again whenever the consumer ends, until closed."""
-        interval = self.broker.settings.reconnect_interval
         while True:
             done, _ = await asyncio.wait(ends, return_when=asyncio.FIRST_COMPLETED)
             reason = _why(done.pop())
@@ -153,17 +153,21 @@ class EventLog:
                 self._next_offset,
             )
             await self._disconnect()
-            told = False
-            while True:
-                try:
-                    ends = await self._consume()
-                    break
-                except Exception as exc:  # the broker still away: try again
-                    if not told:
-                        log.warning("cannot read the event stream yet (%r); retrying", exc)
-                        told = True
-                    await asyncio.sleep(interval)
+            ends = await self._until_open("the event stream", self._consume)
             log.warning("reading the event stream again, from offset %s", self._next_offset)
+
+    async def _until_open(self, what: str, open_: Callable[[], Awaitable[T]]) -> T:
+        """Calls `open_` until it connects (the broker may still be away), every
+        reconnect interval, with one line for the wait."""
+        told = False
+        while True:
+            try:
+                return await open_()
+            except Exception as exc:
+                if not told:
+                    log.warning("cannot read %s yet (%r); retrying", what, exc)
+                    told = True
+                await asyncio.sleep(self.broker.settings.reconnect_interval)
 
     async def _disconnect(self) -> None:
         connection, self._connection, self._channel = self._connection, None, None
@@ -172,22 +176,21 @@ class EventLog:
                 await connection.close()
 
     async def _on_delivery(self, message: DeliveredMessage) -> None:
-        properties = message.header.properties
-        offset = (properties.headers or {}).get("x-stream-offset")
-        if isinstance(offset, int):
+        offset = _offset(message)
+        if offset is not None:
             metrics.EVENTS_READ.inc()
             if self._next_offset is None or offset >= self._next_offset:
                 self._next_offset = offset + 1
             if self._history_end is None:
                 self._history_end = offset
         try:
-            if properties.message_type == SYNC_TYPE:
+            if message.header.properties.message_type == SYNC_TYPE:
                 if message.body.decode(errors="replace") == self.broker.instance:
                     self.caught_up.set()
-            elif isinstance(offset, int) and offset > self.table.last_offset:
-                self.table.apply(offset, TaskEvent.model_validate_json(message.body))
-        except ValidationError as exc:
-            log.warning("skipping an unreadable event at offset %s: %s", offset, exc)
+            elif offset is not None and offset > self.table.last_offset:
+                event = _event(message, offset)
+                if event is not None:
+                    self.table.apply(offset, event)
         finally:
             self._acks.soon(message)
 
@@ -206,9 +209,9 @@ class EventLog:
 
         async def on_delivery(message: DeliveredMessage) -> None:
             nonlocal next_offset, read
-            offset = (message.header.properties.headers or {}).get("x-stream-offset")
+            offset = _offset(message)
             try:
-                if not isinstance(offset, int):
+                if offset is None:
                     return
                 if offset >= end:
                     if not reached.done():
@@ -218,26 +221,18 @@ class EventLog:
                 read += 1
                 metrics.EVENTS_READ.inc()
                 if message.header.properties.message_type != SYNC_TYPE:
-                    self.table.recall(offset, TaskEvent.model_validate_json(message.body))
-            except ValidationError as exc:
-                log.warning("skipping an unreadable event at offset %s: %s", offset, exc)
+                    event = _event(message, offset)
+                    if event is not None:
+                        self.table.recall(offset, event)
             finally:
                 acks.soon(message)
 
-        interval = self.broker.settings.reconnect_interval
-        told = False
+        def open_() -> Awaitable[tuple[AbstractConnection, AbstractChannel, Ends]]:
+            return self._open("history", next_offset, HISTORY_PREFETCH, on_delivery)
+
         try:
             while end > 0 and not reached.done():
-                try:
-                    connection, _, ends = await self._open(
-                        "history", next_offset, HISTORY_PREFETCH, on_delivery
-                    )
-                except Exception as exc:
-                    if not told:
-                        log.warning("cannot read the event history yet (%r); retrying", exc)
-                        told = True
-                    await asyncio.sleep(interval)
-                    continue
+                connection, _, ends = await self._until_open("the event history", open_)
                 try:
                     done, _ = await asyncio.wait(
                         (reached, *ends), return_when=asyncio.FIRST_COMPLETED
@@ -251,7 +246,7 @@ class EventLog:
                         _why(done.pop()),
                         next_offset,
                     )
-                    await asyncio.sleep(interval)
+                    await asyncio.sleep(self.broker.settings.reconnect_interval)
         finally:
             await acks.close()
         self.history_read.set()
@@ -300,6 +295,20 @@ class Acks:
         if self._timer is not None:
             self._timer.cancel()
         await self._sending.cancel()
+
+
+def _offset(message: DeliveredMessage) -> int | None:
+    offset = (message.header.properties.headers or {}).get("x-stream-offset")
+    return offset if isinstance(offset, int) else None
+
+
+def _event(message: DeliveredMessage, offset: int) -> TaskEvent | None:
+    """The event in a delivery; None (and a warning) if it cannot be read."""
+    try:
+        return TaskEvent.model_validate_json(message.body)
+    except ValidationError as exc:
+        log.warning("skipping an unreadable event at offset %s: %s", offset, exc)
+        return None
 
 
 async def _ack(channel: AbstractChannel, delivery_tag: int) -> None:

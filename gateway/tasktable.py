@@ -187,13 +187,10 @@ class TaskTable:
         the replay of later subscribers only."""
         record = self.get(event.task_id)
         if record is None:
-            if not self._room_for_history():
-                return
-            record = Record(TaskStatus.first(event), owner=event.owner, cost=event.cost)
-            self._history[event.task_id] = record
-            self._arrived(event.task_id, record)
-            record.events.append((offset, event))
-        elif not record.events or offset > record.events[-1][0]:
+            if self._room_for_history():
+                self._insert(event, self._history).events.append((offset, event))
+            return
+        if not record.events or offset > record.events[-1][0]:
             if not record.status.apply(event):
                 return
             record.events.append((offset, event))
@@ -205,9 +202,7 @@ class TaskTable:
             return
         if record.cost is None:
             record.cost = event.cost
-        if event.idempotency_key is not None and record.idempotency_key is None:
-            record.idempotency_key = event.idempotency_key
-            self._idempotent[(record.owner, event.idempotency_key)] = event.task_id
+        self._remember_key(record, event)
         if record.status.state.terminal:
             record.done.set()
 
@@ -233,18 +228,23 @@ class TaskTable:
                 closed += 1
         return closed
 
-    def _insert(self, event: TaskEvent) -> Record:
+    def _insert(self, event: TaskEvent, into: OrderedDict[str, Record] | None = None) -> Record:
+        """A new task's record, from its first event read, in the live window's tasks
+        unless `into` says otherwise."""
         record = Record(TaskStatus.first(event), owner=event.owner, cost=event.cost)
-        self._tasks[event.task_id] = record
+        (self._tasks if into is None else into)[event.task_id] = record
         self._arrived(event.task_id, record)
-        if event.idempotency_key is not None:
-            record.idempotency_key = event.idempotency_key
-            self._idempotent[(event.owner, event.idempotency_key)] = event.task_id
+        self._remember_key(record, event)
         while len(self) > self.max_tasks:
             self._forget(self._history or self._tasks)
         if event.terminal:
             record.done.set()
         return record
+
+    def _remember_key(self, record: Record, event: TaskEvent) -> None:
+        if event.idempotency_key is not None and record.idempotency_key is None:
+            record.idempotency_key = event.idempotency_key
+            self._idempotent[(record.owner, event.idempotency_key)] = event.task_id
 
     def _arrived(self, task_id: str, record: Record) -> None:
         for future in self._arrivals.pop(task_id, []):

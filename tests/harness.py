@@ -20,7 +20,9 @@ import httpx
 from pamqp.commands import Basic
 
 from compute.child import die_with_parent
-from contracts.declare import counts
+from contracts.amqp import publish_event
+from contracts.declare import counts, declare
+from contracts.events import EventType, TaskEvent
 from contracts.topology import Topology
 
 
@@ -285,3 +287,32 @@ def notice_heard(amqp_url: str, namespace: str, task: str) -> bool:
 
 def messages_ready(amqp_url: str, queue: str) -> int:
     return queue_counts(amqp_url, queue)[0]
+
+
+def echo_lifecycle(task_id: str, **queued: object) -> list[TaskEvent]:
+    """The events of one `echo` task that ran and succeeded, `queued` with these fields."""
+    task = {"task_id": task_id, "task": "echo"}
+    return [
+        TaskEvent(type=EventType.QUEUED, deadline_ms=int(time.time() * 1000), **task, **queued),
+        TaskEvent(type=EventType.RUNNING, worker="w:1", attempt=1, **task),
+        TaskEvent(type=EventType.SUCCEEDED, worker="w:1", result={"payload": 1}, ran=0.01, **task),
+    ]
+
+
+async def fill_stream(
+    amqp_url: str, namespace: str, events: list[TaskEvent], batch: int = 2000
+) -> None:
+    """Publishes `events` to the namespace's event stream (declared as a gateway
+    declares it), each confirmed, `batch` at a time."""
+    topology = Topology(namespace=namespace)
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        await declare(channel, topology, [])
+        for i in range(0, len(events), batch):
+            await asyncio.gather(
+                *(
+                    publish_event(channel, topology.events_stream, e, confirm_within=60)
+                    for e in events[i : i + batch]
+                )
+            )

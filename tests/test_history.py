@@ -7,17 +7,13 @@ import asyncio
 import time
 import uuid
 
-import aio_pika
 import httpx
 import pytest
 
-from contracts.amqp import publish_event
-from contracts.declare import declare
 from contracts.events import EventType, TaskEvent, TaskState
-from contracts.topology import Topology
 from gateway.tasktable import TaskTable
 from tests.conftest import Stack
-from tests.harness import wait_until
+from tests.harness import echo_lifecycle, fill_stream, wait_until
 from tests.proxy import gateway_through_proxy
 
 
@@ -25,20 +21,12 @@ def event(kind: EventType, task_id: str = "t1", **fields: object) -> TaskEvent:
     return TaskEvent(type=kind, task_id=task_id, task="echo", **fields)  # type: ignore[arg-type]
 
 
-def lifecycle(task_id: str, **queued: object) -> list[TaskEvent]:
-    return [
-        event(EventType.QUEUED, task_id, deadline_ms=int(time.time() * 1000), **queued),
-        event(EventType.RUNNING, task_id, worker="w:1", attempt=1),
-        event(EventType.SUCCEEDED, task_id, worker="w:1", result={"payload": 1}, ran=0.01),
-    ]
-
-
 def test_a_task_whose_end_was_read_live_is_folded_again_in_stream_order() -> None:
     """Its `expired` came after the live window began, its run before: the first
     terminal event in stream order wins, as on a gateway that read it all in order."""
     table = TaskTable(10)
     table.apply(900, event(EventType.EXPIRED, reason="late dead letter"))
-    queued, running, succeeded = lifecycle("t1", cost=2.0)
+    queued, running, succeeded = echo_lifecycle("t1", cost=2.0)
     for offset, e in ((10, queued), (20, running), (30, succeeded)):
         table.recall(offset, e)
     record = table.get("t1")
@@ -80,7 +68,7 @@ def test_a_subscriber_to_a_task_of_the_history_is_sent_what_the_history_brings_n
     async def scenario() -> None:
         table = TaskTable(10)
         waiting = asyncio.ensure_future(table.arrival("t1", 5.0))
-        queued, running, succeeded = lifecycle("t1")
+        queued, running, succeeded = echo_lifecycle("t1")
         table.recall(10, queued)
         record = await waiting  # an arrival is told of a task of the history too
         assert record is table.get("t1")
@@ -93,21 +81,6 @@ def test_a_subscriber_to_a_task_of_the_history_is_sent_what_the_history_brings_n
         assert [offset for offset, _ in record.events] == [10, 20, 30]
 
     asyncio.run(scenario())
-
-
-async def _fill(amqp_url: str, namespace: str, events: list[TaskEvent]) -> None:
-    topology = Topology(namespace=namespace)
-    connection = await aio_pika.connect(amqp_url)
-    async with connection:
-        channel = await connection.channel(publisher_confirms=True)
-        await declare(channel, topology, [])  # the stream, as a gateway declares it
-        for i in range(0, len(events), 2000):
-            await asyncio.gather(
-                *(
-                    publish_event(channel, topology.events_stream, e, confirm_within=60)
-                    for e in events[i : i + 2000]
-                )
-            )
 
 
 MAX_TIMEOUT = 1.0  # so that the live window is about 2 s long
@@ -124,8 +97,8 @@ def _history(stack: Stack, *first: TaskEvent) -> list[TaskEvent]:
     returns once they are older than a gateway's live window."""
     events = list(first)
     for _ in range(HISTORY_TASKS):
-        events += lifecycle(str(uuid.uuid4()))
-    asyncio.run(_fill(stack.amqp_url, stack.namespace, events))
+        events += echo_lifecycle(str(uuid.uuid4()))
+    asyncio.run(fill_stream(stack.amqp_url, stack.namespace, events))
     # the stream's timestamps are whole seconds: let every event fall before the window
     time.sleep(MAX_TIMEOUT + 3.0)
     return events
@@ -137,7 +110,9 @@ def test_a_new_gateway_is_ready_before_it_has_read_the_history_then_answers_for_
 ) -> None:
     stack: Stack = make_stack(**SHORT)
     old_id, keyed_id = str(uuid.uuid4()), str(uuid.uuid4())
-    events = _history(stack, *lifecycle(old_id), *lifecycle(keyed_id, idempotency_key="key-1"))
+    events = _history(
+        stack, *echo_lifecycle(old_id), *echo_lifecycle(keyed_id, idempotency_key="key-1")
+    )
 
     gateway = stack.gateway()
     with stack.client() as c:
@@ -168,7 +143,7 @@ def test_a_gateway_whose_history_connection_drops_reads_on_from_where_it_was(
 ) -> None:
     stack: Stack = make_stack(**SHORT)
     old_id = str(uuid.uuid4())
-    events = _history(stack, *lifecycle(old_id))
+    events = _history(stack, *echo_lifecycle(old_id))
     with gateway_through_proxy(stack, amqp_url) as (gateway, proxy):
         # publishing, live window, then the history's connection
         wait_until(lambda: proxy.accepted >= 3, 30, "the history's connection")
