@@ -63,14 +63,21 @@ def configure_logging(fmt: str = "text", level: int = logging.INFO) -> None:
     # traceback; the reconnect itself is what matters, and it is logged by us
     logging.getLogger("aio_pika.tools").setLevel(logging.CRITICAL)
     logging.getLogger("aiormq.connection").addFilter(_connection_losses)
+    logging.getLogger("aio_pika.robust_connection").addFilter(_FailedAttempts())
     logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 def _connection_losses(record: logging.LogRecord) -> bool:
     """Drops aiormq's lines for a connection the broker closed or the network dropped
     (an ERROR, a WARNING with a traceback): each program logs that loss as one line of
-    its own. A reader that failed otherwise (a malformed frame, say) still shows."""
-    if str(record.msg).startswith("Unexpected connection close from remote"):
+    its own. A reader that failed otherwise (a malformed frame, say) still shows. Its
+    ERROR for an attempt to connect that failed goes too: the caller tells of it."""
+    if str(record.msg).startswith(
+        (
+            "Unexpected connection close from remote",
+            "error when creating transport",
+        )
+    ):
         return False
     if not str(record.msg).startswith("Cancelling cause reader exited abnormally"):
         return True
@@ -81,3 +88,23 @@ def _connection_losses(record: logging.LogRecord) -> bool:
         isinstance(error, AMQPConnectionError)  # the socket ended or was reset
         and isinstance(error.__cause__, asyncio.IncompleteReadError | ConnectionError)
     )
+
+
+class _FailedAttempts(logging.Filter):
+    """aio-pika warns of each failed attempt to connect, every reconnect interval
+    (1 s by default) for as long as the broker is away: the first line tells the
+    operator what is wrong, then one a minute that it still is."""
+
+    EVERY = 60.0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._last = -self.EVERY
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith("Connection attempt to"):
+            return True
+        if record.created - self._last < self.EVERY:
+            return False
+        self._last = record.created
+        return True

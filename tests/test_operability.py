@@ -1,12 +1,14 @@
 """Metrics, logs and the demo page in a real browser."""
 
 import json
+import logging
 import re
 import shutil
 
 import httpx
 import pytest
 
+from contracts.logs import _FailedAttempts
 from tests.conftest import Stack
 from tests.harness import free_port, task_events
 
@@ -100,6 +102,21 @@ def test_json_logs_give_one_line_per_outcome_with_timings(make_stack) -> None:
     assert entry["ran"] > 0.5
     assert "from the deadline" in entry["message"]
     assert worker.count(task_id) == 1
+
+
+def test_a_broker_away_for_minutes_is_told_once_a_minute_not_at_every_attempt() -> None:
+    """aio-pika warns of each failed attempt to connect, once a reconnect interval."""
+    keep = _FailedAttempts()
+    start = 1_000_000.0
+
+    def attempt(at: float, msg: str = "Connection attempt to %s failed: %s") -> bool:
+        record = logging.makeLogRecord({"msg": msg, "args": ("amqp://x", "refused")})
+        record.created = start + at
+        return keep.filter(record)
+
+    told = [second for second in range(150) if attempt(second)]
+    assert told == [0, 60, 120]
+    assert attempt(150.5, "Connection to %s closed. Reconnecting after %r seconds.")
 
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium")
