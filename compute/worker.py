@@ -128,13 +128,10 @@ class Worker:
     # -- lifecycle -------------------------------------------------------------------
 
     async def run(self) -> None:
-        self._connection = await connect(
-            self.settings.amqp_url,
-            f"worker {self.name}",
-            heartbeat=self.settings.heartbeat,
-            reconnect_interval=self.settings.reconnect_interval,
-            log=log,
-        )
+        self._connection = await self._connected()
+        if self._connection is None:
+            log.info("worker %s stopped before RabbitMQ answered", self.name)
+            return
         try:
             self._events = await self._connection.channel(publisher_confirms=True)
             await declare(self._events, self.topology, self.tasks)
@@ -165,6 +162,26 @@ class Worker:
 
     def stop(self) -> None:
         self.stopping.set()
+
+    async def _connected(self) -> AbstractRobustConnection | None:
+        """The broker connection, waited for until it answers; None if told to stop
+        meanwhile."""
+        connecting = asyncio.ensure_future(
+            connect(
+                self.settings.amqp_url,
+                f"worker {self.name}",
+                heartbeat=self.settings.heartbeat,
+                reconnect_interval=self.settings.reconnect_interval,
+                log=log,
+            )
+        )
+        stopping = asyncio.ensure_future(self.stopping.wait())
+        await asyncio.wait((connecting, stopping), return_when=asyncio.FIRST_COMPLETED)
+        for waiting in (connecting, stopping):
+            waiting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            return await connecting
+        return None
 
     async def _consume_control(self) -> None:
         assert self._connection is not None

@@ -20,6 +20,7 @@ from typing import Any
 import aio_pika
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
+from aio_pika.connection import make_url
 from aiormq.abc import ConfirmationFrameType
 from aiormq.connection import TransportFactory
 from aiormq.exceptions import AMQPConnectionError, ChannelInvalidStateError
@@ -113,14 +114,23 @@ async def connect(
     log: logging.Logger,
 ) -> AbstractRobustConnection:
     """A robust connection named `name` in the management UI, whose losses and
-    recoveries are logged on `log`."""
-    connection = await aio_pika.connect_robust(
-        url,
-        client_properties={"connection_name": name},
-        heartbeat=heartbeat,
-        reconnect_interval=reconnect_interval,
-        connection_class=CoalescingRobustConnection,
+    recoveries are logged on `log`. A broker that does not answer yet is waited for,
+    tried every `reconnect_interval`: a program started before RabbitMQ, or during
+    its restart, comes up and connects once it can, rather than exiting."""
+    # as aio_pika.connect_robust builds it: aiormq takes the heartbeat from the URL
+    options: dict[str, Any] = {
+        "heartbeat": heartbeat,
+        "reconnect_interval": reconnect_interval,
+        "fail_fast": False,
+    }
+    connection = CoalescingRobustConnection(
+        make_url(url, **options), client_properties={"connection_name": name}, **options
     )
+    try:
+        await connection.connect()
+    except BaseException:  # cancelled while waiting: its reconnect loop must stop too
+        await connection.close()
+        raise
     log_reconnects(connection, log)
     return connection
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import sys
 
@@ -26,14 +27,29 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"timebox-gateway: invalid settings:\n{exc}")
     configure_logging(settings.log_format)
     tune_gc()
-    uvicorn.run(
-        create_app(settings),
+    server: uvicorn.Server
+    failures: list[str] = []
+
+    def give_up(why: str) -> None:
+        failures.append(why)
+        server.should_exit = True
+
+    app = create_app(settings, on_failure=give_up)
+    config = uvicorn.Config(
+        app,
         host=settings.host,
         port=settings.port,
         log_config=None,
         access_log=settings.access_log,
         timeout_graceful_shutdown=5,
     )
+    server = uvicorn.Server(config)
+    with contextlib.suppress(KeyboardInterrupt):
+        server.run()
+    if failures:
+        sys.exit(f"timebox-gateway: {failures[0]}")
+    if not server.started:  # as uvicorn.run: the port taken, say
+        sys.exit(3)
 
 
 def tune_gc() -> None:

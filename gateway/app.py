@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+import signal
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -23,14 +24,18 @@ from gateway.tasktable import TaskTable
 log = logging.getLogger("timebox.gateway")
 
 
-def create_app(settings: GatewaySettings | None = None) -> FastAPI:
+def create_app(
+    settings: GatewaySettings | None = None, *, on_failure: Callable[[str], None] | None = None
+) -> FastAPI:
+    """The gateway. It serves at once and connects to RabbitMQ in the background; if
+    starting fails for another reason than the broker being away, `on_failure` is
+    told why (by default the process gets SIGTERM: whatever serves the app stops)."""
     settings = settings or GatewaySettings()
     specs = settings.specs()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         broker = Broker(settings, specs)
-        await broker.start()
         table = TaskTable(settings.task_table_size)
         table.listeners.append(metrics.observe)
         eventlog = EventLog(broker, table)
@@ -38,15 +43,26 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         metrics.TASKS_KNOWN.set_function(lambda: float(len(table)))
         admission = Admission(settings, broker, table, specs)
         app.state.services = Services(settings, broker, table, eventlog, admission, Auth(settings))
-        await eventlog.start()
-        await DeadLetters(broker, table).start()
-        figures = asyncio.create_task(admission.run())
+
+        async def connected() -> None:
+            """Waits for the broker, then reads the event stream and keeps the queue
+            figures. Meanwhile the gateway answers: not ready, tasks refused with 503."""
+            try:
+                await broker.start()
+                await eventlog.start()
+                await DeadLetters(broker, table).start()
+                log.info("%s ready on namespace %r", broker.name, settings.namespace)
+                await admission.run()
+            except Exception as exc:  # not the broker away (that is waited for): give up
+                log.exception("cannot start")
+                (on_failure or _terminate)(f"cannot start: {exc!r}")
+
+        running = asyncio.create_task(connected())
         streams = asyncio.create_task(app.state.services.end_streams_on_shutdown())
-        log.info("%s ready on namespace %r", broker.name, settings.namespace)
         try:
             yield
         finally:
-            await stop(figures)
+            await stop(running)
             await stop(streams)
             await app.state.services.background.cancel()
             await eventlog.close()
@@ -62,3 +78,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     api.include(app, specs)
     return app
+
+
+def _terminate(_why: str) -> None:
+    signal.raise_signal(signal.SIGTERM)

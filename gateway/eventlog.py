@@ -83,7 +83,7 @@ class EventLog:
         return self._channel is not None and not self._channel.is_closed
 
     async def start(self) -> None:
-        ends = await self._consume()
+        ends = await self._until_open("the event stream", self._consume)
         self._following = asyncio.create_task(self._follow(ends))
         self._history = asyncio.create_task(self._read_history())
         await self.broker.publish_sync_marker()

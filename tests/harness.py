@@ -231,6 +231,14 @@ def wait_until(predicate: object, timeout: float, what: str) -> None:
         time.sleep(0.02)
 
 
+def events_read(client: httpx.Client) -> float:
+    """How many events the gateway has read from the stream, live and history."""
+    metrics = client.get("/metrics").text
+    found = re.search(r"^timebox_gateway_events_read_total (\S+)$", metrics, re.M)
+    assert found is not None
+    return float(found[1])
+
+
 def task_events(
     client: httpx.Client, task_id: str, last_event_id: str | None = None
 ) -> list[tuple[str, dict[str, object], str]]:

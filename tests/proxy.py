@@ -19,9 +19,15 @@ if TYPE_CHECKING:
 
 
 class Proxy:
-    def __init__(self, target_port: int, target_host: str = "127.0.0.1", *more: int) -> None:
+    def __init__(
+        self,
+        target_port: int,
+        target_host: str = "127.0.0.1",
+        *more: int,
+        listen_port: int | None = None,  # a port programs already try: the broker "starts"
+    ) -> None:
         self.targets = [(target_host, p) for p in (target_port, *more)]
-        self.port = free_port()
+        self.port = listen_port or free_port()
         self.cut_off = False
         self.refusing = False  # new connections are closed at once
         self._writers: set[asyncio.StreamWriter] = set()

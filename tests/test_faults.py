@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import urlsplit
 
 import aio_pika
 import httpx
@@ -24,12 +25,14 @@ from tests.harness import (
     Gateway,
     Worker,
     alive,
+    events_read,
+    free_port,
     process_tree,
     task_events,
     wait_for_event,
     wait_until,
 )
-from tests.proxy import gateway_through_proxy
+from tests.proxy import Proxy, gateway_through_proxy
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -237,13 +240,6 @@ def echo_rpc(client: httpx.Client, payload: int) -> str:
     return str(r.json()["id"])
 
 
-def events_read(client: httpx.Client) -> float:
-    metrics = client.get("/metrics").text
-    found = re.search(r"^timebox_gateway_events_read_total (\S+)$", metrics, re.M)
-    assert found is not None
-    return float(found[1])
-
-
 def test_a_gateway_that_reconnects_reads_the_event_stream_on_from_where_it_was(
     make_stack, amqp_url
 ) -> None:
@@ -390,6 +386,82 @@ def test_a_gateway_that_cannot_publish_refuses_at_once_and_leaves_nothing_behind
             assert gateway.count("stopped reading the event stream") == 0
             assert gateway.count("ERROR|Traceback") == 0
             assert_clean(stack, client, ids)
+
+
+def _url_to(amqp_url: str, port: int) -> str:
+    url = urlsplit(amqp_url)
+    return url._replace(netloc=f"{url.username}:{url.password}@127.0.0.1:{port}").geturl()
+
+
+def test_programs_started_before_the_broker_answers_serve_and_connect_once_it_does(
+    make_stack, amqp_url
+) -> None:
+    """A gateway and a worker started while nothing listens on the broker's port (a
+    machine booting, RabbitMQ restarting): the gateway answers at once (alive, not
+    ready, tasks refused with 503), both say once what they wait for, and both
+    connect when the broker comes, without a restart."""
+    stack: Stack = make_stack()
+    port = free_port()  # nothing listens here yet: connections are refused
+    early = {**stack.env, "TIMEBOX_AMQP_URL": _url_to(amqp_url, port)}
+    gateway = Gateway("gateway-early", early, stack.log_dir)
+    stack.gateways.append(gateway)
+    worker = Worker("worker-early", early, stack.log_dir, 1)
+    stack.workers.append(worker)
+    with httpx.Client(base_url=gateway.url, timeout=10) as client:
+        gateway.wait_for_line("Uvicorn running", 20)
+        assert client.get("/healthz").status_code == 200
+        ready = client.get("/readyz")
+        assert ready.status_code == 503
+        assert ready.json()["detail"] == "not connected to RabbitMQ"
+        refused = client.post("/v1/tasks/echo", json={"payload": 1})
+        assert refused.status_code == 503
+        assert refused.headers["content-type"] == "application/problem+json"
+        assert "Retry-After" in refused.headers
+        for program in (gateway, worker):
+            program.wait_for_line("Connection attempt .* Connection refused", 20)
+        proxy = Proxy(urlsplit(amqp_url).port or 5672, listen_port=port)  # the broker is up
+        try:
+            gateway.wait_ready(30)
+            worker.wait_ready(30)
+            ids = [echo_rpc(client, 1)]
+            for program in (gateway, worker):
+                assert program.count("Connection attempt") == 1  # not one a second
+                assert program.count("ERROR|Traceback") == 0
+            assert_clean(stack, client, ids)
+        finally:
+            stack.stop()
+            proxy.close()
+
+
+def test_a_worker_waiting_for_the_broker_stops_at_once_when_told(make_stack, amqp_url) -> None:
+    stack: Stack = make_stack()
+    env = {**stack.env, "TIMEBOX_AMQP_URL": _url_to(amqp_url, free_port())}
+    worker = Worker("worker-waiting", env, stack.log_dir, 1)
+    stack.workers.append(worker)
+    worker.wait_for_line("Connection attempt .* failed", 20)
+    assert worker.stop(timeout=5) == 0
+    assert worker.count("stopped before RabbitMQ answered") == 1
+    assert worker.count("ERROR|Traceback") == 0
+
+
+def test_a_gateway_that_cannot_start_for_another_reason_exits_with_it(make_stack) -> None:
+    """A task queue declared with other arguments than the gateway's (an operator's
+    leftover, a changed setting): the gateway cannot serve it, and says so and exits,
+    rather than staying up unready for good."""
+    stack: Stack = make_stack()
+
+    async def classic_queue() -> None:
+        connection = await aio_pika.connect(stack.amqp_url)
+        async with connection:
+            channel = await connection.channel()
+            await channel.declare_queue(f"{stack.namespace}.tasks.echo", durable=True)
+
+    asyncio.run(classic_queue())
+    gateway = Gateway("gateway-misfit", stack.env, stack.log_dir)
+    stack.gateways.append(gateway)
+    assert gateway.popen.wait(30) == 1
+    gateway.stop()
+    assert gateway.count(r"timebox-gateway: cannot start: .*PRECONDITION_FAILED") == 1
 
 
 @contextlib.contextmanager

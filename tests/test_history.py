@@ -13,7 +13,7 @@ import pytest
 from contracts.events import EventType, TaskEvent, TaskState
 from gateway.tasktable import TaskTable
 from tests.conftest import Stack
-from tests.harness import echo_lifecycle, fill_stream, wait_until
+from tests.harness import echo_lifecycle, events_read, fill_stream, wait_until
 from tests.proxy import gateway_through_proxy
 
 
@@ -145,8 +145,10 @@ def test_a_gateway_whose_history_connection_drops_reads_on_from_where_it_was(
     old_id = str(uuid.uuid4())
     events = _history(stack, *echo_lifecycle(old_id))
     with gateway_through_proxy(stack, amqp_url) as (gateway, proxy):
-        # publishing, live window, then the history's connection
-        wait_until(lambda: proxy.accepted >= 3, 30, "the history's connection")
+        # publishing, live window, then the history's connection, once it delivers
+        with stack.client() as c:
+            wait_until(lambda: events_read(c) > 100, 30, "the history being read")
+        assert proxy.accepted == 3
         proxy.drop(2)
         gateway.wait_for_line("stopped reading the event history", 30)
         line = gateway.wait_for_line(r"read the event history: \d+ events", 120)
