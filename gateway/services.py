@@ -68,9 +68,13 @@ class Services:
         """What an id the table does not know gets: 404, or 503 while it may still be
         in the history this gateway has not read yet (eventlog.py)."""
         if self._arrival_wait(task_id) and not self.eventlog.history_read.is_set():
+            reading = (
+                "is still reading older ones"
+                if self.eventlog.caught_up.is_set()
+                else "has not read the event stream yet"  # not connected, or just started
+            )
             return HistoryNotRead(
-                f"task {task_id!r} is not among the tasks read so far; this gateway is "
-                "still reading older ones",
+                f"task {task_id!r} is not among the tasks read so far; this gateway {reading}",
                 retry_after=2,
             )
         return TaskNotFound(f"no task with id {task_id!r}")

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlsplit
@@ -417,6 +418,9 @@ def test_programs_started_before_the_broker_answers_serve_and_connect_once_it_do
         assert refused.status_code == 503
         assert refused.headers["content-type"] == "application/problem+json"
         assert "Retry-After" in refused.headers
+        unknown = client.get(f"/v1/tasks/{uuid.uuid4()}")
+        assert unknown.status_code == 503
+        assert "has not read the event stream yet" in unknown.json()["detail"]
         for program in (gateway, worker):
             program.wait_for_line("Connection attempt .* Connection refused", 20)
         proxy = Proxy(urlsplit(amqp_url).port or 5672, listen_port=port)  # the broker is up
