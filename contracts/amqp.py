@@ -117,14 +117,10 @@ async def connect(
     recoveries are logged on `log`. A broker that does not answer yet is waited for,
     tried every `reconnect_interval`: a program started before RabbitMQ, or during
     its restart, comes up and connects once it can, rather than exiting."""
-    # as aio_pika.connect_robust builds it: aiormq takes the heartbeat from the URL
-    options: dict[str, Any] = {
-        "heartbeat": heartbeat,
-        "reconnect_interval": reconnect_interval,
-        "fail_fast": False,
-    }
+    # the options go in the URL: aiormq takes the heartbeat from there, aio-pika the rest
     connection = CoalescingRobustConnection(
-        make_url(url, **options), client_properties={"connection_name": name}, **options
+        make_url(url, heartbeat=heartbeat, reconnect_interval=reconnect_interval, fail_fast=False),
+        client_properties={"connection_name": name},
     )
     try:
         await connection.connect()

@@ -122,7 +122,12 @@ def gateway_through_proxy(stack: Stack, amqp_url: str) -> Iterator[tuple[Gateway
     url = urlsplit(amqp_url)
     proxy = Proxy(url.port or 5672, url.hostname or "127.0.0.1")
     try:
-        via_proxy = url._replace(netloc=f"{url.username}:{url.password}@127.0.0.1:{proxy.port}")
-        yield stack.gateway(TIMEBOX_AMQP_URL=via_proxy.geturl()), proxy
+        yield stack.gateway(TIMEBOX_AMQP_URL=url_to_port(amqp_url, proxy.port)), proxy
     finally:
         proxy.close()
+
+
+def url_to_port(amqp_url: str, port: int) -> str:
+    """The same broker URL, credentials and all, to another port on loopback."""
+    url = urlsplit(amqp_url)
+    return url._replace(netloc=f"{url.username}:{url.password}@127.0.0.1:{port}").geturl()

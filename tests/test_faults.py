@@ -33,7 +33,7 @@ from tests.harness import (
     wait_for_event,
     wait_until,
 )
-from tests.proxy import Proxy, gateway_through_proxy
+from tests.proxy import Proxy, gateway_through_proxy, url_to_port
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -389,11 +389,6 @@ def test_a_gateway_that_cannot_publish_refuses_at_once_and_leaves_nothing_behind
             assert_clean(stack, client, ids)
 
 
-def _url_to(amqp_url: str, port: int) -> str:
-    url = urlsplit(amqp_url)
-    return url._replace(netloc=f"{url.username}:{url.password}@127.0.0.1:{port}").geturl()
-
-
 def test_programs_started_before_the_broker_answers_serve_and_connect_once_it_does(
     make_stack, amqp_url
 ) -> None:
@@ -403,7 +398,7 @@ def test_programs_started_before_the_broker_answers_serve_and_connect_once_it_do
     connect when the broker comes, without a restart."""
     stack: Stack = make_stack()
     port = free_port()  # nothing listens here yet: connections are refused
-    early = {**stack.env, "TIMEBOX_AMQP_URL": _url_to(amqp_url, port)}
+    early = {**stack.env, "TIMEBOX_AMQP_URL": url_to_port(amqp_url, port)}
     gateway = Gateway("gateway-early", early, stack.log_dir)
     stack.gateways.append(gateway)
     worker = Worker("worker-early", early, stack.log_dir, 1)
@@ -439,7 +434,7 @@ def test_programs_started_before_the_broker_answers_serve_and_connect_once_it_do
 
 def test_a_worker_waiting_for_the_broker_stops_at_once_when_told(make_stack, amqp_url) -> None:
     stack: Stack = make_stack()
-    env = {**stack.env, "TIMEBOX_AMQP_URL": _url_to(amqp_url, free_port())}
+    env = {**stack.env, "TIMEBOX_AMQP_URL": url_to_port(amqp_url, free_port())}
     worker = Worker("worker-waiting", env, stack.log_dir, 1)
     stack.workers.append(worker)
     worker.wait_for_line("Connection attempt .* failed", 20)
