@@ -358,12 +358,12 @@ def build_router(specs: dict[str, TaskSpec[Any]]) -> APIRouter:
     ) -> Response:
         svc = services(request)
         if token is not None and svc.auth.token_allows(task_id, token):
-            found = await svc.table.arrival(task_id, svc.settings.arrival_wait)
+            found = await svc.arrival(task_id, stream=True)
             if found is None:
                 raise svc.not_found(task_id)
             record = found
         else:
-            record = await svc.find(task_id, svc.auth.caller(request))
+            record = await svc.find(task_id, svc.auth.caller(request), stream=True)
         after = parse_last_event_id(last_event_id)
         end = record.terminal_offset
         if end is not None and after >= end:

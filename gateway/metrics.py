@@ -27,6 +27,11 @@ END_TO_END = Histogram(
     "timebox_gateway_task_seconds", "From queued to the terminal event", ["task"], buckets=BUCKETS
 )
 SSE_STREAMS = Gauge("timebox_sse_streams", "Open SSE streams on this gateway")
+STREAMS_WAITING = Gauge(
+    "timebox_sse_streams_waiting_for_history",
+    "Event streams of a task id this starting gateway has not read yet, waiting for it "
+    "to read the event stream",
+)
 BROKER_CONNECTED = Gauge(
     "timebox_broker_connected",
     "1 while connected to RabbitMQ, both to publish and to read the event stream",

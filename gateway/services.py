@@ -25,6 +25,7 @@ from contracts.errors import (
 )
 from contracts.events import EventType, TaskEvent, TaskState
 from contracts.messages import CancelRequest
+from gateway import metrics
 from gateway.admission import Admission
 from gateway.auth import Auth
 from gateway.broker import Broker
@@ -55,14 +56,36 @@ class Services:
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         self.background.spawn(coro)
 
-    async def find(self, task_id: str, owner: str | None) -> Record:
-        wait = self._arrival_wait(task_id)
-        record = await self.table.arrival(task_id, wait)
+    async def find(self, task_id: str, owner: str | None, *, stream: bool = False) -> Record:
+        record = await self.arrival(task_id, stream=stream)
         if record is not None and record.owner != owner:
-            await asyncio.sleep(wait)  # as slow as an unknown id: existence does not leak
+            # as slow as an unknown id: existence does not leak
+            await asyncio.sleep(self._arrival_wait(task_id))
         if record is None or record.owner != owner:
             raise self.not_found(task_id)
         return record
+
+    async def arrival(self, task_id: str, *, stream: bool = False) -> Record | None:
+        """The task's record, waiting briefly for it to show up in the event stream.
+
+        For an event stream, while this gateway has not read the whole event stream
+        (it just started, or is not yet connected), it waits up to `history_wait` for
+        the task or the end of the history, rather than answering 503: a browser's
+        EventSource stops for good on a 503, and a stream is long-lived anyway."""
+        wait = self._arrival_wait(task_id)
+        history = self.eventlog.history_read
+        if stream and wait and not history.is_set():
+            with metrics.STREAMS_WAITING.track_inprogress():
+                waits = [
+                    asyncio.ensure_future(self.table.arrival(task_id, self.settings.history_wait)),
+                    asyncio.ensure_future(history.wait()),
+                ]
+                try:
+                    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    for waiting in waits:
+                        waiting.cancel()
+        return await self.table.arrival(task_id, wait)
 
     def not_found(self, task_id: str) -> TimeboxError:
         """What an id the table does not know gets: 404, or 503 while it may still be

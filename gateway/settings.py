@@ -28,6 +28,14 @@ class GatewaySettings(CommonSettings):
         description="seconds to wait for an unknown task id to arrive in the event stream "
         "(a task submitted through another gateway a moment ago) before answering 404",
     )
+    history_wait: float = Field(
+        default=30.0,
+        ge=0,
+        le=300,
+        description="seconds an event stream of an unknown task id waits for a starting "
+        "gateway to read the event stream, rather than answering 503 (which stops a "
+        "browser's EventSource for good)",
+    )
     admission: bool = Field(default=True, description="refuse what cannot finish in time")
     api_keys: str = Field(
         default="",

@@ -231,6 +231,17 @@ def wait_until(predicate: object, timeout: float, what: str) -> None:
         time.sleep(0.02)
 
 
+def metric(text: str, name: str, **labels: str) -> float:
+    """The value of one sample in Prometheus text format (0 when absent)."""
+    for line in text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        found = dict(re.findall(r'(\w+)="([^"]*)"', line.split("}")[0]))
+        if all(found.get(k) == v for k, v in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
 def events_read(client: httpx.Client) -> float:
     """How many events the gateway has read from the stream, live and history."""
     metrics = client.get("/metrics").text

@@ -2,10 +2,15 @@
 
 import signal
 import threading
+from urllib.parse import urlsplit
 
+import httpx
 import pytest
 
+from contracts.events import TaskEvent
 from tests.conftest import Stack
+from tests.harness import Gateway, free_port, metric, wait_until
+from tests.proxy import Proxy, url_to_port
 from timebox_client import (
     AsyncClient,
     Client,
@@ -74,6 +79,65 @@ def test_the_event_stream_resumes_after_a_dropped_connection(make_stack) -> None
         assert kinds[-1] == "succeeded"
         assert kinds.count("running") == 1
         assert len({(e.type, e.at) for e in seen}) == len(seen)  # nothing twice
+
+
+@pytest.mark.parametrize("gateway_waits", [True, False], ids=["gateway-waits", "client-retries"])
+def test_an_event_stream_asked_of_a_gateway_not_yet_connected_comes_once_it_is(
+    make_stack, amqp_url: str, gateway_waits: bool
+) -> None:
+    """A gateway restarted while a browser or a client follows a task, and slow to reach
+    RabbitMQ: the stream's request waits for it to read the event stream, not 503
+    (which stops a browser's EventSource for good). One told not to wait answers 503
+    with Retry-After, and the client tries again after it."""
+    stack: Stack = make_stack()
+    stack.gateway()
+    stack.worker(1)
+    with Client(stack.url) as tb:
+        task = tb.submit("burn_cpu", {"seconds": 0.2})
+    port = free_port()  # the late gateway's broker: nothing listens here yet
+    late = Gateway(
+        "gateway-late",
+        {
+            **stack.env,
+            "TIMEBOX_AMQP_URL": url_to_port(amqp_url, port),
+            "TIMEBOX_HISTORY_WAIT": "60" if gateway_waits else "0",
+            "TIMEBOX_ACCESS_LOG": "true",
+        },
+        stack.log_dir,
+    )
+    stack.gateways.append(late)
+    late.wait_for_line("Uvicorn running", 20)
+    seen: list[TaskEvent] = []
+    failed: list[BaseException] = []
+
+    def follow() -> None:
+        try:
+            with Client(late.url, reconnect_attempts=3) as tb:
+                seen.extend(tb.events(task.id))
+        except BaseException as exc:
+            failed.append(exc)
+
+    follower = threading.Thread(target=follow, daemon=True)
+    follower.start()
+    if gateway_waits:
+        with httpx.Client(base_url=late.url, timeout=10) as c:
+            wait_until(
+                lambda: metric(c.get("/metrics").text, "timebox_sse_streams_waiting_for_history"),
+                20,
+                "the stream's request to wait",
+            )
+    else:
+        late.wait_for_line(rf"GET /v1/tasks/{task.id}/events HTTP/1.1\" 503", 20)
+    proxy = Proxy(urlsplit(amqp_url).port or 5672, listen_port=port)  # the broker comes
+    try:
+        follower.join(30)
+        assert not follower.is_alive()
+        assert not failed, failed
+        assert [e.type.value for e in seen] == ["queued", "running", "succeeded"]
+        assert late.count(r"/events HTTP/1.1\" 503") == (0 if gateway_waits else 1)
+    finally:
+        stack.stop()
+        proxy.close()
 
 
 def test_refusals_come_back_as_typed_errors(make_stack) -> None:

@@ -1,29 +1,28 @@
 """Metrics, logs and the demo page in a real browser."""
 
+from __future__ import annotations
+
+import contextlib
 import json
 import logging
-import re
 import shutil
+import signal
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
 
 from contracts.logs import _FailedAttempts
 from tests.conftest import Stack
-from tests.harness import free_port, task_events
+from tests.harness import Gateway, free_port, metric, task_events, wait_until
+from tests.proxy import Proxy, url_to_port
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Browser
 
 pytestmark = pytest.mark.timeout(90)
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    """The value of one sample in Prometheus text format (0 when absent)."""
-    for line in text.splitlines():
-        if not line.startswith(name + "{") and not line.startswith(name + " "):
-            continue
-        found = dict(re.findall(r'(\w+)="([^"]*)"', line.split("}")[0]))
-        if all(found.get(k) == v for k, v in labels.items()):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
 
 
 def test_gateway_and_worker_metrics_count_outcomes_and_cpu(make_stack) -> None:
@@ -119,9 +118,9 @@ def test_a_broker_away_for_minutes_is_told_once_a_minute_not_at_every_attempt() 
     assert attempt(150.5, "Connection to %s closed. Reconnecting after %r seconds.")
 
 
-@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium")
-def test_the_demo_page_runs_a_task_live_in_a_browser(session_stack: Stack) -> None:
-    from playwright.sync_api import expect, sync_playwright
+@contextlib.contextmanager
+def _browser() -> Iterator[Browser]:
+    from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
         browser = p.chromium.launch(
@@ -136,19 +135,72 @@ def test_the_demo_page_runs_a_task_live_in_a_browser(session_stack: Stack) -> No
             ],
         )
         try:
-            page = browser.new_page()
-            page.goto(session_stack.url + "/")
-            select = page.get_by_test_id("task-select")
-            expect(select).to_have_value("count_primes")
-            assert json.loads(page.get_by_test_id("task-input").input_value()) == {"n": 300_000}
-            # about a second here: long enough for progress reports (one per 0.25 s)
-            page.get_by_test_id("task-input").fill('{"n": 1000000}')
-            page.get_by_test_id("submit").click()
-            expect(page.get_by_test_id("state")).to_have_text("succeeded", timeout=30_000)
-            assert json.loads(page.get_by_test_id("result").inner_text()) == {"count": 78498}
-            expect(page.get_by_test_id("progress")).to_have_attribute("value", "1")
-            log = page.get_by_test_id("event-log").inner_text()
-            assert "running" in log
-            assert "progress" in log
+            yield browser
         finally:
             browser.close()
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium")
+def test_the_demo_page_runs_a_task_live_in_a_browser(session_stack: Stack) -> None:
+    from playwright.sync_api import expect
+
+    with _browser() as browser:
+        page = browser.new_page()
+        page.goto(session_stack.url + "/")
+        select = page.get_by_test_id("task-select")
+        expect(select).to_have_value("count_primes")
+        assert json.loads(page.get_by_test_id("task-input").input_value()) == {"n": 300_000}
+        # about a second here: long enough for progress reports (one per 0.25 s)
+        page.get_by_test_id("task-input").fill('{"n": 1000000}')
+        page.get_by_test_id("submit").click()
+        expect(page.get_by_test_id("state")).to_have_text("succeeded", timeout=30_000)
+        assert json.loads(page.get_by_test_id("result").inner_text()) == {"count": 78498}
+        expect(page.get_by_test_id("progress")).to_have_attribute("value", "1")
+        log = page.get_by_test_id("event-log").inner_text()
+        assert "running" in log
+        assert "progress" in log
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium")
+def test_the_demo_page_follows_its_task_across_a_gateway_restart(make_stack, amqp_url: str) -> None:
+    """The gateway dies while a page watches a task; the one that replaces it on the
+    same port is slow to reach RabbitMQ. The page's EventSource reconnects by itself,
+    and its request waits for the new gateway to read the event stream (a 503 would
+    stop it for good), then the page shows the task's end."""
+    from playwright.sync_api import expect
+
+    stack: Stack = make_stack()
+    first = stack.gateway()
+    stack.worker(1)
+    broker_port = free_port()  # the new gateway's broker: nothing listens here yet
+    with _browser() as browser:
+        page = browser.new_page()
+        page.goto(first.url + "/")
+        expect(page.get_by_test_id("task-select")).to_have_value("count_primes")
+        page.get_by_test_id("task-input").fill('{"n": 2000000}')
+        page.get_by_test_id("submit").click()
+        expect(page.get_by_test_id("state")).to_have_text("running", timeout=30_000)
+        first.signal(signal.SIGKILL)
+        first.stop()
+        late = Gateway(
+            "gateway-late",
+            {**stack.env, "TIMEBOX_AMQP_URL": url_to_port(amqp_url, broker_port)},
+            stack.log_dir,
+            port=first.port,
+        )
+        stack.gateways.append(late)
+        with httpx.Client(base_url=late.url, timeout=10) as c:
+            late.wait_for_line("Uvicorn running", 20)
+            wait_until(  # the page's EventSource is back, and its request waits
+                lambda: metric(c.get("/metrics").text, "timebox_sse_streams_waiting_for_history"),
+                30,
+                "the page's EventSource to reconnect",
+            )
+        proxy = Proxy(urlsplit(amqp_url).port or 5672, listen_port=broker_port)
+        try:
+            expect(page.get_by_test_id("state")).to_have_text("succeeded", timeout=30_000)
+            assert json.loads(page.get_by_test_id("result").inner_text()) == {"count": 148933}
+            assert page.get_by_test_id("event-log").inner_text().count("running") == 1
+        finally:
+            stack.stop()
+            proxy.close()

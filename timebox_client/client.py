@@ -12,7 +12,7 @@ from httpx_sse import aconnect_sse, connect_sse
 from pydantic import JsonValue
 
 from contracts.events import TaskEvent, TaskStatus
-from timebox_client.errors import raise_for_problem
+from timebox_client.errors import Overloaded, raise_for_problem
 
 # the server answers an RPC by its deadline; allow this much more for the network
 RPC_SLACK = 5.0
@@ -65,14 +65,19 @@ class _Resume:
         self.failures += 1
         if self.failures > self.attempts:
             raise exc
-        return float(self.delay * 2 ** (self.failures - 1))
+        backoff = self.delay * 2 ** (self.failures - 1)
+        if isinstance(exc, Overloaded) and exc.retry_after is not None:
+            return float(max(backoff, exc.retry_after))
+        return float(backoff)
 
     def seen(self, event_id: str) -> None:
         self.last = event_id
         self.failures = 0
 
 
-RETRYABLE = (httpx.TransportError,)
+# a 503 on an event stream: a gateway that just started and has not read the task yet,
+# or is not connected to RabbitMQ; another try (after its Retry-After) may find it
+RETRYABLE = (httpx.TransportError, Overloaded)
 
 
 class Client:
