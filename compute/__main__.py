@@ -13,7 +13,7 @@ import prometheus_client
 from pydantic import ValidationError
 
 from compute.settings import WorkerSettings
-from compute.worker import Worker
+from compute.worker import CannotStart, Worker
 from contracts.logs import configure_logging
 
 
@@ -47,7 +47,10 @@ def main(argv: list[str] | None = None) -> None:
         if unknown:
             sys.exit(f"timebox-worker: unknown task types {unknown}; known: {sorted(known)}")
     configure_logging(settings.log_format)
-    run(_serve(Worker(settings, burst=args.burst, tasks=tasks)))
+    try:
+        run(_serve(Worker(settings, burst=args.burst, tasks=tasks)))
+    except CannotStart as exc:
+        sys.exit(f"timebox-worker: cannot start: {exc}")
 
 
 def run(main: Coroutine[Any, Any, None]) -> None:

@@ -49,6 +49,10 @@ from contracts.messages import (
 log = logging.getLogger("timebox.worker")
 
 
+class CannotStart(Exception):
+    """Connected, but the worker could not set itself up (its topology refused, say)."""
+
+
 class InvalidMessage(Exception):
     """The message cannot be run at all; it is parked with this reason."""
 
@@ -133,12 +137,16 @@ class Worker:
             log.info("worker %s stopped before RabbitMQ answered", self.name)
             return
         try:
-            self._events = await self._connection.channel(publisher_confirms=True)
-            await declare(self._events, self.topology, self.tasks)
-            await self.pool.start()
-            metrics.SLOTS.set(self.pool.size)
-            await self._consume_control()
-            await self._consume_tasks()
+            try:
+                self._events = await self._connection.channel(publisher_confirms=True)
+                await declare(self._events, self.topology, self.tasks)
+                await self.pool.start()
+                metrics.SLOTS.set(self.pool.size)
+                await self._consume_control()
+                await self._consume_tasks()
+            except Exception as exc:  # the broker away is waited for: this is something else
+                log.exception("cannot start")
+                raise CannotStart(repr(exc)) from exc
             if self.puller is not None:  # "ready" once it has looked at every queue
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.puller.looked.wait(), 5)

@@ -24,6 +24,7 @@ from tests import invariants
 from tests.conftest import LOCAL_AMQP_URL, Stack
 from tests.harness import (
     Gateway,
+    Proc,
     Worker,
     alive,
     events_read,
@@ -443,10 +444,13 @@ def test_a_worker_waiting_for_the_broker_stops_at_once_when_told(make_stack, amq
     assert worker.count("ERROR|Traceback") == 0
 
 
-def test_a_gateway_that_cannot_start_for_another_reason_exits_with_it(make_stack) -> None:
-    """A task queue declared with other arguments than the gateway's (an operator's
-    leftover, a changed setting): the gateway cannot serve it, and says so and exits,
-    rather than staying up unready for good."""
+@pytest.mark.parametrize("program", ["gateway", "worker"])
+def test_a_program_that_cannot_start_for_another_reason_exits_with_it(
+    make_stack, program: str
+) -> None:
+    """A task queue declared with other arguments than ours (an operator's leftover, a
+    changed setting): the program cannot serve it, and says so once and exits, rather
+    than staying up unready for good or ending in a bare traceback."""
     stack: Stack = make_stack()
 
     async def classic_queue() -> None:
@@ -456,11 +460,17 @@ def test_a_gateway_that_cannot_start_for_another_reason_exits_with_it(make_stack
             await channel.declare_queue(f"{stack.namespace}.tasks.echo", durable=True)
 
     asyncio.run(classic_queue())
-    gateway = Gateway("gateway-misfit", stack.env, stack.log_dir)
-    stack.gateways.append(gateway)
-    assert gateway.popen.wait(30) == 1
-    gateway.stop()
-    assert gateway.count(r"timebox-gateway: cannot start: .*PRECONDITION_FAILED") == 1
+    misfit: Proc
+    if program == "gateway":
+        misfit = Gateway("gateway-misfit", stack.env, stack.log_dir)
+        stack.gateways.append(misfit)
+    else:
+        misfit = Worker("worker-misfit", stack.env, stack.log_dir, 1)
+        stack.workers.append(misfit)
+    assert misfit.popen.wait(30) == 1
+    misfit.stop()
+    assert misfit.count(rf"timebox-{program}: cannot start: .*PRECONDITION_FAILED") == 1
+    assert misfit.count(r"ERROR timebox\.\w+: cannot start") == 1  # its traceback, once
 
 
 @contextlib.contextmanager
