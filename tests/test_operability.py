@@ -182,6 +182,7 @@ def test_the_demo_page_follows_its_task_across_a_gateway_restart(make_stack, amq
         expect(page.get_by_test_id("state")).to_have_text("running", timeout=30_000)
         first.signal(signal.SIGKILL)
         first.stop()
+        expect(page.get_by_test_id("link")).to_have_text("reconnecting…", timeout=10_000)
         late = Gateway(
             "gateway-late",
             {**stack.env, "TIMEBOX_AMQP_URL": url_to_port(amqp_url, broker_port)},
@@ -201,6 +202,7 @@ def test_the_demo_page_follows_its_task_across_a_gateway_restart(make_stack, amq
             expect(page.get_by_test_id("state")).to_have_text("succeeded", timeout=30_000)
             assert json.loads(page.get_by_test_id("result").inner_text()) == {"count": 148933}
             assert page.get_by_test_id("event-log").inner_text().count("running") == 1
+            expect(page.get_by_test_id("link")).to_have_text("")
         finally:
             stack.stop()
             proxy.close()
