@@ -112,7 +112,7 @@ def test_an_event_stream_asked_of_a_gateway_not_yet_connected_comes_once_it_is(
 
     def follow() -> None:
         try:
-            with Client(late.url, reconnect_attempts=3) as tb:
+            with Client(late.url, reconnect_attempts=5) as tb:
                 seen.extend(tb.events(task.id))
         except BaseException as exc:
             failed.append(exc)
@@ -134,7 +134,8 @@ def test_an_event_stream_asked_of_a_gateway_not_yet_connected_comes_once_it_is(
         assert not follower.is_alive()
         assert not failed, failed
         assert [e.type.value for e in seen] == ["queued", "running", "succeeded"]
-        assert late.count(r"/events HTTP/1.1\" 503") == (0 if gateway_waits else 1)
+        refused = late.count(r"/events HTTP/1.1\" 503")
+        assert refused == 0 if gateway_waits else refused >= 1
     finally:
         stack.stop()
         proxy.close()
