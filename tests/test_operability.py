@@ -166,17 +166,26 @@ def test_the_demo_page_follows_its_task_across_a_gateway_restart(make_stack, amq
     """The gateway dies while a page watches a task; the one that replaces it on the
     same port is slow to reach RabbitMQ. The page's EventSource reconnects by itself,
     and its request waits for the new gateway to read the event stream (a 503 would
-    stop it for good), then the page shows the task's end."""
+    stop it for good), then the page shows the task's end. With API keys, as in
+    production: the EventSource follows the signed events URL, which the new gateway
+    accepts too."""
     from playwright.sync_api import expect
 
-    stack: Stack = make_stack()
+    stack: Stack = make_stack(TIMEBOX_API_KEYS="page-key")
     first = stack.gateway()
     stack.worker(1)
     broker_port = free_port()  # the new gateway's broker: nothing listens here yet
     with _browser() as browser:
         page = browser.new_page()
         page.goto(first.url + "/")
+        page.get_by_test_id("api-key").fill("page-key")
+        page.get_by_test_id("api-key").press("Tab")  # a change: the task types load
         expect(page.get_by_test_id("task-select")).to_have_value("count_primes")
+        types = httpx.get(
+            first.url + "/v1/task-types", headers={"Authorization": "Bearer page-key"}
+        ).json()
+        options = page.get_by_test_id("task-select").locator("option")
+        expect(options).to_have_count(len(types))  # loaded once
         page.get_by_test_id("task-input").fill('{"n": 2000000}')
         page.get_by_test_id("submit").click()
         expect(page.get_by_test_id("state")).to_have_text("running", timeout=30_000)
