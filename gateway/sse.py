@@ -38,11 +38,10 @@ async def task_events(record: Record, after: int, buffer: int) -> AsyncIterator[
     try:
         last = after
         async for offset, event, newer_waits in _replay_then_follow(record, sub):
-            if offset <= last or (newer_waits and _fraction_only(event)):
-                continue
-            yield record.encoded(offset, event)
-            last = offset
-            if event.terminal:
+            if offset > last and not (newer_waits and _fraction_only(event)):
+                yield record.encoded(offset, event)
+                last = offset
+            if event.terminal:  # sent now or before (Last-Event-ID past it): the end
                 return
     except SubscriberTooSlow:
         log.warning("cut off a slow SSE subscriber of task %s", record.status.id)

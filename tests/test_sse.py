@@ -115,6 +115,27 @@ def test_the_replay_of_a_finished_task_leaves_no_event_out() -> None:
     assert asyncio.run(scenario()) == [(3, "progress"), (4, "progress"), (5, "succeeded")]
 
 
+def test_a_subscriber_that_already_has_the_terminal_event_is_sent_nothing_and_let_go() -> None:
+    """A client that saw the task's end through a gateway that read it first resumes
+    through one that has not read it yet (Last-Event-ID at the terminal offset): when
+    the end arrives, its stream closes at once, rather than staying open for good with
+    nothing more to come. (Asked again, the gateway then answers 204.)"""
+
+    async def scenario() -> list[tuple[int, str]]:
+        table = TaskTable(10)
+        table.apply(0, event(EventType.QUEUED))
+        table.apply(1, event(EventType.RUNNING, worker="w:1", attempt=1))
+        record = table.get("t1")
+        assert record is not None
+        stream = task_events(record, 5, 100)  # Last-Event-ID: 5, the end not read yet
+        ending = asyncio.ensure_future(rest(stream))
+        await asyncio.sleep(0)  # subscribed, the replay skipped
+        table.apply(5, event(EventType.SUCCEEDED, result={"seconds": 1}))
+        return await asyncio.wait_for(ending, 5)
+
+    assert asyncio.run(scenario()) == []
+
+
 def full_collections(client: httpx.Client) -> float:
     """The gateway process's full (generation 2) garbage collections so far."""
     text = client.get("/metrics").text
