@@ -38,6 +38,7 @@ PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
     for code, text in {
         404: "unknown task or task type",
         409: "cancelled, or already ended",
+        415: "a body not sent as JSON (Content-Type: application/json)",
         422: "invalid input or Request-Timeout",
         500: "the task failed",
         503: "overloaded, broker unavailable, or older tasks not read yet; see Retry-After",

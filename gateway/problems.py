@@ -64,6 +64,18 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        media = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+        json_sent = media == "application/json" or media.endswith("+json")
+        if not json_sent and any(tuple(e.get("loc", ()))[:1] == ("body",) for e in exc.errors()):
+            # FastAPI reads no JSON without its media type (curl -d sends a form's):
+            # the fields' errors would only confuse
+            return problem(
+                415,
+                "unsupported-media-type",
+                "Unsupported media type",
+                "send the task input as JSON, with Content-Type: application/json "
+                f"(this request's: {media or 'none'})",
+            )
         errors = [
             {
                 "field": _location(e.get("loc", ())),

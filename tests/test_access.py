@@ -116,6 +116,27 @@ def test_malformed_and_invalid_bodies_are_422_with_field_paths(client: httpx.Cli
     assert set(listed["task_types"]) >= {"echo", "burn_cpu", "count_primes"}
 
 
+def test_a_body_not_sent_as_json_is_415_saying_how_to_send_it(client: httpx.Client) -> None:
+    """`curl -d` without a Content-Type sends a form's media type, which FastAPI does not
+    read as JSON: the client is told that, not that the body is not an object."""
+    for media in ("application/x-www-form-urlencoded", "text/plain", None):
+        headers = {"content-type": media} if media else {}
+        refused = client.post("/v1/tasks/echo", content=b'{"payload": 1}', headers=headers)
+        problem = is_problem(refused, 415)
+        assert "Content-Type: application/json" in problem["detail"]
+        assert (media or "none") in problem["detail"]
+    for media in ("application/json; charset=utf-8", "application/merge-patch+json"):
+        sent = client.post(
+            "/v1/tasks/echo", content=b'{"payload": 1}', headers={"content-type": media}
+        )
+        assert sent.status_code == 202, sent.text
+    form = is_problem(  # JSON that does not fit the input is still 422 with the fields
+        client.post("/v1/tasks/echo", content=b"[1]", headers={"content-type": "application/json"}),
+        422,
+    )
+    assert form["errors"][0]["field"] == "body"
+
+
 def test_a_body_over_the_limit_is_refused_before_it_is_read(session_stack: Stack) -> None:
     port = session_stack.gateways[0].port
     # the headers announce 5 MB; not one byte of it is sent
