@@ -4,6 +4,7 @@
 # with models chosen at run time, which FastAPI must see as real objects.
 
 import asyncio
+import math
 import time
 import uuid
 from pathlib import Path
@@ -51,11 +52,21 @@ def _wants_stream(request: Request) -> bool:
     return "text/event-stream" in request.headers.get("accept", "")
 
 
-def _wants_wait(prefer: str | None, wait: bool) -> bool:
-    if wait:
-        return True
-    tokens = [p.strip().split("=")[0].lower() for p in (prefer or "").split(",")]
-    return "wait" in tokens
+def _wait_bound(prefer: str | None, wait: bool) -> float | None:
+    """How long the client waits for the task's end (inf: until its deadline), or None
+    for a `202` at once. `Prefer: wait=N` (RFC 7240) bounds it: after N seconds the
+    answer is `202` and the task runs on, rather than a wait the client's own HTTP
+    timeout may cut first, which would cancel the task."""
+    for preference in (prefer or "").split(","):
+        name, _, value = preference.partition("=")
+        if name.strip().lower() != "wait":
+            continue
+        try:
+            seconds = float(value.strip().strip('"'))
+        except ValueError:
+            return math.inf  # a bare `wait`: until the task ends
+        return seconds if math.isfinite(seconds) and seconds >= 0 else math.inf
+    return math.inf if wait else None
 
 
 def status_response(status: TaskStatus, code: int = 200, **headers: str) -> JSONResponse:
@@ -123,15 +134,17 @@ async def _until_disconnect(request: Request) -> None:
             return
 
 
-async def _wait(svc: Services, request: Request, record: Record, deadline: Deadline) -> Response:
-    """Races the task's end, its deadline and the client's disconnect."""
+async def _wait(
+    svc: Services, request: Request, record: Record, deadline: Deadline, bound: float
+) -> Response:
+    """Races the task's end, its deadline (or the client's bound on its wait) and the
+    client's disconnect."""
+    remaining = max(0.0, deadline.remaining())
     ended = asyncio.ensure_future(record.done.wait())
     gone = asyncio.ensure_future(_until_disconnect(request))
     try:
         done, _ = await asyncio.wait(
-            {ended, gone},
-            timeout=max(0.0, deadline.remaining()),
-            return_when=asyncio.FIRST_COMPLETED,
+            {ended, gone}, timeout=min(remaining, bound), return_when=asyncio.FIRST_COMPLETED
         )
     finally:
         ended.cancel()
@@ -139,6 +152,8 @@ async def _wait(svc: Services, request: Request, record: Record, deadline: Deadl
     if gone in done and ended not in done:
         await svc.cancel_quietly(record, "the waiting client disconnected")
         return Response(status_code=499)
+    if not record.done.is_set() and bound < remaining:  # the client's wait ran out first
+        return accepted(svc, record)
     return outcome_response(record.status)
 
 
@@ -163,9 +178,10 @@ def accepted(svc: Services, record: Record) -> JSONResponse:
 
 
 async def respond(
-    svc: Services, request: Request, record: Record, deadline: Deadline, wait: bool
+    svc: Services, request: Request, record: Record, deadline: Deadline, wait: float | None
 ) -> Response:
-    """Answers in the mode the client asked for: stream, RPC wait, or 202."""
+    """Answers in the mode the client asked for: stream, RPC wait (for up to `wait`
+    seconds), or 202."""
     if _wants_stream(request):
 
         async def on_close(message: Message) -> None:
@@ -180,8 +196,8 @@ async def respond(
             client_close_handler_callable=on_close,
             headers={"Location": f"/v1/tasks/{record.status.id}"},
         )
-    if wait:
-        return await _wait(svc, request, record, deadline)
+    if wait is not None:
+        return await _wait(svc, request, record, deadline, wait)
     return accepted(svc, record)
 
 
@@ -200,12 +216,12 @@ async def submit(
     deadline = Deadline.from_timeout_header(
         request_timeout, default=settings.default_timeout, maximum=settings.max_timeout
     )
-    wait = _wants_wait(prefer, wait)
+    bound = _wait_bound(prefer, wait)
     if idempotency_key:
         earlier = await svc.by_idempotency_key(owner, idempotency_key)
         if earlier is not None and not earlier.refused:
             log.info("idempotent retry of %s %s", spec.name, earlier.status.id)
-            return await respond(svc, request, earlier, _deadline_of(earlier, deadline), wait)
+            return await respond(svc, request, earlier, _deadline_of(earlier, deadline), bound)
     cost = spec.cost_of(body)
     try:
         svc.broker.require_connected()  # refused before anything is sent or to be undone
@@ -253,7 +269,7 @@ async def submit(
         svc.spawn(svc.broker.announce(rejected, give_up_at=deadline.epoch))
         raise
     log.debug("queued %s %s (deadline in %.3f s)", spec.name, task_id, deadline.remaining())
-    return await respond(svc, request, record, deadline, wait)
+    return await respond(svc, request, record, deadline, bound)
 
 
 def _forget(publishing: asyncio.Future[None]) -> None:

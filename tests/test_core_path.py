@@ -50,6 +50,27 @@ def test_rpc_waits_for_the_result(client: httpx.Client, how: dict) -> None:
     assert response.json()["result"] == {"count": 1229}
 
 
+def test_prefer_wait_with_seconds_answers_202_once_they_run_out_and_the_task_runs_on(
+    client: httpx.Client,
+) -> None:
+    """RFC 7240's `Prefer: wait=N`: a client that waits N seconds gets `202` after them,
+    not a wait until the deadline that its own HTTP timeout would cut (and the cut
+    would cancel the task)."""
+    response = client.post("/v1/tasks/burn_cpu", json={"seconds": 2}, headers={"Prefer": "wait=1"})
+    assert response.status_code == 202, response.text
+    body = response.json()
+    assert body["state"] in ("queued", "running")
+    assert response.headers["location"] == f"/v1/tasks/{body['id']}"
+    assert events_of(client, body["id"])[-1].event == "succeeded"  # not cancelled
+    within = client.post(
+        "/v1/tasks/count_primes",
+        json={"n": 10_000},
+        headers={"Prefer": "respond-async, wait=30"},
+    )
+    assert within.status_code == 200
+    assert within.json()["result"] == {"count": 1229}
+
+
 def test_rpc_align_dna_is_correct_end_to_end(client: httpx.Client) -> None:
     response = client.post(
         "/v1/tasks/align_dna", params={"wait": "true"}, json={"a": "GATTACA", "b": "GCATGCT"}
