@@ -1,5 +1,5 @@
-"""Messages other than events: the task message's headers, cancel requests and work
-notices."""
+"""Messages other than events: the task message's headers, cancel requests, work
+notices and watch notices."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ PARK_REASON_HEADER = "x-park-reason"
 SYNC_TYPE = "timebox.sync"  # a gateway's own marker in the event stream
 EVENT_TYPE = "timebox.event"
 WORK_TYPE = "timebox.work"  # on the work exchange: a task message was just queued
+WATCH_TYPE = "timebox.watch"  # on the gateways exchange: a task's events are followed
 
 
 class CancelRequest(BaseModel):
@@ -33,3 +34,14 @@ class WorkNotice(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     task: str
+
+
+class WatchNotice(BaseModel):
+    """Sent on the gateways exchange when a gateway starts serving the event stream of
+    a task that has not ended: a client that streamed it from another gateway and lost
+    the connection may have come back here, and that gateway must not cancel the task
+    as abandoned (gateway/api.py)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    task_id: str

@@ -76,6 +76,12 @@ class Topology:
         pulls, and not the type whose queue it is consuming."""
         return f"{self.namespace}.work"
 
+    @property
+    def gateways_exchange(self) -> str:
+        """Watch notices between gateways: one gateway serves the event stream of a task
+        that another streams to a client that went away (it reconnected here)."""
+        return f"{self.namespace}.gateways"
+
     def task_queue(self, task: str) -> str:
         return f"{self.namespace}.tasks.{task}"
 
@@ -105,6 +111,7 @@ class Topology:
             ExchangeDecl(self.dead_exchange, "fanout"),
             ExchangeDecl(self.control_exchange, "fanout"),
             ExchangeDecl(self.work_exchange, "direct"),
+            ExchangeDecl(self.gateways_exchange, "fanout"),
             QueueDecl(self.dead_queue, {"x-queue-type": "quorum"}),
             BindingDecl(self.dead_queue, self.dead_exchange),
             QueueDecl(self.parked_queue, {"x-queue-type": "quorum"}),

@@ -286,10 +286,19 @@ def _deadline_of(record: Record, fallback: Deadline) -> Deadline:
 
 
 async def _cancel_if_abandoned(svc: Services, record: Record) -> None:
-    """A streaming client that went away has `stream_grace` seconds to come back."""
-    await asyncio.sleep(svc.settings.stream_grace)
-    if not record.subscribers and not record.status.state.terminal:
-        await svc.cancel_quietly(record, "the streaming client disconnected")
+    """A streaming client that went away has `stream_grace` seconds to come back, here
+    or through another gateway (gateway/watches.py)."""
+    grace = svc.settings.stream_grace
+    left = time.monotonic()
+    await asyncio.sleep(grace)
+    if record.subscribers or record.status.state.terminal:
+        return
+    # a notice a little before the disconnect counts: the client may have come back
+    # elsewhere before this gateway saw its connection end
+    if record.watched_elsewhere > left - grace:
+        log.info("%s %s followed through another gateway", record.status.task, record.status.id)
+        return
+    await svc.cancel_quietly(record, "the streaming client disconnected")
 
 
 def _submit_route(spec: TaskSpec[Any]) -> Any:
@@ -385,6 +394,7 @@ def build_router(specs: dict[str, TaskSpec[Any]]) -> APIRouter:
         end = record.terminal_offset
         if end is not None and after >= end:
             return Response(status_code=204)
+        svc.watches.tell(record)
         return EventSourceResponse(
             task_events(record, after, svc.settings.subscriber_buffer),
             ping=svc.settings.sse_heartbeat,

@@ -20,6 +20,7 @@ from gateway.limits import BodyLimit
 from gateway.services import Services
 from gateway.settings import GatewaySettings
 from gateway.tasktable import TaskTable
+from gateway.watches import Watches
 
 log = logging.getLogger("timebox.gateway")
 
@@ -42,7 +43,10 @@ def create_app(
         metrics.BROKER_CONNECTED.set_function(lambda: float(broker.connected and eventlog.reading))
         metrics.TASKS_KNOWN.set_function(lambda: float(len(table)))
         admission = Admission(settings, broker, table, specs)
-        app.state.services = Services(settings, broker, table, eventlog, admission, Auth(settings))
+        watches = Watches(broker, table, settings.stream_grace)
+        app.state.services = Services(
+            settings, broker, table, eventlog, admission, Auth(settings), watches
+        )
 
         async def connected() -> None:
             """Waits for the broker, then reads the event stream and keeps the queue
@@ -51,6 +55,7 @@ def create_app(
                 await broker.start()
                 await eventlog.start()
                 await DeadLetters(broker, table).start()
+                await watches.start()
                 log.info("%s ready on namespace %r", broker.name, settings.namespace)
                 await admission.run()
             except Exception as exc:  # not the broker away (that is waited for): give up
@@ -65,6 +70,7 @@ def create_app(
             await stop(running)
             await stop(streams)
             await app.state.services.background.cancel()
+            await watches.close()
             await eventlog.close()
             await broker.close()
 

@@ -38,8 +38,10 @@ from contracts.messages import (
     COST_HEADER,
     OWNER_HEADER,
     SYNC_TYPE,
+    WATCH_TYPE,
     WORK_TYPE,
     CancelRequest,
+    WatchNotice,
     WorkNotice,
 )
 from contracts.specs import TaskSpec
@@ -215,6 +217,29 @@ class Broker:
             )
         except Exception as exc:  # a lost notice costs a worker's poll interval
             log.debug("work notice for %s not sent: %r", task, exc)
+
+    async def send_watch_notice(self, task_id: str) -> None:
+        """Tells the other gateways that this one serves `task_id`'s events (see
+        gateway/watches.py). Unconfirmed: if it is lost, a client that came back here
+        within the grace may find its task cancelled, as before notices existed."""
+        if self._notices is None:
+            return
+        try:
+            await publish(
+                self._notices,
+                WatchNotice(task_id=task_id).model_dump_json().encode(),
+                aiormq.spec.Basic.Properties(
+                    content_type=CONTENT_TYPE,
+                    message_type=WATCH_TYPE,
+                    app_id=self.name,
+                    delivery_mode=TRANSIENT,
+                ),
+                exchange=self.topology.gateways_exchange,
+                routing_key="",
+                confirm_within=self.settings.publish_timeout,
+            )
+        except Exception as exc:
+            log.debug("watch notice for %s not sent: %r", task_id, exc)
 
     async def publish_cancel(self, request: CancelRequest) -> None:
         await self._publish(

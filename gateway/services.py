@@ -32,6 +32,7 @@ from gateway.broker import Broker
 from gateway.eventlog import EventLog
 from gateway.settings import GatewaySettings
 from gateway.tasktable import Record, TaskTable
+from gateway.watches import Watches
 
 log = logging.getLogger("timebox.gateway")
 
@@ -44,6 +45,7 @@ class Services:
     eventlog: EventLog
     admission: Admission
     auth: Auth
+    watches: Watches
     background: Background = field(default_factory=Background)
     # set by sse-starlette when the server is asked to stop
     shutting_down: anyio.Event = field(default_factory=anyio.Event)

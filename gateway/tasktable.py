@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -70,6 +71,10 @@ class Record:
     events: list[tuple[int, TaskEvent]] = field(default_factory=list)
     subscribers: set[Subscriber] = field(default_factory=set)
     done: asyncio.Event = field(default_factory=asyncio.Event)
+    # time.monotonic() of the last watch notice of it from another gateway, and of the
+    # last one this gateway sent (gateway/watches.py)
+    watched_elsewhere: float = -math.inf
+    told_watched: float = -math.inf
 
     def encoded(self, offset: int, event: TaskEvent) -> bytes:
         """The SSE frame of one event, encoded once for all its subscribers."""

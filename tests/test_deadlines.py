@@ -207,6 +207,29 @@ def test_a_streaming_client_that_goes_away_cancels_after_the_grace(make_stack) -
         assert task_events(client, task_id)[-1][0] == "cancelled"
 
 
+def test_a_streaming_client_back_through_another_gateway_keeps_its_task(make_stack) -> None:
+    """Behind a load balancer, a streaming client that lost its connection comes back
+    (with Last-Event-ID) to another gateway: the first one hears of it and does not
+    cancel the task when the grace ends."""
+    from httpx_sse import connect_sse
+
+    stack: Stack = make_stack(TIMEBOX_STREAM_GRACE="1")
+    first, second = stack.gateway(), stack.gateway()
+    stack.worker(1)
+    with (
+        httpx.Client(base_url=first.url, timeout=30) as client,
+        connect_sse(client, "POST", "/v1/tasks/burn_cpu", json={"seconds": 3}) as source,
+    ):
+        events = source.iter_sse()
+        task_id = next(events).json()["task_id"]
+        running = next(events)
+        assert running.event == "running"
+    with httpx.Client(base_url=second.url, timeout=30) as client:
+        rest = task_events(client, task_id, last_event_id=running.id)
+    assert rest[-1][0] == "succeeded", rest[-1]
+    assert first.count(rf"burn_cpu {task_id} followed through another gateway") == 1
+
+
 def test_a_get_subscriber_leaving_does_not_cancel_a_202_task(client: httpx.Client) -> None:
     from httpx_sse import connect_sse
 
