@@ -11,6 +11,7 @@ they cannot corrupt the protocol.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
@@ -24,6 +25,7 @@ from typing import IO, Any, NoReturn
 from pydantic import ValidationError
 
 PR_SET_PDEATHSIG = 1
+PR_SET_CHILD_SUBREAPER = 36
 PLUGINS_ENV = "TIMEBOX_TASK_PLUGINS"
 
 _specs: dict[str, Any] = {}
@@ -39,6 +41,14 @@ def die_with_parent(parent: int) -> None:
         pass
     if os.getppid() != parent:
         os._exit(1)  # the parent died before prctl took effect
+
+
+def become_subreaper() -> None:
+    """Makes the processes our children start and leave behind ours when they are
+    orphaned, not init's: reaped here, their CPU counted with ours."""
+    with contextlib.suppress(OSError, AttributeError):  # not Linux
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
 
 
 class Terminated(BaseException):

@@ -10,6 +10,11 @@ the task code, and `exit <pid> <code> <cpu seconds>` whenever it reaps a child. 
 dies with the worker (PR_SET_PDEATHSIG), and its children die with it, so none
 outlives the worker.
 
+Each child leads a process group of its own, so that what its task starts (an
+external program, a multiprocessing pool) is signalled with it; when a child ends,
+the rest of its group is killed before it is reaped. The server is a child subreaper:
+such processes, orphaned, are reaped here.
+
 `python -m compute.forkserver FD NICE` runs the server on socket FD."""
 
 from __future__ import annotations
@@ -41,14 +46,27 @@ def serve(sock: socket.socket, nice: int) -> None:
     with contextlib.suppress(OSError):  # the worker is gone: recv below says so
         sock.send(UP)
 
+    child.become_subreaper()  # what a task starts and leaves behind is reaped here
+    forked: set[int] = set()
+
     def reap(signum: int, frame: FrameType | None) -> None:
         while True:
-            try:
-                pid, status, usage = os.wait4(-1, os.WNOHANG)
+            try:  # WNOWAIT: the exited child stays a zombie, holding its pid for now
+                found = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
             except ChildProcessError:
                 return
-            if pid == 0:
+            if found is None:
                 return
+            pid = found.si_pid
+            if pid in forked:
+                # the processes its task started die with it; the zombie keeps the
+                # group's id from being anyone else's
+                with contextlib.suppress(OSError):
+                    os.killpg(pid, signal.SIGKILL)
+            _, status, usage = os.wait4(pid, 0)
+            if pid not in forked:
+                continue  # a task's own process, orphaned: its CPU counts here
+            forked.discard(pid)
             code = os.waitstatus_to_exitcode(status)
             cpu = usage.ru_utime + usage.ru_stime
             with contextlib.suppress(OSError):
@@ -64,15 +82,22 @@ def serve(sock: socket.socket, nice: int) -> None:
             for fd in fds:
                 os.close(fd)
             continue
+        # a child that ends at once is reaped only once it is known as ours
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
         pid = os.fork()
         if pid == 0:
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
+            # a group of its own: a kill reaches whatever its task started as well
+            os.setpgid(0, 0)
             sock.close()
             os.dup2(fds[0], 0)
             os.dup2(fds[1], 1)
             for fd in fds:
                 os.close(fd)
             child.serve(me)
+        forked.add(pid)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
         for fd in fds:
             os.close(fd)
 
@@ -108,9 +133,10 @@ class Forked:
         return self._code
 
     def send_signal(self, sig: int) -> None:
+        """Signals the child and every process its task started (its process group)."""
         if self.returncode is not None or not self.pid:
             raise ProcessLookupError(self.pid)  # reaped: the pid may be someone else's now
-        os.kill(self.pid, sig)
+        os.killpg(self.pid, sig)
 
     def kill(self) -> None:
         self.send_signal(signal.SIGKILL)

@@ -2,6 +2,8 @@
 
 import os
 import signal
+import subprocess
+import sys
 import time
 from typing import Any
 
@@ -72,12 +74,39 @@ def chatty(inp: ChattyInput, ctx: TaskContext) -> Nothing:
     return Nothing()
 
 
+class SpawnInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    ignore_term: bool = False  # the task itself survives SIGTERM (only SIGKILL ends it)
+
+
+def spawn(inp: SpawnInput, ctx: TaskContext) -> Nothing:
+    """Starts a process that burns CPU and ignores SIGTERM, says its pid, and waits:
+    what a task that runs an external program leaves behind when it is killed."""
+    burner = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import signal\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nwhile True: pass",
+        ]
+    )
+    ctx._sink(0.5, f"pid {burner.pid}")  # at once: progress() holds early reports back
+    end = time.monotonic() + 60
+    while time.monotonic() < end:
+        try:
+            time.sleep(0.05)
+        except BaseException:
+            if not inp.ignore_term:
+                raise
+    return Nothing()
+
+
 SPECS: dict[str, TaskSpec[Any]] = {
     "explode": TaskSpec("explode", "raises ValueError(message)", ExplodeInput, Nothing, {}),
     "crash": TaskSpec("crash", "kills its own process", CrashInput, Nothing, {}),
     "kill_parent": TaskSpec("kill_parent", "kills its worker", Nothing, Nothing, {}),
     "chatty": TaskSpec("chatty", "floods progress events", ChattyInput, Nothing, {}),
     "nap": TaskSpec("nap", "sleeps, with no cost hint", NapInput, Nothing, {}),
+    "spawn": TaskSpec("spawn", "starts a CPU-burning process", SpawnInput, Nothing, {}),
 }
 FUNCTIONS = {
     "explode": explode,
@@ -85,4 +114,5 @@ FUNCTIONS = {
     "kill_parent": kill_parent,
     "chatty": chatty,
     "nap": nap,
+    "spawn": spawn,
 }

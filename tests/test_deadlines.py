@@ -2,6 +2,7 @@
 cancel, client disconnect."""
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -275,6 +276,28 @@ def test_a_killed_worker_leaves_no_child_behind(make_stack) -> None:
     assert len(children) >= 3  # two slots and the warm spare
     worker.signal(signal.SIGKILL)
     wait_until(lambda: not any(alive(p) for p in children), 5, "the children to die")
+
+
+@pytest.mark.parametrize("ignore_term", [False, True], ids=["task-ends", "task-ignores-sigterm"])
+def test_what_a_task_started_dies_with_it_at_the_deadline(
+    client: httpx.Client, ignore_term: bool
+) -> None:
+    """A task that runs an external program (here one that ignores SIGTERM and burns
+    CPU): killing the task at its deadline kills the program too, whether the task
+    ends on SIGTERM or only on SIGKILL, rather than leaving it to burn CPU for nobody."""
+    task_id = client.post(
+        "/v1/tasks/spawn", headers={"Request-Timeout": "2"}, json={"ignore_term": ignore_term}
+    ).json()["id"]
+    events = task_events(client, task_id)
+    said = next(data["message"] for kind, data, _ in events if kind == "progress")
+    assert isinstance(said, str)
+    burner = int(said.split()[1])
+    try:
+        assert events[-1][0] == "aborted"
+        wait_until(lambda: not alive(burner), 5, "the task's own process to die")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(burner, signal.SIGKILL)
 
 
 def test_the_worker_refuses_a_max_timeout_not_below_the_consumer_timeout() -> None:
