@@ -6,8 +6,10 @@ import argparse
 import contextlib
 import gc
 import sys
+from types import FrameType
 
 import uvicorn
+from fastapi import FastAPI
 from pydantic import ValidationError
 
 from contracts.logs import configure_logging
@@ -43,13 +45,27 @@ def main(argv: list[str] | None = None) -> None:
         access_log=settings.access_log,
         timeout_graceful_shutdown=5,
     )
-    server = uvicorn.Server(config)
+    server = _Server(config, app)
     with contextlib.suppress(KeyboardInterrupt):
         server.run()
     if failures:
         sys.exit(f"timebox-gateway: {failures[0]}")
     if not server.started:  # as uvicorn.run: the port taken, say
         sys.exit(3)
+
+
+class _Server(uvicorn.Server):
+    """Tells the app at once when a signal asks it to stop (gateway/app.py)."""
+
+    def __init__(self, config: uvicorn.Config, app: FastAPI) -> None:
+        super().__init__(config)
+        self.app = app
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        super().handle_exit(sig, frame)
+        begin_shutdown = getattr(self.app.state, "begin_shutdown", None)
+        if begin_shutdown is not None:
+            begin_shutdown()
 
 
 def tune_gc() -> None:

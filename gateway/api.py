@@ -137,22 +137,29 @@ async def _until_disconnect(request: Request) -> None:
 async def _wait(
     svc: Services, request: Request, record: Record, deadline: Deadline, bound: float
 ) -> Response:
-    """Races the task's end, its deadline (or the client's bound on its wait) and the
-    client's disconnect."""
+    """Races the task's end, its deadline (or the client's bound on its wait), the
+    client's disconnect and this gateway being told to stop."""
     remaining = max(0.0, deadline.remaining())
     ended = asyncio.ensure_future(record.done.wait())
     gone = asyncio.ensure_future(_until_disconnect(request))
+    stopping = asyncio.ensure_future(svc.shutting_down.wait())
     try:
         done, _ = await asyncio.wait(
-            {ended, gone}, timeout=min(remaining, bound), return_when=asyncio.FIRST_COMPLETED
+            {ended, gone, stopping},
+            timeout=min(remaining, bound),
+            return_when=asyncio.FIRST_COMPLETED,
         )
     finally:
         ended.cancel()
         gone.cancel()
-    if gone in done and ended not in done:
+        stopping.cancel()
+    if record.done.is_set():
+        return outcome_response(record.status)
+    if gone in done:
         await svc.cancel_quietly(record, "the waiting client disconnected")
         return Response(status_code=499)
-    if not record.done.is_set() and bound < remaining:  # the client's wait ran out first
+    if stopping in done or bound < remaining:
+        # the task runs on; its Location can be followed through another gateway
         return accepted(svc, record)
     return outcome_response(record.status)
 

@@ -62,6 +62,13 @@ def create_app(
                 log.exception("cannot start")
                 (on_failure or _terminate)(f"cannot start: {exc!r}")
 
+        # a server that knows (gateway/__main__.py) calls this as soon as it is told to
+        # stop, before it waits for the open requests: those that wait for a task answer
+        # at once, and the event streams end, so that clients go on elsewhere
+        loop = asyncio.get_running_loop()
+        app.state.begin_shutdown = lambda: loop.call_soon_threadsafe(
+            app.state.services.shutting_down.set
+        )
         running = asyncio.create_task(connected())
         streams = asyncio.create_task(app.state.services.end_streams_on_shutdown())
         try:

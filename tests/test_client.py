@@ -15,6 +15,8 @@ from timebox_client import (
     AsyncClient,
     Client,
     DeadlineUnmeetable,
+    Overloaded,
+    TaskCancelled,
     TaskFailed,
     TaskTimedOut,
 )
@@ -139,6 +141,69 @@ def test_an_event_stream_asked_of_a_gateway_not_yet_connected_comes_once_it_is(
     finally:
         stack.stop()
         proxy.close()
+
+
+def test_a_call_whose_gateway_is_stopped_while_it_waits_still_returns_the_result(
+    make_stack,
+) -> None:
+    """A rolling restart: the gateway an RPC waits on is told to stop. It answers the
+    wait at once with `202` and the task's Location instead of holding it until it is
+    cut, the task runs on, and the client follows it to its result through the same
+    URL once a gateway serves there again."""
+    stack: Stack = make_stack()
+    first = stack.gateway()
+    stack.worker(1)
+    answers: list[object] = []
+
+    def call() -> None:
+        with Client(first.url, reconnect_attempts=40, reconnect_delay=0.1) as tb:
+            try:
+                # longer than the 5 s a stopping gateway gives the requests still open
+                answers.append(tb.call("burn_cpu", {"seconds": 7}, request_timeout=30))
+            except Exception as exc:
+                answers.append(exc)
+
+    caller = threading.Thread(target=call, daemon=True)
+    caller.start()
+    with httpx.Client(base_url=first.url, timeout=10) as c:
+        wait_until(
+            lambda: metric(
+                c.get("/metrics").text, "timebox_gateway_queue_wait_seconds_count", task="burn_cpu"
+            ),
+            20,
+            "the task to start",
+        )
+    first.signal(signal.SIGTERM)
+    first.popen.wait(10)  # at once: nothing holds it for the graceful shutdown's 5 s
+    stack.gateway(port=first.port)
+    caller.join(30)
+    assert not caller.is_alive()
+    [answer] = answers
+    assert isinstance(answer, dict), answer
+    assert answer["seconds"] == pytest.approx(7, abs=0.01)
+
+
+def test_a_call_followed_to_its_end_raises_what_its_rpc_answer_would() -> None:
+    from contracts.events import ErrorInfo, TaskState, TaskStatus
+    from timebox_client.client import _ended
+
+    def ending(state: TaskState, **fields: object) -> TaskStatus:
+        return TaskStatus(id="t", task="echo", state=state, **fields)  # type: ignore[arg-type]
+
+    assert _ended(ending(TaskState.SUCCEEDED, result={"payload": 1})) == {"payload": 1}
+    with pytest.raises(TaskFailed) as failed:
+        _ended(ending(TaskState.FAILED, error=ErrorInfo(type="ValueError", message="bad")))
+    assert failed.value.status == 500
+    assert failed.value.detail == "ValueError: bad"
+    assert failed.value.task is not None
+    assert failed.value.task["state"] == "failed"
+    for state in (TaskState.ABORTED, TaskState.EXPIRED):
+        with pytest.raises(TaskTimedOut):
+            _ended(ending(state, reason="deadline"))
+    with pytest.raises(TaskCancelled):
+        _ended(ending(TaskState.CANCELLED, reason="cancelled by DELETE"))
+    with pytest.raises(Overloaded):
+        _ended(ending(TaskState.REJECTED, reason="queue full"))
 
 
 def test_refusals_come_back_as_typed_errors(make_stack) -> None:

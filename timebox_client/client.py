@@ -11,8 +11,15 @@ import httpx
 from httpx_sse import aconnect_sse, connect_sse
 from pydantic import JsonValue
 
-from contracts.events import TaskEvent, TaskStatus
-from timebox_client.errors import Overloaded, raise_for_problem
+from contracts.events import TaskEvent, TaskState, TaskStatus
+from timebox_client.errors import (
+    Overloaded,
+    ProblemError,
+    TaskCancelled,
+    TaskFailed,
+    TaskTimedOut,
+    raise_for_problem,
+)
 
 # the server answers an RPC by its deadline; allow this much more for the network
 RPC_SLACK = 5.0
@@ -43,6 +50,34 @@ def _status(response: httpx.Response) -> TaskStatus:
 
 def _result(response: httpx.Response) -> JsonValue:
     return _status(response).result
+
+
+# how an RPC answers a task that did not succeed: its problem's class, status and type
+_ENDINGS: dict[TaskState, tuple[type[ProblemError], int, str]] = {
+    TaskState.FAILED: (TaskFailed, 500, "task-failed"),
+    TaskState.EXPIRED: (TaskTimedOut, 504, "task-expired"),
+    TaskState.ABORTED: (TaskTimedOut, 504, "task-aborted"),
+    TaskState.CANCELLED: (TaskCancelled, 409, "task-cancelled"),
+    TaskState.REJECTED: (Overloaded, 503, "task-rejected"),
+}
+
+
+def _ended(status: TaskStatus) -> JsonValue:
+    """What `call` gives for a task it followed to its end after a `202` (the gateway
+    stopped while it waited): the result, or the error the RPC's answer would raise."""
+    if status.state is TaskState.SUCCEEDED:
+        return status.result
+    kind, code, slug = _ENDINGS.get(status.state, (ProblemError, 504, "deadline-passed"))
+    error = status.error
+    detail = f"{error.type}: {error.message}" if error else status.reason or status.state.value
+    body = {
+        "type": f"/problems/{slug}",
+        "title": f"Task {status.state.value}",
+        "status": code,
+        "detail": detail,
+        "task": status.model_dump(mode="json"),
+    }
+    raise kind(code, body, httpx.Headers())
 
 
 class _Resume:
@@ -122,15 +157,21 @@ class Client:
         )
 
     def call(self, task: str, task_input: dict[str, Any], *, request_timeout: float) -> JsonValue:
-        """Runs a task and returns its result, or raises (TaskFailed, TaskTimedOut, …)."""
-        return _result(
-            self._http.post(
-                f"/v1/tasks/{task}",
-                json=task_input,
-                headers=_headers(self.api_key, request_timeout, wait=True),
-                timeout=request_timeout + RPC_SLACK,
-            )
+        """Runs a task and returns its result, or raises (TaskFailed, TaskTimedOut, …).
+        A gateway told to stop while it waits answers `202`: the task is then followed
+        to its end through the same URL (another gateway, or this one restarted)."""
+        response = self._http.post(
+            f"/v1/tasks/{task}",
+            json=task_input,
+            headers=_headers(self.api_key, request_timeout, wait=True),
+            timeout=request_timeout + RPC_SLACK,
         )
+        if response.status_code != 202:
+            return _result(response)
+        task_id = _status(response).id
+        for _ in self.events(task_id):
+            pass
+        return _ended(self.status(task_id))
 
     def status(self, task_id: str) -> TaskStatus:
         return _status(self._http.get(f"/v1/tasks/{task_id}", headers=_headers(self.api_key)))
@@ -211,14 +252,18 @@ class AsyncClient:
     async def call(
         self, task: str, task_input: dict[str, Any], *, request_timeout: float
     ) -> JsonValue:
-        return _result(
-            await self._http.post(
-                f"/v1/tasks/{task}",
-                json=task_input,
-                headers=_headers(self.api_key, request_timeout, wait=True),
-                timeout=request_timeout + RPC_SLACK,
-            )
+        response = await self._http.post(
+            f"/v1/tasks/{task}",
+            json=task_input,
+            headers=_headers(self.api_key, request_timeout, wait=True),
+            timeout=request_timeout + RPC_SLACK,
         )
+        if response.status_code != 202:
+            return _result(response)
+        task_id = _status(response).id
+        async for _ in self.events(task_id):
+            pass
+        return _ended(await self.status(task_id))
 
     async def status(self, task_id: str) -> TaskStatus:
         return _status(await self._http.get(f"/v1/tasks/{task_id}", headers=_headers(self.api_key)))
