@@ -47,7 +47,8 @@ class Services:
     auth: Auth
     watches: Watches
     background: Background = field(default_factory=Background)
-    # set by sse-starlette when the server is asked to stop
+    # set when the server is asked to stop: at the signal under `python -m gateway`
+    # (gateway/__main__.py), else by sse-starlette once it notices
     shutting_down: anyio.Event = field(default_factory=anyio.Event)
 
     async def end_streams_on_shutdown(self) -> None:

@@ -52,6 +52,18 @@ def _result(response: httpx.Response) -> JsonValue:
     return _status(response).result
 
 
+def _call(
+    api_key: str | None, task: str, task_input: dict[str, Any], request_timeout: float
+) -> dict[str, Any]:
+    """The RPC request of `call`, as keyword arguments of httpx's `post`."""
+    return {
+        "url": f"/v1/tasks/{task}",
+        "json": task_input,
+        "headers": _headers(api_key, request_timeout, wait=True),
+        "timeout": request_timeout + RPC_SLACK,
+    }
+
+
 # how an RPC answers a task that did not succeed: its problem's class, status and type
 _ENDINGS: dict[TaskState, tuple[type[ProblemError], int, str]] = {
     TaskState.FAILED: (TaskFailed, 500, "task-failed"),
@@ -160,12 +172,7 @@ class Client:
         """Runs a task and returns its result, or raises (TaskFailed, TaskTimedOut, …).
         A gateway told to stop while it waits answers `202`: the task is then followed
         to its end through the same URL (another gateway, or this one restarted)."""
-        response = self._http.post(
-            f"/v1/tasks/{task}",
-            json=task_input,
-            headers=_headers(self.api_key, request_timeout, wait=True),
-            timeout=request_timeout + RPC_SLACK,
-        )
+        response = self._http.post(**_call(self.api_key, task, task_input, request_timeout))
         if response.status_code != 202:
             return _result(response)
         task_id = _status(response).id
@@ -252,12 +259,7 @@ class AsyncClient:
     async def call(
         self, task: str, task_input: dict[str, Any], *, request_timeout: float
     ) -> JsonValue:
-        response = await self._http.post(
-            f"/v1/tasks/{task}",
-            json=task_input,
-            headers=_headers(self.api_key, request_timeout, wait=True),
-            timeout=request_timeout + RPC_SLACK,
-        )
+        response = await self._http.post(**_call(self.api_key, task, task_input, request_timeout))
         if response.status_code != 202:
             return _result(response)
         task_id = _status(response).id
