@@ -37,10 +37,10 @@ class WorkNotice(BaseModel):
 
 
 class WatchNotice(BaseModel):
-    """Sent on the gateways exchange when a gateway starts serving the event stream of
-    a task that has not ended: a client that streamed it from another gateway and lost
-    the connection may have come back here, and that gateway must not cancel the task
-    as abandoned (gateway/api.py)."""
+    """Sent on the gateways exchange when a gateway starts serving a task that has not
+    ended (its event stream, or an RPC retried with its Idempotency-Key): a client that
+    lost its connection to another gateway may have come back here, and that gateway
+    must not cancel the task as abandoned (gateway/watches.py)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 

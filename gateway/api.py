@@ -143,6 +143,7 @@ async def _wait(
     ended = asyncio.ensure_future(record.done.wait())
     gone = asyncio.ensure_future(_until_disconnect(request))
     stopping = asyncio.ensure_future(svc.shutting_down.wait())
+    record.waiting += 1
     try:
         done, _ = await asyncio.wait(
             {ended, gone, stopping},
@@ -150,13 +151,18 @@ async def _wait(
             return_when=asyncio.FIRST_COMPLETED,
         )
     finally:
+        record.waiting -= 1
         ended.cancel()
         gone.cancel()
         stopping.cancel()
     if record.done.is_set():
         return outcome_response(record.status)
     if gone in done:
-        await svc.cancel_quietly(record, "the waiting client disconnected")
+        why = "the waiting client disconnected"
+        if record.idempotency_key is None:
+            await svc.cancel_quietly(record, why)
+        else:  # the key says it will ask again: as a streaming client, it has a grace
+            svc.spawn(_cancel_if_abandoned(svc, record, why))
         return Response(status_code=499)
     if stopping in done or bound < remaining:
         # the task runs on; its Location can be followed through another gateway
@@ -192,7 +198,7 @@ async def respond(
     if _wants_stream(request):
 
         async def on_close(message: Message) -> None:
-            svc.spawn(_cancel_if_abandoned(svc, record))
+            svc.spawn(_cancel_if_abandoned(svc, record, "the streaming client disconnected"))
 
         return EventSourceResponse(
             task_events(record, -1, svc.settings.subscriber_buffer),
@@ -228,6 +234,7 @@ async def submit(
         earlier = await svc.by_idempotency_key(owner, idempotency_key)
         if earlier is not None and not earlier.refused:
             log.info("idempotent retry of %s %s", spec.name, earlier.status.id)
+            svc.watches.tell(earlier)  # its first request may have left another gateway
             return await respond(svc, request, earlier, _deadline_of(earlier, deadline), bound)
     cost = spec.cost_of(body)
     try:
@@ -292,20 +299,21 @@ def _deadline_of(record: Record, fallback: Deadline) -> Deadline:
     return Deadline(int(record.status.deadline.timestamp() * 1000))
 
 
-async def _cancel_if_abandoned(svc: Services, record: Record) -> None:
-    """A streaming client that went away has `stream_grace` seconds to come back, here
-    or through another gateway (gateway/watches.py)."""
+async def _cancel_if_abandoned(svc: Services, record: Record, why: str) -> None:
+    """A streaming client that went away, or an RPC's with an Idempotency-Key, has
+    `stream_grace` seconds to come back, here or through another gateway
+    (gateway/watches.py): to its events, or with the same key."""
     grace = svc.settings.stream_grace
     left = time.monotonic()
     await asyncio.sleep(grace)
-    if record.subscribers or record.status.state.terminal:
+    if record.subscribers or record.waiting or record.status.state.terminal:
         return
     # a notice a little before the disconnect counts: the client may have come back
     # elsewhere before this gateway saw its connection end
     if record.watched_elsewhere > left - grace:
         log.info("%s %s followed through another gateway", record.status.task, record.status.id)
         return
-    await svc.cancel_quietly(record, "the streaming client disconnected")
+    await svc.cancel_quietly(record, why)
 
 
 def _submit_route(spec: TaskSpec[Any]) -> Any:

@@ -75,6 +75,7 @@ class Record:
     # last one this gateway sent (gateway/watches.py)
     watched_elsewhere: float = -math.inf
     told_watched: float = -math.inf
+    waiting: int = 0  # RPCs waiting for its end on this gateway
 
     def encoded(self, offset: int, event: TaskEvent) -> bytes:
         """The SSE frame of one event, encoded once for all its subscribers."""

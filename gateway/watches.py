@@ -1,10 +1,11 @@
 """Watch notices between gateways.
 
-A client streaming a task (a POST with `Accept: text/event-stream`) that loses its
-connection has `stream_grace` seconds to come back before its gateway cancels the task
-as abandoned. Behind a load balancer it may come back to another gateway: that one
-says so on `{ns}.gateways` (each gateway has its own queue bound there), and the first
-one leaves the task alone, as it would for a client back on itself."""
+A client streaming a task (a POST with `Accept: text/event-stream`), or waiting for
+it with an Idempotency-Key, that loses its connection has `stream_grace` seconds to
+come back before its gateway cancels the task as abandoned. Behind a load balancer it
+may come back to another gateway (to the task's events, or with the same key): that
+one says so on `{ns}.gateways` (each gateway has its own queue bound there), and the
+first one leaves the task alone, as it would for a client back on itself."""
 
 from __future__ import annotations
 
@@ -44,8 +45,9 @@ class Watches:
         await self._sending.cancel()
 
     def tell(self, record: Record) -> None:
-        """This gateway starts serving the events of `record`'s task: if it has not
-        ended, the others hear of it (at most once per half grace per task)."""
+        """This gateway starts serving `record`'s task to a client (its events, or an
+        idempotent retry): if it has not ended, the others hear of it (at most once
+        per half grace per task)."""
         now = time.monotonic()
         if record.status.state.terminal or now - record.told_watched < self.grace / 2:
             return
