@@ -50,27 +50,41 @@ def serve(sock: socket.socket, nice: int) -> None:
     forked: set[int] = set()
 
     def reap(signum: int, frame: FrameType | None) -> None:
-        while True:
-            try:  # WNOWAIT: the exited child stays a zombie, holding its pid for now
-                found = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-            except ChildProcessError:
-                return
-            if found is None:
-                return
-            pid = found.si_pid
-            if pid in forked:
-                # the processes its task started die with it; the zombie keeps the
-                # group's id from being anyone else's
-                with contextlib.suppress(OSError):
-                    os.killpg(pid, signal.SIGKILL)
-            _, status, usage = os.wait4(pid, 0)
-            if pid not in forked:
-                continue  # a task's own process, orphaned: its CPU counts here
-            forked.discard(pid)
-            code = os.waitstatus_to_exitcode(status)
-            cpu = usage.ru_utime + usage.ru_stime
+        # Python runs a handler between any two bytecodes, this one's included: a
+        # SIGCHLD during it would reap the child it looks at under its feet. Held back
+        # until it is done, it runs the handler again, so none is missed.
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
+        try:
+            while _reap_one():
+                pass
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+    def _reap_one() -> bool:
+        try:  # WNOWAIT: the exited child stays a zombie, holding its pid for now
+            found = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            return False
+        if found is None:
+            return False
+        pid = found.si_pid
+        if pid in forked:
+            # the processes its task started die with it; the zombie keeps the
+            # group's id from being anyone else's
             with contextlib.suppress(OSError):
-                sock.send(b"%s %d %d %.6f" % (EXIT, pid, code, cpu))
+                os.killpg(pid, signal.SIGKILL)
+        try:
+            _, status, usage = os.wait4(pid, 0)
+        except ChildProcessError:
+            return True
+        if pid not in forked:
+            return True  # a task's own process, orphaned: its CPU counts here
+        forked.discard(pid)
+        code = os.waitstatus_to_exitcode(status)
+        cpu = usage.ru_utime + usage.ru_stime
+        with contextlib.suppress(OSError):
+            sock.send(b"%s %d %d %.6f" % (EXIT, pid, code, cpu))
+        return True
 
     signal.signal(signal.SIGCHLD, reap)
     signal.signal(signal.SIGINT, signal.SIG_IGN)

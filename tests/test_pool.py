@@ -14,8 +14,9 @@ import pytest
 
 from compute import runner
 from compute.child import PLUGINS_ENV
+from compute.forkserver import ForkServer
 from compute.outcome import Kind
-from compute.pool import Pool
+from compute.pool import PROTOCOL_LIMIT, Child, Pool
 from contracts.deadline import Deadline
 from tests.harness import alive
 
@@ -169,6 +170,26 @@ async def test_a_fork_server_still_importing_the_task_code_is_waited_for(
         assert pool.server.up
     finally:
         await pool.close()
+
+
+async def test_the_fork_server_reports_every_child_of_many_that_end_together() -> None:
+    """Children that end all at once: the fork server reaps each, reports each exit,
+    and lives on (a SIGCHLD handled inside the handler once reaped a child under its
+    feet, and the error it raised killed the server; seen once in CI)."""
+    server = ForkServer(0, PROTOCOL_LIMIT)
+    await server.start()
+    try:
+        for _ in range(5):
+            children = await asyncio.gather(*(Child.spawn(server) for _ in range(20)))
+            for one in children:
+                one.proc.close()  # EOF: each ends
+            codes = await asyncio.wait_for(
+                asyncio.gather(*(one.proc.wait() for one in children)), 20
+            )
+            assert codes == [0] * len(children)
+            assert server.alive
+    finally:
+        await server.close(grace=0.0)
 
 
 async def test_children_die_with_the_fork_server_and_the_pool_starts_another(pool: Pool) -> None:
