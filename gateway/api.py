@@ -142,11 +142,12 @@ async def _wait(
     remaining = max(0.0, deadline.remaining())
     ended = asyncio.ensure_future(record.done.wait())
     gone = asyncio.ensure_future(_until_disconnect(request))
-    stopping = asyncio.ensure_future(svc.shutting_down.wait())
+    stopping = svc.stopping  # shared: not to be cancelled here
+    waits: set[asyncio.Future[Any]] = {ended, gone, stopping}
     record.waiting += 1
     try:
         done, _ = await asyncio.wait(
-            {ended, gone, stopping},
+            waits,
             timeout=min(remaining, bound),
             return_when=asyncio.FIRST_COMPLETED,
         )
@@ -154,7 +155,6 @@ async def _wait(
         record.waiting -= 1
         ended.cancel()
         gone.cancel()
-        stopping.cancel()
     if record.done.is_set():
         return outcome_response(record.status)
     if gone in done:

@@ -67,7 +67,7 @@ def create_app(
         # at once, and the event streams end, so that clients go on elsewhere
         loop = asyncio.get_running_loop()
         app.state.begin_shutdown = lambda: loop.call_soon_threadsafe(
-            app.state.services.shutting_down.set
+            app.state.services.begin_shutdown
         )
         running = asyncio.create_task(connected())
         streams = asyncio.create_task(app.state.services.end_streams_on_shutdown())

@@ -50,6 +50,15 @@ class Services:
     # set when the server is asked to stop: at the signal under `python -m gateway`
     # (gateway/__main__.py), else by sse-starlette once it notices
     shutting_down: anyio.Event = field(default_factory=anyio.Event)
+    # resolved at the signal too: one future every waiting RPC watches, not a task each
+    stopping: asyncio.Future[None] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+    def begin_shutdown(self) -> None:
+        self.shutting_down.set()
+        if not self.stopping.done():
+            self.stopping.set_result(None)
 
     async def end_streams_on_shutdown(self) -> None:
         await self.shutting_down.wait()
