@@ -202,44 +202,39 @@ class Broker:
             self._sending.spawn(self._send_notice(task))
 
     async def _send_notice(self, task: str) -> None:
-        if self._notices is None:
-            return
-        try:
-            await publish(
-                self._notices,
-                WorkNotice(task=task).model_dump_json().encode(),
-                aiormq.spec.Basic.Properties(
-                    content_type=CONTENT_TYPE, message_type=WORK_TYPE, delivery_mode=TRANSIENT
-                ),
-                exchange=self.topology.work_exchange,
-                routing_key=task,  # not mandatory: no worker may pull this type (they consume it)
-                confirm_within=self.settings.publish_timeout,
-            )
-        except Exception as exc:  # a lost notice costs a worker's poll interval
-            log.debug("work notice for %s not sent: %r", task, exc)
+        # not mandatory: no worker may pull this type (they consume it); a lost notice
+        # costs a worker's poll interval
+        await self._notice(WorkNotice(task=task), WORK_TYPE, self.topology.work_exchange, task)
 
     async def send_watch_notice(self, task_id: str) -> None:
         """Tells the other gateways that this one serves `task_id`'s events (see
         gateway/watches.py). Unconfirmed: if it is lost, a client that came back here
         within the grace may find its task cancelled, as before notices existed."""
+        notice = WatchNotice(task_id=task_id)
+        await self._notice(notice, WATCH_TYPE, self.topology.gateways_exchange, "")
+
+    async def _notice(
+        self, notice: WorkNotice | WatchNotice, kind: str, exchange: str, routing_key: str
+    ) -> None:
+        """A notice on the unconfirmed channel; a failure is only logged (debug)."""
         if self._notices is None:
             return
         try:
             await publish(
                 self._notices,
-                WatchNotice(task_id=task_id).model_dump_json().encode(),
+                notice.model_dump_json().encode(),
                 aiormq.spec.Basic.Properties(
                     content_type=CONTENT_TYPE,
-                    message_type=WATCH_TYPE,
+                    message_type=kind,
                     app_id=self.name,
                     delivery_mode=TRANSIENT,
                 ),
-                exchange=self.topology.gateways_exchange,
-                routing_key="",
+                exchange=exchange,
+                routing_key=routing_key,
                 confirm_within=self.settings.publish_timeout,
             )
         except Exception as exc:
-            log.debug("watch notice for %s not sent: %r", task_id, exc)
+            log.debug("%s %s not sent: %r", kind, notice, exc)
 
     async def publish_cancel(self, request: CancelRequest) -> None:
         await self._publish(
