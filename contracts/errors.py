@@ -9,6 +9,7 @@ involved, one terminal event.
      ├── TaskNotFound            404  no task with that id (or not yours)
      ├── TaskAlreadyEnded        409  cancel of a task in a terminal state
      ├── DeadlineUnmeetable      422  this input alone cannot finish in time  → rejected
+     ├── IdempotencyKeyReused    422  the key's task had another type or input
      ├── Overloaded              503  backlog or full queue; retry later       → rejected
      ├── HistoryNotRead          503  unknown id, while a new gateway reads older events
      └── BrokerUnavailable       503  no confirmed publish possible right now
@@ -71,6 +72,12 @@ class DeadlineUnmeetable(TimeboxError):
     status = 422
     slug = "deadline-unmeetable"
     title = "Input cannot finish within the deadline"
+
+
+class IdempotencyKeyReused(TimeboxError):
+    status = 422
+    slug = "idempotency-key-reused"
+    title = "Idempotency-Key already used for another request"
 
 
 class Overloaded(TimeboxError):

@@ -38,8 +38,14 @@ TERMINAL = frozenset(
 )
 
 
+# Events and messages ignore fields they do not know: during a rolling upgrade a
+# gateway or worker reads what a newer one wrote, and a field added later must not
+# make it skip the event (as "forbid" would).
+READER = ConfigDict(extra="ignore", frozen=True)
+
+
 class ErrorInfo(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = READER
 
     type: str
     message: str
@@ -48,7 +54,7 @@ class ErrorInfo(BaseModel):
 class TaskEvent(BaseModel):
     """One event. Which optional fields are set depends on `type`."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = READER
 
     type: EventType
     task_id: str
@@ -58,6 +64,9 @@ class TaskEvent(BaseModel):
     cost: float | None = Field(default=None, description="the input's cost hint (queued)")
     owner: str | None = None
     idempotency_key: str | None = None
+    input_digest: str | None = Field(
+        default=None, description="of the task type and input (queued, with a key)"
+    )
     slots: int | None = Field(default=None, description="the worker's slots (running)")
     worker: str | None = None
     attempt: int | None = None

@@ -3,7 +3,9 @@ notices and watch notices."""
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel
+
+from contracts.events import READER
 
 CONTENT_TYPE = "application/json"
 OWNER_HEADER = "x-owner"
@@ -19,7 +21,7 @@ WATCH_TYPE = "timebox.watch"  # on the gateways exchange: a task's events are fo
 class CancelRequest(BaseModel):
     """Sent on the control exchange to every worker."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = READER
 
     task_id: str
     deadline_ms: int
@@ -31,7 +33,7 @@ class WorkNotice(BaseModel):
     confirmed in its queue, so that idle workers that pull that type (see
     compute/dispatch.py) look there at once."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = READER
 
     task: str
 
@@ -42,6 +44,6 @@ class WatchNotice(BaseModel):
     lost its connection to another gateway may have come back here, and that gateway
     must not cancel the task as abandoned (gateway/watches.py)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = READER
 
     task_id: str

@@ -4,6 +4,8 @@
 # with models chosen at run time, which FastAPI must see as real objects.
 
 import asyncio
+import hashlib
+import json
 import math
 import time
 import uuid
@@ -13,6 +15,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Depends, FastAPI, Header, Query, Request, Response
 from fastapi.responses import HTMLResponse, JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel
 from sse_starlette import EventSourceResponse
 from starlette.types import Message
 
@@ -20,6 +23,7 @@ from contracts.deadline import Deadline
 from contracts.errors import (
     BrokerUnavailable,
     ConfirmLost,
+    IdempotencyKeyReused,
     TimeboxError,
     UnknownTaskType,
 )
@@ -40,7 +44,7 @@ PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
         404: "unknown task or task type",
         409: "cancelled, or already ended",
         415: "a body not sent as JSON (Content-Type: application/json)",
-        422: "invalid input or Request-Timeout",
+        422: "invalid input or Request-Timeout, or an Idempotency-Key used for another input",
         500: "the task failed",
         503: "overloaded, broker unavailable, or older tasks not read yet; see Retry-After",
         504: "expired or aborted at its deadline",
@@ -230,9 +234,18 @@ async def submit(
         request_timeout, default=settings.default_timeout, maximum=settings.max_timeout
     )
     bound = _wait_bound(prefer, wait)
+    task_input = body.model_dump_json().encode()
+    digest = _digest(spec.name, body) if idempotency_key else None
     if idempotency_key:
         earlier = await svc.by_idempotency_key(owner, idempotency_key)
         if earlier is not None and not earlier.refused:
+            if earlier.input_digest not in (None, digest):  # None: an older gateway's task
+                raise IdempotencyKeyReused(
+                    f"Idempotency-Key {idempotency_key!r} was used for task "
+                    f"{earlier.status.id} ({earlier.status.task}) with another input; "
+                    "a new request needs a new key",
+                    task_id=earlier.status.id,
+                )
             log.info("idempotent retry of %s %s", spec.name, earlier.status.id)
             svc.watches.tell(earlier)  # its first request may have left another gateway
             return await respond(svc, request, earlier, _deadline_of(earlier, deadline), bound)
@@ -255,6 +268,7 @@ async def submit(
         cost=cost,
         owner=owner,
         idempotency_key=idempotency_key or None,
+        input_digest=digest,
     )
     # Both go out back to back on one channel and are confirmed together: `queued`
     # reaches the stream long before a worker can receive the task and say `running`
@@ -263,9 +277,7 @@ async def submit(
     event_sent = asyncio.ensure_future(svc.broker.publish_event(queued))
     task_sent = False
     try:
-        await svc.broker.publish_task(
-            spec.name, task_id, body.model_dump_json().encode(), deadline, owner, cost
-        )
+        await svc.broker.publish_task(spec.name, task_id, task_input, deadline, owner, cost)
         task_sent = True
         await event_sent
     except TimeboxError as exc:
@@ -284,6 +296,13 @@ async def submit(
         raise
     log.debug("queued %s %s (deadline in %.3f s)", spec.name, task_id, deadline.remaining())
     return await respond(svc, request, record, deadline, bound)
+
+
+def _digest(task: str, body: BaseModel) -> str:
+    """What an Idempotency-Key's retry must match: the task type and its input as
+    validated, in a canonical form (key order and spacing in the JSON do not matter)."""
+    canonical = json.dumps([task, body.model_dump(mode="json")], sort_keys=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:32]
 
 
 def _forget(publishing: asyncio.Future[None]) -> None:

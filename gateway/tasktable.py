@@ -14,7 +14,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from contracts.events import TaskEvent, TaskStatus
+from contracts.events import EventType, TaskEvent, TaskStatus
 
 
 class SubscriberTooSlow(Exception):
@@ -66,6 +66,7 @@ class Record:
     cost: float | None = None
     local: bool = False  # submitted through this gateway
     idempotency_key: str | None = None
+    input_digest: str | None = None  # of its type and input, with an idempotency key
     _frames: dict[int, bytes] = field(default_factory=dict, repr=False)
     refused: bool = False  # the broker refused it: the 503 told the client so
     events: list[tuple[int, TaskEvent]] = field(default_factory=list)
@@ -177,6 +178,8 @@ class TaskTable:
             record = self._insert(event)
         elif not record.status.apply(event):
             return  # after the terminal event: a late duplicate, ignored everywhere
+        else:
+            self._learn(record, event)  # a `queued` read after the task's `running`
         record.events.append((offset, event))
         for sub in record.subscribers:
             sub.push((offset, event))
@@ -208,7 +211,7 @@ class TaskTable:
             return
         if record.cost is None:
             record.cost = event.cost
-        self._remember_key(record, event)
+        self._learn(record, event)
         if record.status.state.terminal:
             record.done.set()
 
@@ -240,14 +243,18 @@ class TaskTable:
         record = Record(TaskStatus.first(event), owner=event.owner, cost=event.cost)
         (self._tasks if into is None else into)[event.task_id] = record
         self._arrived(event.task_id, record)
-        self._remember_key(record, event)
+        self._learn(record, event)
         while len(self) > self.max_tasks:
             self._forget(self._history or self._tasks)
         if event.terminal:
             record.done.set()
         return record
 
-    def _remember_key(self, record: Record, event: TaskEvent) -> None:
+    def _learn(self, record: Record, event: TaskEvent) -> None:
+        """What only the `queued` event says of its task."""
+        if event.type is not EventType.QUEUED:
+            return
+        record.input_digest = event.input_digest
         if event.idempotency_key is not None and record.idempotency_key is None:
             record.idempotency_key = event.idempotency_key
             self._idempotent[(record.owner, event.idempotency_key)] = event.task_id

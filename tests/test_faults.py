@@ -680,6 +680,30 @@ def test_sigterm_to_a_gateway_ends_its_streams_cleanly(make_stack) -> None:
     assert "succeeded" not in kinds  # the stream ended early, without an error
 
 
+def test_an_idempotency_key_reused_for_another_request_is_422(client: httpx.Client) -> None:
+    """A retry must be the same request (the IETF Idempotency-Key draft): the same key
+    with another input or task type is refused, not answered with the earlier task;
+    the same input written otherwise (key order, spacing) is the same request."""
+    key = {"Idempotency-Key": f"reused-{uuid.uuid4()}"}
+    first = client.post("/v1/tasks/echo", json={"payload": {"a": 1, "b": 2}}, headers=key)
+    assert first.status_code == 202, first.text
+    task_id = first.json()["id"]
+    same = client.post(
+        "/v1/tasks/echo",
+        content=b'{ "payload" : {"b":2,"a":1} }',
+        headers={**key, "Content-Type": "application/json"},
+    )
+    assert same.json()["id"] == task_id
+    for task, body in (("echo", {"payload": {"a": 1}}), ("burn_cpu", {"seconds": 0.1})):
+        refused = client.post(f"/v1/tasks/{task}", json=body, headers=key)
+        assert refused.status_code == 422, refused.text
+        assert refused.headers["content-type"] == "application/problem+json"
+        problem = refused.json()
+        assert problem["type"] == "/problems/idempotency-key-reused"
+        assert problem["task_id"] == task_id
+    assert client.get(f"/v1/tasks/{task_id}").json()["task"] == "echo"
+
+
 def test_the_same_idempotency_key_returns_the_same_task(make_stack) -> None:
     stack: Stack = make_stack(TIMEBOX_API_KEYS="k1,k2")
     stack.gateway()
@@ -697,6 +721,9 @@ def test_the_same_idempotency_key_returns_the_same_task(make_stack) -> None:
         rpc = b.post("/v1/tasks/echo", params={"wait": "true"}, json={"payload": 1}, headers=k1)
         assert rpc.status_code == 200
         assert rpc.json()["id"] == first
+        changed = b.post("/v1/tasks/echo", json={"payload": 2}, headers=k1)
+        assert changed.status_code == 422, changed.text
+        assert changed.json()["task_id"] == first
         other_key = a.post("/v1/tasks/echo", json={"payload": 1}, headers=k2).json()["id"]
         assert other_key != first
         fresh = a.post(
