@@ -189,7 +189,9 @@ def accepted(svc: Services, record: Record) -> JSONResponse:
     body = record.status.model_dump(mode="json")
     events_url = f"/v1/tasks/{task_id}/events"
     if not svc.auth.open:
-        events_url += f"?token={svc.auth.events_token(task_id)}"
+        deadline = record.status.deadline
+        token = svc.auth.events_token(task_id, deadline.timestamp() if deadline else None)
+        events_url += f"?token={token}"
     body["events_url"] = events_url
     return JSONResponse(body, status_code=202, headers={"Location": f"/v1/tasks/{task_id}"})
 

@@ -46,8 +46,10 @@ class Auth:
                 return owner_of(known)
         raise Unauthorized("unknown API key")
 
-    def events_token(self, task_id: str) -> str:
-        expires = int(time.time() + self.ttl)
+    def events_token(self, task_id: str, deadline: float | None = None) -> str:
+        """A token for the task's events URL, good until `ttl` after its deadline (epoch
+        seconds; now if unknown): an EventSource reconnects throughout a long task."""
+        expires = int(max(time.time(), deadline or 0.0) + self.ttl)
         return f"{expires}.{self._sign(task_id, expires)}"
 
     def token_allows(self, task_id: str, token: str) -> bool:

@@ -48,7 +48,9 @@ class GatewaySettings(CommonSettings):
         "keys, so replicas with the same keys accept each other's URLs",
         repr=False,
     )
-    events_token_ttl: float = Field(default=600.0, gt=0, description="life of an events URL")
+    events_token_ttl: float = Field(
+        default=600.0, gt=0, description="life of an events URL after its deadline"
+    )
     max_body_bytes: int = Field(default=1024 * 1024, ge=1024, description="larger → 413")
     management_url: str = Field(
         default="auto",

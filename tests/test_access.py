@@ -6,6 +6,7 @@ import hmac
 import socket
 import time
 import uuid
+from datetime import datetime
 from pathlib import Path
 
 import aio_pika
@@ -94,6 +95,10 @@ def test_the_events_url_token_works_for_its_task_only_and_expires(keyed: Stack) 
         assert stream.status_code == 200
         assert "event: succeeded" in stream.text
         token = url.split("token=")[1]
+        # good until TIMEBOX_EVENTS_TOKEN_TTL (600 s) after the deadline, not after the
+        # 202: a task may run up to TIMEBOX_MAX_TIMEOUT, which may be raised above it
+        deadline = datetime.fromisoformat(first["deadline"]).timestamp()
+        assert int(token.split(".")[0]) >= int(deadline + 600)
         is_problem(c.get(f"/v1/tasks/{second['id']}/events", params={"token": token}), 401)
         expired = forged_token(first["id"], int(time.time()) - 1)
         is_problem(c.get(f"/v1/tasks/{first['id']}/events", params={"token": expired}), 401)
