@@ -67,6 +67,9 @@ class TaskEvent(BaseModel):
     input_digest: str | None = Field(
         default=None, description="of the task type and input (queued, with a key)"
     )
+    streamed: bool | None = Field(
+        default=None, description="submitted as an event stream: its client's (queued)"
+    )
     slots: int | None = Field(default=None, description="the worker's slots (running)")
     worker: str | None = None
     attempt: int | None = None

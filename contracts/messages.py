@@ -39,11 +39,12 @@ class WorkNotice(BaseModel):
 
 
 class WatchNotice(BaseModel):
-    """Sent on the gateways exchange when a gateway starts serving a task that has not
-    ended (its event stream, or an RPC retried with its Idempotency-Key): a client that
-    lost its connection to another gateway may have come back here, and that gateway
-    must not cancel the task as abandoned (gateway/watches.py)."""
+    """Sent on the gateways exchange by a gateway that serves tasks that have not ended
+    to a client (their event streams, or RPCs retried with their Idempotency-Key): at
+    once when it starts, then every half grace for those a client may abandon. A
+    client that lost its connection to another gateway may have come back here, and
+    that gateway must not cancel its task as abandoned (gateway/watches.py)."""
 
     model_config = READER
 
-    task_id: str
+    task_ids: list[str]

@@ -149,6 +149,8 @@ async def _wait(
     stopping = svc.stopping  # shared: not to be cancelled here
     waits: set[asyncio.Future[Any]] = {ended, gone, stopping}
     record.waiting += 1
+    if record.idempotency_key is not None:
+        svc.watches.follow(record, tell=False)  # said at once by submit, if a retry
     try:
         done, _ = await asyncio.wait(
             waits,
@@ -202,19 +204,8 @@ async def respond(
     """Answers in the mode the client asked for: stream, RPC wait (for up to `wait`
     seconds), or 202."""
     if _wants_stream(request):
-
-        async def on_close(message: Message) -> None:
-            svc.spawn(_cancel_if_abandoned(svc, record, "the streaming client disconnected"))
-
-        return EventSourceResponse(
-            task_events(record, -1, svc.settings.subscriber_buffer),
-            ping=svc.settings.sse_heartbeat,
-            send_timeout=svc.settings.sse_send_timeout,
-            shutdown_event=svc.shutting_down,
-            shutdown_grace_period=2.0,
-            client_close_handler_callable=on_close,
-            headers={"Location": f"/v1/tasks/{record.status.id}"},
-        )
+        svc.watches.follow(record, tell=False)  # said at once by submit, if a retry
+        return _event_stream(svc, record, -1, headers={"Location": f"/v1/tasks/{record.status.id}"})
     if wait is not None:
         return await _wait(svc, request, record, deadline, wait)
     return accepted(svc, record)
@@ -249,7 +240,7 @@ async def submit(
                     task_id=earlier.status.id,
                 )
             log.info("idempotent retry of %s %s", spec.name, earlier.status.id)
-            svc.watches.tell(earlier)  # its first request may have left another gateway
+            svc.watches.follow(earlier)  # its first request may have left another gateway
             return await respond(svc, request, earlier, _deadline_of(earlier, deadline), bound)
     cost = spec.cost_of(body)
     try:
@@ -271,6 +262,7 @@ async def submit(
         owner=owner,
         idempotency_key=idempotency_key or None,
         input_digest=digest,
+        streamed=_wants_stream(request) or None,
     )
     # Both go out back to back on one channel and are confirmed together: `queued`
     # reaches the stream long before a worker can receive the task and say `running`
@@ -320,21 +312,59 @@ def _deadline_of(record: Record, fallback: Deadline) -> Deadline:
     return Deadline(int(record.status.deadline.timestamp() * 1000))
 
 
+def _event_stream(
+    svc: Services, record: Record, after: int, headers: dict[str, str] | None = None
+) -> EventSourceResponse:
+    """The task's events after offset `after`. A client of a task submitted as a
+    stream that goes away has `stream_grace` to come back before it is cancelled."""
+
+    async def on_close(message: Message) -> None:
+        if record.streamed:
+            svc.spawn(_cancel_if_abandoned(svc, record, "the streaming client disconnected"))
+
+    return EventSourceResponse(
+        task_events(record, after, svc.settings.subscriber_buffer),
+        ping=svc.settings.sse_heartbeat,
+        send_timeout=svc.settings.sse_send_timeout,
+        shutdown_event=svc.shutting_down,
+        shutdown_grace_period=2.0,
+        client_close_handler_callable=on_close,
+        headers=headers,
+    )
+
+
 async def _cancel_if_abandoned(svc: Services, record: Record, why: str) -> None:
     """A streaming client that went away, or an RPC's with an Idempotency-Key, has
     `stream_grace` seconds to come back, here or through another gateway
-    (gateway/watches.py): to its events, or with the same key."""
+    (gateway/watches.py): to its events, or with the same key. Its task is cancelled
+    after a whole grace in which no client followed it, here or elsewhere. One check
+    runs per task: a client that leaves again moves the end of the grace on."""
+    record.left_at = time.monotonic()
+    if record.abandon_check:
+        return
+    record.abandon_check = True
     grace = svc.settings.stream_grace
-    left = time.monotonic()
-    await asyncio.sleep(grace)
-    if record.subscribers or record.waiting or record.status.state.terminal:
-        return
-    # a notice a little before the disconnect counts: the client may have come back
-    # elsewhere before this gateway saw its connection end
-    if record.watched_elsewhere > left - grace:
-        log.info("%s %s followed through another gateway", record.status.task, record.status.id)
-        return
-    await svc.cancel_quietly(record, why)
+    said = False
+    try:
+        while not record.status.state.terminal:
+            if (wait := record.left_at + grace - time.monotonic()) > 0:
+                await asyncio.sleep(wait)
+            elif record.subscribers or record.waiting:
+                return  # back here: when it leaves again, a new check starts
+            elif svc.watches.followed_elsewhere(record):
+                if not said:
+                    log.info(
+                        "%s %s followed through another gateway",
+                        record.status.task,
+                        record.status.id,
+                    )
+                    said = True
+                await asyncio.sleep(grace)  # watched for as long as notices come
+            else:
+                await svc.cancel_quietly(record, why)
+                return
+    finally:
+        record.abandon_check = False
 
 
 def _submit_route(spec: TaskSpec[Any]) -> Any:
@@ -430,14 +460,8 @@ def build_router(specs: dict[str, TaskSpec[Any]]) -> APIRouter:
         end = record.terminal_offset
         if end is not None and after >= end:
             return Response(status_code=204)
-        svc.watches.tell(record)
-        return EventSourceResponse(
-            task_events(record, after, svc.settings.subscriber_buffer),
-            ping=svc.settings.sse_heartbeat,
-            send_timeout=svc.settings.sse_send_timeout,
-            shutdown_event=svc.shutting_down,
-            shutdown_grace_period=2.0,
-        )
+        svc.watches.follow(record)
+        return _event_stream(svc, record, after)
 
     @router.delete(
         "/v1/tasks/{task_id}",

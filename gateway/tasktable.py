@@ -67,6 +67,7 @@ class Record:
     local: bool = False  # submitted through this gateway
     idempotency_key: str | None = None
     input_digest: str | None = None  # of its type and input, with an idempotency key
+    streamed: bool = False  # submitted as an event stream: abandoned once none follows it
     _frames: dict[int, bytes] = field(default_factory=dict, repr=False)
     refused: bool = False  # the broker refused it: the 503 told the client so
     events: list[tuple[int, TaskEvent]] = field(default_factory=list)
@@ -77,6 +78,10 @@ class Record:
     watched_elsewhere: float = -math.inf
     told_watched: float = -math.inf
     waiting: int = 0  # RPCs waiting for its end on this gateway
+    # time.monotonic() when a client that may abandon it last left this gateway, and
+    # whether a check for its abandonment runs (api.py: _cancel_if_abandoned)
+    left_at: float = -math.inf
+    abandon_check: bool = False
 
     def encoded(self, offset: int, event: TaskEvent) -> bytes:
         """The SSE frame of one event, encoded once for all its subscribers."""
@@ -255,6 +260,7 @@ class TaskTable:
         if event.type is not EventType.QUEUED:
             return
         record.input_digest = event.input_digest
+        record.streamed = bool(event.streamed)
         if event.idempotency_key is not None and record.idempotency_key is None:
             record.idempotency_key = event.idempotency_key
             self._idempotent[(record.owner, event.idempotency_key)] = event.task_id

@@ -1,14 +1,18 @@
-"""Watch notices between gateways.
+"""Which tasks have a client following them, across gateways.
 
-A client streaming a task (a POST with `Accept: text/event-stream`), or waiting for
-it with an Idempotency-Key, that loses its connection has `stream_grace` seconds to
-come back before its gateway cancels the task as abandoned. Behind a load balancer it
-may come back to another gateway (to the task's events, or with the same key): that
-one says so on `{ns}.gateways` (each gateway has its own queue bound there), and the
-first one leaves the task alone, as it would for a client back on itself."""
+A task submitted as an event stream (a POST with `Accept: text/event-stream`), or
+waited for by an RPC with an Idempotency-Key, is its client's: once no client follows
+it for `stream_grace` seconds it is cancelled as abandoned. Behind a load balancer the
+client may come back to another gateway (to the task's events with `Last-Event-ID`, or
+with the same key), and may leave that one too. So every gateway says which such tasks
+it serves on `{ns}.gateways` (each gateway has its own queue bound there): at once when
+a client starts following a task there, and again every half grace while one does. A
+gateway whose client left cancels the task only after a whole grace in which no client
+followed it there and no other gateway said it serves it."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
@@ -29,6 +33,7 @@ class Watches:
         self.table = table
         self.grace = grace
         self._sending = Background()
+        self._followed: set[Record] = set()  # tasks a client may abandon, followed here
 
     async def start(self) -> None:
         assert self.broker.connection is not None
@@ -40,19 +45,40 @@ class Watches:
         )
         await queue.bind(exchange)
         await queue.consume(self._on_message, no_ack=True)
+        self._sending.spawn(self._renew())
 
     async def close(self) -> None:
         await self._sending.cancel()
 
-    def tell(self, record: Record) -> None:
-        """This gateway starts serving `record`'s task to a client (its events, or an
-        idempotent retry): if it has not ended, the others hear of it (at most once
-        per half grace per task)."""
-        now = time.monotonic()
-        if record.status.state.terminal or now - record.told_watched < self.grace / 2:
+    def follow(self, record: Record, *, tell: bool = True) -> None:
+        """A client starts following `record`'s task here (its events, or an RPC's wait
+        for it). Unless `tell` is False (a task just submitted here: nobody else can
+        have it yet), the other gateways hear of it now, at most once per half grace."""
+        if record.status.state.terminal:
             return
-        record.told_watched = now
-        self._sending.spawn(self.broker.send_watch_notice(record.status.id))
+        if record.streamed or record.idempotency_key is not None:
+            self._followed.add(record)
+        now = time.monotonic()
+        if tell and now - record.told_watched >= self.grace / 2:
+            record.told_watched = now
+            self._sending.spawn(self.broker.send_watch_notice([record.status.id]))
+
+    def followed_elsewhere(self, record: Record) -> bool:
+        """Whether another gateway said within the last grace that it serves the task."""
+        return record.watched_elsewhere > time.monotonic() - self.grace
+
+    async def _renew(self) -> None:
+        """Every half grace, one notice of the tasks that a client follows here."""
+        if self.grace <= 0:
+            return  # no grace: a client that leaves is never waited for
+        while True:
+            await asyncio.sleep(max(self.grace / 2, 0.1))
+            for record in list(self._followed):
+                if record.status.state.terminal or not (record.subscribers or record.waiting):
+                    self._followed.discard(record)
+            if self._followed:
+                task_ids = [record.status.id for record in self._followed]
+                await self.broker.send_watch_notice(task_ids)
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         if message.app_id == self.broker.name:
@@ -62,6 +88,8 @@ class Watches:
         except ValidationError as exc:
             log.warning("ignored a malformed watch notice: %s", exc)
             return
-        record = self.table.get(notice.task_id)
-        if record is not None:
-            record.watched_elsewhere = time.monotonic()
+        now = time.monotonic()
+        for task_id in notice.task_ids:
+            record = self.table.get(task_id)
+            if record is not None:
+                record.watched_elsewhere = now

@@ -229,6 +229,71 @@ def test_a_streaming_client_back_through_another_gateway_keeps_its_task(make_sta
     assert first.count(rf"burn_cpu {task_id} followed through another gateway") == 1
 
 
+@pytest.mark.parametrize("back_on", ["same-gateway", "other-gateway"])
+def test_a_streaming_client_that_comes_back_and_leaves_again_cancels_after_the_grace(
+    make_stack, back_on: str
+) -> None:
+    """The tie between a streamed task and its client survives a reconnect: a client
+    back to its events (with Last-Event-ID), on the same gateway or another, that then
+    goes away for good has its task cancelled one grace later, as if it had never
+    left. Before, the tie was lost at the first reconnect and the task ran on."""
+    from httpx_sse import connect_sse
+
+    stack: Stack = make_stack(TIMEBOX_STREAM_GRACE="1")
+    first, second = stack.gateway(), stack.gateway()
+    again = first if back_on == "same-gateway" else second
+    worker = stack.worker(1)
+    body = {"seconds": 40}
+    with (
+        httpx.Client(base_url=first.url, timeout=30) as client,
+        connect_sse(client, "POST", "/v1/tasks/burn_cpu", json=body) as source,
+    ):
+        events = source.iter_sse()
+        task_id = next(events).json()["task_id"]
+        running = next(events)
+        assert running.event == "running"
+    with httpx.Client(base_url=again.url, timeout=30) as client:
+        resumed = {"Last-Event-ID": running.id}
+        url = f"/v1/tasks/{task_id}/events"
+        with connect_sse(client, "GET", url, headers=resumed) as source:
+            # followed here for over two graces: the first gateway's check lets it be
+            until = time.monotonic() + 2.5
+            for event in source.iter_sse():
+                assert not event.event or event.event == "progress", event
+                if time.monotonic() > until:
+                    break
+    if again is second:
+        assert first.count(rf"burn_cpu {task_id} followed through another gateway") == 1
+    worker.wait_for_line(rf"cancelled burn_cpu {task_id}", 15)
+    with stack.client() as client:
+        status = client.get(f"/v1/tasks/{task_id}").json()
+    assert status["state"] == "cancelled", status
+    why = rf"cancel burn_cpu {task_id}: the streaming client disconnected"
+    wait_until(lambda: first.count(why) + second.count(why) >= 1, 5, "the gateway's cancel")
+
+
+def test_a_streamed_task_watched_and_left_elsewhere_stays_with_its_client(make_stack) -> None:
+    """Someone else following a streamed task's events through another gateway, and
+    leaving, does not cancel it while its own client still streams it."""
+    from httpx_sse import connect_sse
+
+    stack: Stack = make_stack(TIMEBOX_STREAM_GRACE="0.5")
+    first, second = stack.gateway(), stack.gateway()
+    stack.worker(1)
+    with (
+        httpx.Client(base_url=first.url, timeout=30) as client,
+        connect_sse(client, "POST", "/v1/tasks/burn_cpu", json={"seconds": 4}) as source,
+    ):
+        events = source.iter_sse()
+        task_id = next(events).json()["task_id"]
+        assert next(events).event == "running"
+        with httpx.Client(base_url=second.url, timeout=30) as other:
+            assert wait_for_event(other, task_id, "progress")["type"] == "progress"
+        kinds = [event.event for event in events if event.data]
+    assert kinds[-1] == "succeeded", kinds
+    assert second.count(rf"burn_cpu {task_id} followed through another gateway") == 1
+
+
 def test_an_rpc_with_an_idempotency_key_whose_client_drops_may_ask_again(make_stack) -> None:
     """An RPC whose connection drops (here: the client's own timeout) and that asks
     again with the same Idempotency-Key, through the same gateway or another, gets
