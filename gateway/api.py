@@ -23,6 +23,7 @@ from contracts.deadline import Deadline
 from contracts.errors import (
     BrokerUnavailable,
     ConfirmLost,
+    HistoryNotRead,
     IdempotencyKeyReused,
     TimeboxError,
     UnknownTaskType,
@@ -36,6 +37,7 @@ from gateway.services import Services, log, services
 from gateway.sse import parse_last_event_id, task_events
 from gateway.tasktable import Record
 
+RECONNECT = b"retry: 1000\r\n\r\n"  # an event stream's answer: come back in 1 s
 DEMO_PAGE = (Path(__file__).parent / "static" / "index.html").read_text(encoding="utf-8")
 
 PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -449,13 +451,21 @@ def build_router(specs: dict[str, TaskSpec[Any]]) -> APIRouter:
         ] = None,
     ) -> Response:
         svc = services(request)
-        if token is not None and svc.auth.token_allows(task_id, token):
-            found = await svc.arrival(task_id, stream=True)
-            if found is None:
-                raise svc.not_found(task_id)
-            record = found
-        else:
-            record = await svc.find(task_id, svc.auth.caller(request), stream=True)
+        try:
+            if token is not None and svc.auth.token_allows(task_id, token):
+                found = await svc.arrival(task_id, stream=True)
+                if found is None:
+                    raise svc.not_found(task_id)
+                record = found
+            else:
+                record = await svc.find(task_id, svc.auth.caller(request), stream=True)
+        except HistoryNotRead:
+            if not svc.stopping.done():
+                raise
+            # an empty stream rather than a 503, on which an EventSource stops for good:
+            # it reconnects after `retry`, through the load balancer, to a gateway that
+            # can serve it
+            return Response(RECONNECT, media_type="text/event-stream")
         after = parse_last_event_id(last_event_id)
         end = record.terminal_offset
         if end is not None and after >= end:

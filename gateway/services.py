@@ -83,17 +83,19 @@ class Services:
         For an event stream, while this gateway has not read the whole event stream
         (it just started, or is not yet connected), it waits up to `history_wait` for
         the task or the end of the history, rather than answering 503: a browser's
-        EventSource stops for good on a 503, and a stream is long-lived anyway."""
+        EventSource stops for good on a 503, and a stream is long-lived anyway. The
+        wait ends early if the gateway is told to stop."""
         wait = self._arrival_wait(task_id)
         history = self.eventlog.history_read
         if stream and wait and not history.is_set():
             with metrics.STREAMS_WAITING.track_inprogress():
-                waits = [
+                waits: list[asyncio.Future[Any]] = [
                     asyncio.ensure_future(self.table.arrival(task_id, self.settings.history_wait)),
                     asyncio.ensure_future(history.wait()),
                 ]
                 try:
-                    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                    stopping = self.stopping  # shared: not to be cancelled here
+                    await asyncio.wait([*waits, stopping], return_when=asyncio.FIRST_COMPLETED)
                 finally:
                     for waiting in waits:
                         waiting.cancel()

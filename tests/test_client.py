@@ -2,6 +2,7 @@
 
 import signal
 import threading
+import uuid
 from urllib.parse import urlsplit
 
 import httpx
@@ -141,6 +142,45 @@ def test_an_event_stream_asked_of_a_gateway_not_yet_connected_comes_once_it_is(
     finally:
         stack.stop()
         proxy.close()
+
+
+def test_an_event_stream_waiting_on_a_gateway_told_to_stop_says_reconnect(
+    make_stack, amqp_url: str
+) -> None:
+    """A gateway that has not read the event stream yet (here: RabbitMQ away) is told to
+    stop while an event stream's request waits for it: the request is answered at once
+    with an empty stream that says when to reconnect (an EventSource does, through the
+    load balancer, to a gateway that can serve it), not cut with a 500 when uvicorn's
+    graceful shutdown runs out (an EventSource stops for good on it)."""
+    stack: Stack = make_stack()
+    late = Gateway(
+        "gateway-unconnected",
+        {**stack.env, "TIMEBOX_AMQP_URL": url_to_port(amqp_url, free_port())},
+        stack.log_dir,
+    )
+    stack.gateways.append(late)
+    late.wait_for_line("Uvicorn running", 20)
+    answers: list[httpx.Response] = []
+
+    def follow() -> None:
+        with httpx.Client(base_url=late.url, timeout=30) as c:
+            answers.append(c.get(f"/v1/tasks/{uuid.uuid4()}/events"))
+
+    follower = threading.Thread(target=follow, daemon=True)
+    follower.start()
+    with httpx.Client(base_url=late.url, timeout=10) as c:
+        wait_until(
+            lambda: metric(c.get("/metrics").text, "timebox_sse_streams_waiting_for_history"),
+            20,
+            "the stream's request to wait",
+        )
+    late.popen.send_signal(signal.SIGTERM)
+    follower.join(4)  # less than uvicorn's 5 s of graceful shutdown
+    assert answers, "no answer before the graceful shutdown ran out"
+    assert answers[0].status_code == 200, answers[0].text
+    assert answers[0].headers["content-type"].startswith("text/event-stream")
+    assert "retry: " in answers[0].text
+    assert late.popen.wait(15) in (0, -signal.SIGTERM)
 
 
 def test_a_call_whose_gateway_is_stopped_while_it_waits_still_returns_the_result(
