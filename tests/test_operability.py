@@ -162,13 +162,17 @@ def test_the_demo_page_runs_a_task_live_in_a_browser(session_stack: Stack) -> No
 
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium")
-def test_the_demo_page_follows_its_task_across_a_gateway_restart(make_stack, amqp_url: str) -> None:
+@pytest.mark.parametrize("stream_waits", [True, False], ids=["stream-waits", "status-followed"])
+def test_the_demo_page_follows_its_task_across_a_gateway_restart(
+    make_stack, amqp_url: str, stream_waits: bool
+) -> None:
     """The gateway dies while a page watches a task; the one that replaces it on the
     same port is slow to reach RabbitMQ. The page's EventSource reconnects by itself,
     and its request waits for the new gateway to read the event stream (a 503 would
     stop it for good), then the page shows the task's end. With API keys, as in
     production: the EventSource follows the signed events URL, which the new gateway
-    accepts too."""
+    accepts too. A gateway told not to wait (TIMEBOX_HISTORY_WAIT=0) answers 503,
+    which closes the EventSource: the page then follows the task's status instead."""
     from playwright.sync_api import expect
 
     stack: Stack = make_stack(TIMEBOX_API_KEYS="page-key")
@@ -194,17 +198,28 @@ def test_the_demo_page_follows_its_task_across_a_gateway_restart(make_stack, amq
         expect(page.get_by_test_id("link")).to_have_text("reconnecting…", timeout=10_000)
         late = Gateway(
             "gateway-late",
-            {**stack.env, "TIMEBOX_AMQP_URL": url_to_port(amqp_url, broker_port)},
+            {
+                **stack.env,
+                "TIMEBOX_AMQP_URL": url_to_port(amqp_url, broker_port),
+                "TIMEBOX_HISTORY_WAIT": "30" if stream_waits else "0",
+            },
             stack.log_dir,
             port=first.port,
         )
         stack.gateways.append(late)
-        with httpx.Client(base_url=late.url, timeout=10) as c:
-            late.wait_for_line("Uvicorn running", 20)
-            wait_until(  # the page's EventSource is back, and its request waits
-                lambda: metric(c.get("/metrics").text, "timebox_sse_streams_waiting_for_history"),
-                30,
-                "the page's EventSource to reconnect",
+        late.wait_for_line("Uvicorn running", 20)
+        if stream_waits:
+            with httpx.Client(base_url=late.url, timeout=10) as c:
+                wait_until(  # the page's EventSource is back, and its request waits
+                    lambda: metric(
+                        c.get("/metrics").text, "timebox_sse_streams_waiting_for_history"
+                    ),
+                    30,
+                    "the page's EventSource to reconnect",
+                )
+        else:
+            expect(page.get_by_test_id("link")).to_have_text(
+                "event stream closed: following the task's status…", timeout=30_000
             )
         proxy = Proxy(urlsplit(amqp_url).port or 5672, listen_port=broker_port)
         try:
