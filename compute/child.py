@@ -32,11 +32,11 @@ _specs: dict[str, Any] = {}
 _functions: dict[str, Any] = {}
 
 
-def die_with_parent(parent: int) -> None:
-    """Asks the kernel to SIGKILL us when our parent dies, so no task outlives it."""
+def die_with_parent(parent: int, sig: signal.Signals = signal.SIGKILL) -> None:
+    """Asks the kernel to send us `sig` when our parent dies, so no task outlives it."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0)
     except (OSError, AttributeError):  # not Linux: stdin EOF still ends us when idle
         pass
     if os.getppid() != parent:

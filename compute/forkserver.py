@@ -7,8 +7,8 @@ The worker talks to it over a Unix socket (SOCK_SEQPACKET: one message per send)
 `fork` carries the child's two pipe ends as file descriptors; the server answers
 nothing to it (the child says `ready` on its pipe). It sends `up` once it has loaded
 the task code, and `exit <pid> <code> <cpu seconds>` whenever it reaps a child. It
-dies with the worker (PR_SET_PDEATHSIG), and its children die with it, so none
-outlives the worker.
+ends with the worker (PR_SET_PDEATHSIG, even a SIGKILLed one), and its children and
+what they started end with it, so none outlives the worker.
 
 Each child leads a process group of its own, so that what its task starts (an
 external program, a multiprocessing pool) is signalled with it; when a child ends,
@@ -26,6 +26,7 @@ import signal
 import socket
 import sys
 from types import FrameType
+from typing import NoReturn
 
 from compute import child
 
@@ -38,8 +39,19 @@ UP = b"up"
 
 
 def serve(sock: socket.socket, nice: int) -> None:
+    forked: set[int] = set()
+
+    def end(signum: int, frame: FrameType | None) -> NoReturn:
+        # each child would die with us (its own PR_SET_PDEATHSIG), but what its task
+        # started would live on, orphaned to init once no subreaper is left
+        for pid in forked:
+            with contextlib.suppress(OSError):
+                os.killpg(pid, signal.SIGKILL)
+        os._exit(0)
+
+    signal.signal(signal.SIGTERM, end)
     worker = os.getppid()
-    child.die_with_parent(worker)
+    child.die_with_parent(worker, signal.SIGTERM)
     os.nice(nice)  # inherited by every child
     child.load()
     me = os.getpid()
@@ -47,7 +59,6 @@ def serve(sock: socket.socket, nice: int) -> None:
         sock.send(UP)
 
     child.become_subreaper()  # what a task starts and leaves behind is reaped here
-    forked: set[int] = set()
 
     def reap(signum: int, frame: FrameType | None) -> None:
         # Python runs a handler between any two bytecodes, this one's included: a
@@ -91,17 +102,19 @@ def serve(sock: socket.socket, nice: int) -> None:
     while True:
         message, fds, _, _ = socket.recv_fds(sock, 64, 2)
         if not message:
-            os._exit(0)  # the worker closed its end
+            end(signal.SIGTERM, None)  # the worker closed its end
         if message != FORK or len(fds) != 2:
             for fd in fds:
                 os.close(fd)
             continue
-        # a child that ends at once is reaped only once it is known as ours
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
+        # a child that ends at once is reaped only once it is known as ours; nor may
+        # the child run the server's SIGTERM handler, which kills its siblings
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD, signal.SIGTERM})
         pid = os.fork()
         if pid == 0:
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)  # child.serve sets its own
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD, signal.SIGTERM})
             # a group of its own: a kill reaches whatever its task started as well
             os.setpgid(0, 0)
             sock.close()
@@ -111,7 +124,7 @@ def serve(sock: socket.socket, nice: int) -> None:
                 os.close(fd)
             child.serve(me)
         forked.add(pid)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD, signal.SIGTERM})
         for fd in fds:
             os.close(fd)
 

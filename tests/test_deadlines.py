@@ -402,6 +402,26 @@ def test_what_a_task_started_dies_with_it_at_the_deadline(
             os.kill(burner, signal.SIGKILL)
 
 
+def test_what_a_task_started_dies_with_its_worker_even_a_sigkilled_one(make_stack) -> None:
+    """A worker killed outright (SIGKILL, the OOM killer) takes its fork server and its
+    tasks with it, and the programs those tasks started too: they would be orphaned
+    to init and burn CPU for nobody."""
+    stack: Stack = make_stack()
+    stack.gateway()
+    worker = stack.worker(1)
+    with stack.client() as client:
+        created = client.post("/v1/tasks/spawn", headers={"Request-Timeout": "30"}, json={})
+        said = wait_for_event(client, created.json()["id"], "progress")["message"]
+    assert isinstance(said, str)
+    burner = int(said.split()[1])
+    try:
+        worker.signal(signal.SIGKILL)
+        wait_until(lambda: not alive(burner), 5, "the task's own process to die")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(burner, signal.SIGKILL)
+
+
 def test_the_worker_refuses_a_max_timeout_not_below_the_consumer_timeout() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "compute"],
