@@ -9,10 +9,12 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 
 import aio_pika
 import httpx
 import pytest
+from httpx_sse import ServerSentEvent
 
 from tests.conftest import Stack
 from tests.harness import (
@@ -206,23 +208,35 @@ def test_a_streaming_client_that_goes_away_cancels_after_the_grace(make_stack) -
         assert task_events(client, task_id)[-1][0] == "cancelled"
 
 
-def test_a_streaming_client_back_through_another_gateway_keeps_its_task(make_stack) -> None:
-    """Behind a load balancer, a streaming client that lost its connection comes back
-    (with Last-Event-ID) to another gateway: the first one hears of it and does not
-    cancel the task when the grace ends."""
+@contextlib.contextmanager
+def _streamed(
+    url: str, seconds: float
+) -> Iterator[tuple[str, ServerSentEvent, Iterator[ServerSentEvent]]]:
+    """A `burn_cpu` task submitted as an event stream, read up to its `running` event:
+    its id, that event, and the rest of the stream (closed on leaving)."""
     from httpx_sse import connect_sse
 
-    stack: Stack = make_stack(TIMEBOX_STREAM_GRACE="1")
-    first, second = stack.gateway(), stack.gateway()
-    stack.worker(1)
+    body = {"seconds": seconds}
     with (
-        httpx.Client(base_url=first.url, timeout=30) as client,
-        connect_sse(client, "POST", "/v1/tasks/burn_cpu", json={"seconds": 3}) as source,
+        httpx.Client(base_url=url, timeout=30) as client,
+        connect_sse(client, "POST", "/v1/tasks/burn_cpu", json=body) as source,
     ):
         events = source.iter_sse()
         task_id = next(events).json()["task_id"]
         running = next(events)
         assert running.event == "running"
+        yield task_id, running, events
+
+
+def test_a_streaming_client_back_through_another_gateway_keeps_its_task(make_stack) -> None:
+    """Behind a load balancer, a streaming client that lost its connection comes back
+    (with Last-Event-ID) to another gateway: the first one hears of it and does not
+    cancel the task when the grace ends."""
+    stack: Stack = make_stack(TIMEBOX_STREAM_GRACE="1")
+    first, second = stack.gateway(), stack.gateway()
+    stack.worker(1)
+    with _streamed(first.url, 3) as (task_id, running, _):
+        pass  # the connection drops
     with httpx.Client(base_url=second.url, timeout=30) as client:
         rest = task_events(client, task_id, last_event_id=running.id)
     assert rest[-1][0] == "succeeded", rest[-1]
@@ -243,15 +257,8 @@ def test_a_streaming_client_that_comes_back_and_leaves_again_cancels_after_the_g
     first, second = stack.gateway(), stack.gateway()
     again = first if back_on == "same-gateway" else second
     worker = stack.worker(1)
-    body = {"seconds": 40}
-    with (
-        httpx.Client(base_url=first.url, timeout=30) as client,
-        connect_sse(client, "POST", "/v1/tasks/burn_cpu", json=body) as source,
-    ):
-        events = source.iter_sse()
-        task_id = next(events).json()["task_id"]
-        running = next(events)
-        assert running.event == "running"
+    with _streamed(first.url, 40) as (task_id, running, _):
+        pass  # the connection drops
     with httpx.Client(base_url=again.url, timeout=30) as client:
         resumed = {"Last-Event-ID": running.id}
         url = f"/v1/tasks/{task_id}/events"
@@ -275,18 +282,10 @@ def test_a_streaming_client_that_comes_back_and_leaves_again_cancels_after_the_g
 def test_a_streamed_task_watched_and_left_elsewhere_stays_with_its_client(make_stack) -> None:
     """Someone else following a streamed task's events through another gateway, and
     leaving, does not cancel it while its own client still streams it."""
-    from httpx_sse import connect_sse
-
     stack: Stack = make_stack(TIMEBOX_STREAM_GRACE="0.5")
     first, second = stack.gateway(), stack.gateway()
     stack.worker(1)
-    with (
-        httpx.Client(base_url=first.url, timeout=30) as client,
-        connect_sse(client, "POST", "/v1/tasks/burn_cpu", json={"seconds": 4}) as source,
-    ):
-        events = source.iter_sse()
-        task_id = next(events).json()["task_id"]
-        assert next(events).event == "running"
+    with _streamed(first.url, 4) as (task_id, _, events):
         with httpx.Client(base_url=second.url, timeout=30) as other:
             assert wait_for_event(other, task_id, "progress")["type"] == "progress"
         kinds = [event.event for event in events if event.data]
