@@ -10,7 +10,9 @@ fills a fresh namespace's stream with EVENTS events (default 150,000: a third ea
    every event is in its live window (gateway/eventlog.py), read before it is ready.
    Reports how long it took to become ready and the CPU it spent;
 2. drops that gateway's connections and reports the CPU it spends in the 10 s after
-   it has reconnected, with `/healthz` answer times meanwhile;
+   it has reconnected, with `/healthz` answer times meanwhile. Before that, the memory
+   its task table holds: its resident set size minus that of a gateway reading the
+   same stream with a table of 100 tasks, per task (a third of the events);
 3. starts a second gateway with a maximum timeout of 1 s, once the events are older
    than its live window: they are its history, read after it is ready. Reports when
    it was ready, when it had read the history, and `/healthz` answer times meanwhile.
@@ -27,7 +29,7 @@ import uuid
 import httpx
 from yarl import URL
 
-from bench.stack import AMQP_URL, Stack
+from bench.stack import AMQP_URL, Stack, rss_bytes
 from compute.pool import cpu_seconds_of
 from contracts.events import TaskEvent
 from tests.harness import echo_lifecycle, fill_stream
@@ -65,6 +67,7 @@ def main(n: int) -> None:
                 f"{n} events: ready after {ready:.1f} s, {spent:.1f} s of CPU "
                 f"({spent / n * 1e6:.0f} µs an event, the gateway's own startup included)"
             )
+            _memory(stack, gateway.pid, n)
             with httpx.Client(base_url=gateway.url, timeout=30) as client:
                 lines = len(gateway.lines)
                 proxy.drop()
@@ -85,6 +88,18 @@ def main(n: int) -> None:
             _history(stack, n)
     finally:
         proxy.close()
+
+
+def _memory(stack: Stack, pid: int, n: int) -> None:
+    held = rss_bytes(pid)
+    small = stack.gateway(TIMEBOX_TASK_TABLE_SIZE="100")
+    base = rss_bytes(small.pid)
+    small.stop()
+    tasks = n // 3
+    print(
+        f"memory: {held / 2**20:.0f} MiB resident with {tasks} tasks in the table, "
+        f"{base / 2**20:.0f} MiB with 100: {(held - base) / tasks / 1024:.1f} KiB a task"
+    )
 
 
 def _history(stack: Stack, n: int) -> None:

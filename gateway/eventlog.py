@@ -190,7 +190,7 @@ class EventLog:
             elif offset is not None and offset > self.table.last_offset:
                 event = _event(message, offset)
                 if event is not None:
-                    self.table.apply(offset, event)
+                    self.table.apply(offset, event, message.body)
         finally:
             self._acks.soon(message)
 
@@ -223,7 +223,7 @@ class EventLog:
                 if message.header.properties.message_type != SYNC_TYPE:
                     event = _event(message, offset)
                     if event is not None:
-                        self.table.recall(offset, event)
+                        self.table.recall(offset, event, message.body)
             finally:
                 acks.soon(message)
 

@@ -6,9 +6,8 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 
-from contracts.events import EventType, TaskEvent
 from gateway import metrics
-from gateway.tasktable import Record, Subscriber, SubscriberTooSlow, SubscriptionClosed
+from gateway.tasktable import Record, Stored, Subscriber, SubscriberTooSlow, SubscriptionClosed
 
 log = logging.getLogger("timebox.gateway.sse")
 
@@ -37,11 +36,11 @@ async def task_events(record: Record, after: int, buffer: int) -> AsyncIterator[
     metrics.SSE_STREAMS.inc()
     try:
         last = after
-        async for offset, event, newer_waits in _replay_then_follow(record, sub):
-            if offset > last and not (newer_waits and _fraction_only(event)):
-                yield record.encoded(offset, event)
-                last = offset
-            if event.terminal:  # sent now or before (Last-Event-ID past it): the end
+        async for stored, newer_waits in _replay_then_follow(record, sub):
+            if stored.offset > last and not (newer_waits and stored.fraction_only):
+                yield stored.frame
+                last = stored.offset
+            if stored.terminal:  # sent now or before (Last-Event-ID past it): the end
                 return
     except SubscriberTooSlow:
         log.warning("cut off a slow SSE subscriber of task %s", record.status.id)
@@ -52,16 +51,12 @@ async def task_events(record: Record, after: int, buffer: int) -> AsyncIterator[
         record.unsubscribe(sub)
 
 
-def _fraction_only(event: TaskEvent) -> bool:
-    return event.type is EventType.PROGRESS and event.message is None
-
-
 async def _replay_then_follow(
     record: Record, sub: Subscriber
-) -> AsyncIterator[tuple[int, TaskEvent, bool]]:
+) -> AsyncIterator[tuple[Stored, bool]]:
     """Each event, and whether it is live and another one already waits behind it."""
-    for offset, event in list(record.events):
-        yield offset, event, False
+    for stored in list(record.events):
+        yield stored, False
     while True:
-        offset, event = await sub.get()
-        yield offset, event, sub.waiting
+        stored = await sub.get()
+        yield stored, sub.waiting

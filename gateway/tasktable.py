@@ -27,11 +27,11 @@ class SubscriptionClosed(Exception):
 
 @dataclass(eq=False)
 class Subscriber:
-    queue: asyncio.Queue[tuple[int, TaskEvent] | None]
+    queue: asyncio.Queue[Stored | None]
     overflowed: bool = False
     closed: bool = False
 
-    def push(self, item: tuple[int, TaskEvent]) -> None:
+    def push(self, item: Stored) -> None:
         try:
             self.queue.put_nowait(item)
         except asyncio.QueueFull:
@@ -47,7 +47,7 @@ class Subscriber:
         with contextlib.suppress(asyncio.QueueFull):
             self.queue.put_nowait(None)
 
-    async def get(self) -> tuple[int, TaskEvent]:
+    async def get(self) -> Stored:
         if self.queue.empty():
             if self.closed:
                 raise SubscriptionClosed()
@@ -59,7 +59,39 @@ class Subscriber:
         return item
 
 
-@dataclass(eq=False)
+@dataclass(slots=True, frozen=True)
+class Stored:
+    """One event as a task's record keeps it, read from the stream at `offset`: its SSE
+    frame, encoded once for all its subscribers, and what the readers of the record ask
+    of it. A TaskEvent object costs about 1.8 KiB, most of it pydantic's; this costs
+    little more than the event's JSON, and a full table holds 100,000 tasks."""
+
+    offset: int
+    type: EventType
+    frame: bytes
+    fraction_only: bool  # a progress report without a message (gateway/sse.py)
+
+    @classmethod
+    def of(cls, offset: int, event: TaskEvent, body: bytes | None = None) -> Stored:
+        """`body`: the event as read from the stream, JSON on one line (contracts/
+        amqp.py writes it so) that the frame takes as it is, rather than encoding the
+        event again."""
+        if body is None or b"\n" in body or b"\r" in body:
+            body = event.model_dump_json(exclude_none=True).encode()
+        frame = b"id: %d\r\nevent: %s\r\ndata: %s\r\n\r\n" % (offset, event.type.encode(), body)
+        fraction_only = event.type is EventType.PROGRESS and event.message is None
+        return cls(offset, event.type, frame, fraction_only)
+
+    @property
+    def terminal(self) -> bool:
+        return self.type.terminal
+
+    def event(self) -> TaskEvent:
+        data = self.frame[self.frame.index(b"\r\ndata: ") + 8 : -4]
+        return TaskEvent.model_validate_json(data)
+
+
+@dataclass(eq=False, slots=True)
 class Record:
     status: TaskStatus
     owner: str | None = None
@@ -68,11 +100,10 @@ class Record:
     idempotency_key: str | None = None
     input_digest: str | None = None  # of its type and input, with an idempotency key
     streamed: bool = False  # submitted as an event stream: abandoned once none follows it
-    _frames: dict[int, bytes] = field(default_factory=dict, repr=False)
     refused: bool = False  # the broker refused it: the 503 told the client so
-    events: list[tuple[int, TaskEvent]] = field(default_factory=list)
+    events: list[Stored] = field(default_factory=list)
     subscribers: set[Subscriber] = field(default_factory=set)
-    done: asyncio.Event = field(default_factory=asyncio.Event)
+    _done: asyncio.Event | None = None  # made when first asked for: most never are
     # time.monotonic() of the last watch notice of it from another gateway, and of the
     # last one this gateway sent (gateway/watches.py)
     watched_elsewhere: float = -math.inf
@@ -83,28 +114,37 @@ class Record:
     left_at: float = -math.inf
     abandon_check: bool = False
 
-    def encoded(self, offset: int, event: TaskEvent) -> bytes:
-        """The SSE frame of one event, encoded once for all its subscribers."""
-        frame = self._frames.get(offset)
-        if frame is None:
-            frame = sse_frame(offset, event)
-            self._frames[offset] = frame
-        return frame
+    @property
+    def done(self) -> asyncio.Event:
+        """Set once the task has ended."""
+        if self._done is None:
+            self._done = asyncio.Event()
+            if self.status.state.terminal:
+                self._done.set()
+        return self._done
+
+    def ended(self) -> None:
+        if self._done is not None:
+            self._done.set()
 
     @property
     def terminal_offset(self) -> int | None:
-        if self.events and self.events[-1][1].terminal:
-            return self.events[-1][0]
+        if self.events and self.events[-1].terminal:
+            return self.events[-1].offset
         return None
 
-    def refold(self, offset: int, event: TaskEvent) -> None:
+    def refold(self, stored: Stored, event: TaskEvent) -> None:
         """Folds in an event older than some already folded in: the status is folded
         again in stream order, where the first terminal event wins."""
-        ordered = sorted([*self.events, (offset, event)], key=lambda item: item[0])
-        status = TaskStatus.first(ordered[0][1])
-        kept = [ordered[0]]
-        for item in ordered[1:]:
-            if status.apply(item[1]):
+        ordered = sorted(
+            [(item.offset, item, item.event()) for item in self.events]
+            + [(stored.offset, stored, event)],
+            key=lambda item: item[0],
+        )
+        status = TaskStatus.first(ordered[0][2])
+        kept = [ordered[0][1]]
+        for _, item, folded in ordered[1:]:
+            if status.apply(folded):
                 kept.append(item)
         self.status, self.events = status, kept
 
@@ -115,11 +155,6 @@ class Record:
 
     def unsubscribe(self, sub: Subscriber) -> None:
         self.subscribers.discard(sub)
-
-
-def sse_frame(offset: int, event: TaskEvent) -> bytes:
-    data = event.model_dump_json(exclude_none=True)
-    return f"id: {offset}\r\nevent: {event.type.value}\r\ndata: {data}\r\n\r\n".encode()
 
 
 class TaskTable:
@@ -173,8 +208,9 @@ class TaskTable:
             self._tell(record, queued)
         return record
 
-    def apply(self, offset: int, event: TaskEvent) -> None:
-        """Folds in one event read from the stream at `offset` (each offset once)."""
+    def apply(self, offset: int, event: TaskEvent, body: bytes | None = None) -> None:
+        """Folds in one event read from the stream at `offset` (each offset once);
+        `body`, if given, is the event as read (see Stored.of)."""
         if offset <= self.last_offset:
             return
         self.last_offset = offset
@@ -185,14 +221,15 @@ class TaskTable:
             return  # after the terminal event: a late duplicate, ignored everywhere
         else:
             self._learn(record, event)  # a `queued` read after the task's `running`
-        record.events.append((offset, event))
+        stored = Stored.of(offset, event, body)
+        record.events.append(stored)
         for sub in record.subscribers:
-            sub.push((offset, event))
+            sub.push(stored)
         if event.terminal:
-            record.done.set()
+            record.ended()
         self._tell(record, event)
 
-    def recall(self, offset: int, event: TaskEvent) -> None:
+    def recall(self, offset: int, event: TaskEvent, body: bytes | None = None) -> None:
         """Folds in one event of the history: older than the live window `apply` began
         with, read in stream order after it. Its task began before that window, so its
         deadline has passed: no listener is told (admission and metrics look at the
@@ -202,23 +239,26 @@ class TaskTable:
         record = self.get(event.task_id)
         if record is None:
             if self._room_for_history():
-                self._insert(event, self._history).events.append((offset, event))
+                stored = Stored.of(offset, event, body)
+                self._insert(event, self._history).events.append(stored)
             return
-        if not record.events or offset > record.events[-1][0]:
+        if not record.events or offset > record.events[-1].offset:
             if not record.status.apply(event):
                 return
-            record.events.append((offset, event))
+            stored = Stored.of(offset, event, body)
+            record.events.append(stored)
             for sub in record.subscribers:
-                sub.push((offset, event))
-        elif all(known != offset for known, _ in record.events):
-            record.refold(offset, event)  # a task of both: the live window has its end
+                sub.push(stored)
+        elif all(known.offset != offset for known in record.events):
+            # a task of both: the live window has its end
+            record.refold(Stored.of(offset, event, body), event)
         else:
             return
         if record.cost is None:
             record.cost = event.cost
         self._learn(record, event)
         if record.status.state.terminal:
-            record.done.set()
+            record.ended()
 
     def _room_for_history(self) -> bool:
         """Makes room for one more task of the history, the oldest of it going first;
@@ -251,8 +291,6 @@ class TaskTable:
         self._learn(record, event)
         while len(self) > self.max_tasks:
             self._forget(self._history or self._tasks)
-        if event.terminal:
-            record.done.set()
         return record
 
     def _learn(self, record: Record, event: TaskEvent) -> None:

@@ -34,7 +34,7 @@ def test_a_task_whose_end_was_read_live_is_folded_again_in_stream_order() -> Non
     assert record.status.state is TaskState.SUCCEEDED
     assert record.status.created_at is not None
     assert record.status.attempts == 1
-    assert [offset for offset, _ in record.events] == [10, 20, 30]
+    assert [stored.offset for stored in record.events] == [10, 20, 30]
     assert record.terminal_offset == 30
     assert record.cost == 2.0
     assert record.done.is_set()
@@ -75,10 +75,10 @@ def test_a_subscriber_to_a_task_of_the_history_is_sent_what_the_history_brings_n
         sub = record.subscribe(10)
         table.recall(20, running)
         table.recall(30, succeeded)
-        assert [(await sub.get())[0] for _ in range(2)] == [20, 30]
+        assert [(await sub.get()).offset for _ in range(2)] == [20, 30]
         assert record.done.is_set()
         table.recall(30, succeeded)  # read again after a reconnect: changes nothing
-        assert [offset for offset, _ in record.events] == [10, 20, 30]
+        assert [stored.offset for stored in record.events] == [10, 20, 30]
 
     asyncio.run(scenario())
 

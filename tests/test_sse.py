@@ -180,3 +180,25 @@ def test_a_gateway_opening_thousands_of_streams_runs_no_full_garbage_collection(
 
     after = asyncio.run(hold_streams())
     assert after == before
+
+
+def test_a_kept_event_is_sent_as_read_and_as_one_line_whatever_it_was_written_as() -> None:
+    """The table keeps each event as its SSE frame (a TaskEvent object costs KiBs): made
+    from the body read from the stream as it is, or, if that body spans lines (which
+    would end the frame early), from the event encoded again."""
+    from gateway.tasktable import Stored
+
+    done = event(EventType.SUCCEEDED, result={"text": "two\nlines"}, cpu_seconds=0.5)
+    body = done.model_dump_json(exclude_none=True).encode()
+    as_read = Stored.of(7, done, body)
+    assert as_read.frame == b"id: 7\r\nevent: succeeded\r\ndata: " + body + b"\r\n\r\n"
+    assert as_read.frame == Stored.of(7, done).frame
+    assert as_read.terminal
+    assert not as_read.fraction_only
+    assert as_read.event() == done
+    spread = done.model_dump_json(exclude_none=True, indent=2).encode()
+    assert b"\n" in spread
+    kept = Stored.of(7, done, spread)
+    assert kept.frame == as_read.frame
+    assert Stored.of(8, event(EventType.PROGRESS, progress=0.5)).fraction_only
+    assert not Stored.of(8, event(EventType.PROGRESS, progress=0.5, message="hi")).fraction_only
