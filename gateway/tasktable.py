@@ -164,7 +164,9 @@ class TaskTable:
         self._history: OrderedDict[str, Record] = OrderedDict()  # older than all of _tasks
         self.last_offset = -1
         self.listeners: list[Callable[[Record, TaskEvent], None]] = []
-        self._idempotent: dict[tuple[str | None, str], str] = {}
+        # (owner, key): the task that holds the key, and its `queued` event's offset
+        # (infinite until it is read)
+        self._idempotent: dict[tuple[str | None, str], tuple[str, float]] = {}
         self._arrivals: dict[str, list[asyncio.Future[Record]]] = {}
 
     def __len__(self) -> int:
@@ -193,8 +195,8 @@ class TaskTable:
                 self._arrivals.pop(task_id, None)
 
     def by_idempotency_key(self, owner: str | None, key: str) -> Record | None:
-        task_id = self._idempotent.get((owner, key))
-        return None if task_id is None else self.get(task_id)
+        holder = self._idempotent.get((owner, key))
+        return None if holder is None else self.get(holder[0])
 
     def expect(self, queued: TaskEvent) -> Record:
         """Records a task this gateway just queued, before its event comes back from the
@@ -216,11 +218,11 @@ class TaskTable:
         self.last_offset = offset
         record = self.get(event.task_id)
         if record is None:
-            record = self._insert(event)
+            record = self._insert(event, offset=offset)
         elif not record.status.apply(event):
             return  # after the terminal event: a late duplicate, ignored everywhere
         else:
-            self._learn(record, event)  # a `queued` read after the task's `running`
+            self._learn(record, event, offset)  # e.g. the `queued` of a task queued here
         stored = Stored.of(offset, event, body)
         record.events.append(stored)
         for sub in record.subscribers:
@@ -240,7 +242,7 @@ class TaskTable:
         if record is None:
             if self._room_for_history():
                 stored = Stored.of(offset, event, body)
-                self._insert(event, self._history).events.append(stored)
+                self._insert(event, self._history, offset).events.append(stored)
             return
         if not record.events or offset > record.events[-1].offset:
             if not record.status.apply(event):
@@ -256,7 +258,7 @@ class TaskTable:
             return
         if record.cost is None:
             record.cost = event.cost
-        self._learn(record, event)
+        self._learn(record, event, offset)
         if record.status.state.terminal:
             record.ended()
 
@@ -282,26 +284,41 @@ class TaskTable:
                 closed += 1
         return closed
 
-    def _insert(self, event: TaskEvent, into: OrderedDict[str, Record] | None = None) -> Record:
-        """A new task's record, from its first event read, in the live window's tasks
-        unless `into` says otherwise."""
+    def _insert(
+        self,
+        event: TaskEvent,
+        into: OrderedDict[str, Record] | None = None,
+        offset: int | None = None,
+    ) -> Record:
+        """A new task's record, from its first event read (at `offset`; None: queued
+        here, not read yet), in the live window's tasks unless `into` says otherwise."""
         record = Record(TaskStatus.first(event), owner=event.owner, cost=event.cost)
         (self._tasks if into is None else into)[event.task_id] = record
         self._arrived(event.task_id, record)
-        self._learn(record, event)
+        self._learn(record, event, offset)
         while len(self) > self.max_tasks:
             self._forget(self._history or self._tasks)
         return record
 
-    def _learn(self, record: Record, event: TaskEvent) -> None:
-        """What only the `queued` event says of its task."""
+    def _learn(self, record: Record, event: TaskEvent, offset: int | None) -> None:
+        """What only the `queued` event (read at `offset`) says of its task."""
         if event.type is not EventType.QUEUED:
             return
         record.input_digest = event.input_digest
         record.streamed = bool(event.streamed)
-        if event.idempotency_key is not None and record.idempotency_key is None:
-            record.idempotency_key = event.idempotency_key
-            self._idempotent[(record.owner, event.idempotency_key)] = event.task_id
+        key = event.idempotency_key
+        if key is None:
+            return
+        record.idempotency_key = key
+        # The first task in stream order holds the key, on every gateway alike. Two made
+        # with it at the same moment through two gateways (neither had read the other's
+        # `queued` yet) both run, but a retry gets the same one wherever it goes.
+        at = math.inf if offset is None else offset
+        holder = self._idempotent.get((record.owner, key))
+        if holder is not None and holder[0] == event.task_id:
+            self._idempotent[(record.owner, key)] = (event.task_id, min(at, holder[1]))
+        elif holder is None or at < holder[1]:
+            self._idempotent[(record.owner, key)] = (event.task_id, at)
 
     def _arrived(self, task_id: str, record: Record) -> None:
         for future in self._arrivals.pop(task_id, []):
@@ -312,4 +329,7 @@ class TaskTable:
         """Forgets the oldest task of `tasks`."""
         _, old = tasks.popitem(last=False)
         if old.idempotency_key is not None:
-            self._idempotent.pop((old.owner, old.idempotency_key), None)
+            key = (old.owner, old.idempotency_key)
+            holder = self._idempotent.get(key)
+            if holder is not None and holder[0] == old.status.id:
+                del self._idempotent[key]

@@ -704,6 +704,40 @@ def test_an_idempotency_key_reused_for_another_request_is_422(client: httpx.Clie
     assert client.get(f"/v1/tasks/{task_id}").json()["task"] == "echo"
 
 
+def test_one_idempotency_key_used_at_once_through_two_gateways_means_one_task_on_both() -> None:
+    """Two requests with one key at the same moment through two gateways, before either
+    has read the other's `queued` event, make two tasks. Afterwards both gateways give
+    a retry the same one: the first in stream order (before, each gave the one it read
+    last, so a retry's answer depended on the gateway it reached)."""
+    from contracts.events import EventType, TaskEvent
+    from gateway.tasktable import TaskTable
+
+    def queued(task_id: str) -> TaskEvent:
+        return TaskEvent(type=EventType.QUEUED, task_id=task_id, task="echo", idempotency_key="k")
+
+    first, second = TaskTable(10), TaskTable(10)
+    first.expect(queued("a"))
+    second.expect(queued("b"))
+    for table in (first, second):
+        table.apply(10, queued("b"))
+        table.apply(11, queued("a"))
+    for table in (first, second):
+        holder = table.by_idempotency_key(None, "k")
+        assert holder is not None
+        assert holder.status.id == "b"
+    # a full table forgets the oldest task first: here the one that lost the key (it
+    # was queued here before the other was read), which leaves the key to its holder
+    full = TaskTable(2)
+    full.expect(queued("a"))
+    full.apply(10, queued("b"))
+    full.apply(11, queued("a"))
+    full.apply(12, TaskEvent(type=EventType.QUEUED, task_id="c", task="echo"))
+    assert full.get("a") is None
+    holder = full.by_idempotency_key(None, "k")
+    assert holder is not None
+    assert holder.status.id == "b"
+
+
 def test_the_same_idempotency_key_returns_the_same_task(make_stack) -> None:
     stack: Stack = make_stack(TIMEBOX_API_KEYS="k1,k2")
     stack.gateway()
