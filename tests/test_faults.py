@@ -648,7 +648,7 @@ def test_sigterm_lets_a_worker_finish_its_task_and_hand_back_the_rest(make_stack
 def test_sigterm_to_a_gateway_ends_its_streams_cleanly(make_stack) -> None:
     stack: Stack = make_stack()
     gateway = stack.gateway()
-    stack.worker(1)
+    worker = stack.worker(1)
     with stack.client() as client:
         task_id = client.post("/v1/tasks/burn_cpu", json={"seconds": 20}).json()["id"]
     following, ended = threading.Event(), threading.Event()
@@ -675,6 +675,7 @@ def test_sigterm_to_a_gateway_ends_its_streams_cleanly(make_stack) -> None:
     assert gateway.popen.wait(15) in (0, -signal.SIGTERM)
     gateway.wait_for_line("Application shutdown complete")
     gateway.stop()  # its log read to the end
+    worker.signal(signal.SIGKILL)  # its task is no concern here: not waited for
     assert gateway.count("lost the connection") == 0  # its own close is no loss
     assert gateway.count("stopped reading the event stream") == 0
     assert "succeeded" not in kinds  # the stream ended early, without an error
