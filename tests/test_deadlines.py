@@ -282,7 +282,7 @@ def test_a_streaming_client_that_comes_back_and_leaves_again_cancels_after_the_g
 def test_a_streamed_task_watched_and_left_elsewhere_stays_with_its_client(make_stack) -> None:
     """Someone else following a streamed task's events through another gateway, and
     leaving, does not cancel it while its own client still streams it."""
-    stack: Stack = make_stack(TIMEBOX_STREAM_GRACE="0.5")
+    stack: Stack = make_stack(TIMEBOX_STREAM_GRACE="1")
     first, second = stack.gateway(), stack.gateway()
     stack.worker(1)
     with _streamed(first.url, 4) as (task_id, _, events):
