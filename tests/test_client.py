@@ -16,6 +16,7 @@ from timebox_client import (
     AsyncClient,
     Client,
     DeadlineUnmeetable,
+    IdempotencyKeyReused,
     Overloaded,
     TaskCancelled,
     TaskFailed,
@@ -256,3 +257,8 @@ def test_refusals_come_back_as_typed_errors(make_stack) -> None:
         with pytest.raises(DeadlineUnmeetable) as refused:
             tb.submit("burn_cpu", {"seconds": 10}, request_timeout=2)
         assert refused.value.body["largest_input_that_fits"]["seconds"] < 2
+        first = tb.submit("echo", {"payload": 1}, idempotency_key="typed-errors")
+        assert tb.submit("echo", {"payload": 1}, idempotency_key="typed-errors").id == first.id
+        with pytest.raises(IdempotencyKeyReused) as reused:
+            tb.submit("echo", {"payload": 2}, idempotency_key="typed-errors")
+        assert reused.value.task_id == first.id

@@ -11,6 +11,7 @@ that resumes with `Last-Event-ID` after a dropped connection. Sync and async.
 from timebox_client.client import AsyncClient, Client
 from timebox_client.errors import (
     DeadlineUnmeetable,
+    IdempotencyKeyReused,
     Overloaded,
     ProblemError,
     TaskCancelled,
@@ -22,6 +23,7 @@ __all__ = [
     "AsyncClient",
     "Client",
     "DeadlineUnmeetable",
+    "IdempotencyKeyReused",
     "Overloaded",
     "ProblemError",
     "TaskCancelled",

@@ -5,7 +5,8 @@ ProblemError              any problem+json answer
  ├── TaskTimedOut         504: expired before it started, or aborted at its deadline
  ├── TaskCancelled        409: cancelled
  ├── Overloaded           503: refused for now; see `retry_after`
- └── DeadlineUnmeetable   422: this input cannot finish within the deadline
+ ├── DeadlineUnmeetable   422: this input cannot finish within the deadline
+ └── IdempotencyKeyReused 422: the key was used for another input; see `task_id`
 """
 
 from __future__ import annotations
@@ -55,6 +56,14 @@ class DeadlineUnmeetable(ProblemError):
     pass
 
 
+class IdempotencyKeyReused(ProblemError):
+    @property
+    def task_id(self) -> str | None:
+        """The task the key was used for."""
+        task_id = self.body.get("task_id")
+        return task_id if isinstance(task_id, str) else None
+
+
 def raise_for_problem(response: httpx.Response) -> None:
     if response.status_code < 400:
         return
@@ -76,4 +85,6 @@ def raise_for_problem(response: httpx.Response) -> None:
         kind = Overloaded
     elif status == 422 and body.get("type") == "/problems/deadline-unmeetable":
         kind = DeadlineUnmeetable
+    elif status == 422 and body.get("type") == "/problems/idempotency-key-reused":
+        kind = IdempotencyKeyReused
     raise kind(status, body, response.headers)
