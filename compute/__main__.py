@@ -72,7 +72,7 @@ async def _serve(worker: Worker) -> None:
         )
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, worker.stop)
+        loop.add_signal_handler(sig, worker.stop, sig)
     await worker.run()
 
 

@@ -168,8 +168,30 @@ class Worker:
             await self._connection.close()
             log.info("worker %s stopped", self.name)
 
-    def stop(self) -> None:
-        self.stopping.set()
+    def stop(self, signum: int | None = None) -> None:
+        """The first time: take no new task, finish those running, then stop. The
+        second time (an operator's second Ctrl-C): stop at once, as a killed worker
+        does but saying so: the connection's end hands the running tasks' messages
+        back to their queues (another worker runs them if their deadlines allow), and
+        the fork server, told of our end, kills the tasks and what they started."""
+        if not self.stopping.is_set():
+            self.stopping.set()
+            if self.jobs:
+                latest = max(job.deadline.epoch_ms for job in self.jobs.values()) / 1000
+                log.info(
+                    "worker %s stopping: finishing %d running task(s), by %s at the latest "
+                    "(their deadline); a second signal stops them now and hands them back",
+                    self.name,
+                    len(self.jobs),
+                    time.strftime("%H:%M:%S", time.localtime(latest)),
+                )
+            return
+        log.warning(
+            "worker %s stopping now: %d running task(s) handed back to their queues",
+            self.name,
+            len(self.jobs),
+        )
+        os._exit(128 + signum if signum else 1)
 
     async def _connected(self) -> AbstractRobustConnection | None:
         """The broker connection, waited for until it answers; None if told to stop

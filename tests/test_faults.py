@@ -645,6 +645,30 @@ def test_sigterm_lets_a_worker_finish_its_task_and_hand_back_the_rest(make_stack
         assert_clean(stack, client, [running, waiting])
 
 
+def test_a_second_signal_stops_a_worker_at_once_and_hands_its_task_back(make_stack) -> None:
+    """Ctrl-C twice: the first says what the worker waits for (its running task, until
+    its deadline at the latest); the second stops it at once, where it used to be
+    ignored. Its processes end with it, and its task goes back to the queue, for the
+    next worker to run again."""
+    stack: Stack = make_stack()
+    stack.gateway()
+    worker = stack.worker(1)
+    with stack.client() as client:
+        task_id = client.post("/v1/tasks/burn_cpu", json={"seconds": 6}).json()["id"]
+        wait_for_event(client, task_id, "running")
+        processes = process_tree(worker.pid)[1:]  # its fork server and children
+        worker.signal(signal.SIGINT)
+        worker.wait_for_line(r"stopping: finishing 1 running task\(s\), by \d\d:\d\d:\d\d", 5)
+        worker.signal(signal.SIGINT)
+        assert worker.popen.wait(3) == 128 + signal.SIGINT
+        worker.stop()  # its log read to the end
+        assert worker.count("stopping now: 1 running task") == 1
+        wait_until(lambda: not any(alive(pid) for pid in processes), 5, "its processes to end")
+        stack.worker(1)
+        assert task_events(client, task_id)[-1][0] == "succeeded"
+        assert client.get(f"/v1/tasks/{task_id}").json()["attempts"] == 2
+
+
 def test_sigterm_to_a_gateway_ends_its_streams_cleanly(make_stack) -> None:
     stack: Stack = make_stack()
     gateway = stack.gateway()
