@@ -41,7 +41,7 @@ UP = b"up"
 def serve(sock: socket.socket, nice: int) -> None:
     forked: set[int] = set()
 
-    def end(signum: int, frame: FrameType | None) -> NoReturn:
+    def end() -> NoReturn:
         # each child would die with us (its own PR_SET_PDEATHSIG), but what its task
         # started would live on, orphaned to init once no subreaper is left
         for pid in forked:
@@ -49,7 +49,7 @@ def serve(sock: socket.socket, nice: int) -> None:
                 os.killpg(pid, signal.SIGKILL)
         os._exit(0)
 
-    signal.signal(signal.SIGTERM, end)
+    signal.signal(signal.SIGTERM, lambda signum, frame: end())  # the worker died
     worker = os.getppid()
     child.die_with_parent(worker, signal.SIGTERM)
     os.nice(nice)  # inherited by every child
@@ -102,7 +102,7 @@ def serve(sock: socket.socket, nice: int) -> None:
     while True:
         message, fds, _, _ = socket.recv_fds(sock, 64, 2)
         if not message:
-            end(signal.SIGTERM, None)  # the worker closed its end
+            end()  # the worker closed its end
         if message != FORK or len(fds) != 2:
             for fd in fds:
                 os.close(fd)
