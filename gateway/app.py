@@ -44,9 +44,9 @@ def create_app(
         metrics.TASKS_KNOWN.set_function(lambda: float(len(table)))
         admission = Admission(settings, broker, table, specs)
         watches = Watches(broker, table, settings.stream_grace)
-        app.state.services = Services(
-            settings, broker, table, eventlog, admission, Auth(settings), watches
-        )
+        table.listeners.append(watches.observe)
+        services = Services(settings, broker, table, eventlog, admission, Auth(settings), watches)
+        app.state.services = services
 
         async def connected() -> None:
             """Waits for the broker, then reads the event stream and keeps the queue
@@ -55,7 +55,11 @@ def create_app(
                 await broker.start()
                 await eventlog.start()
                 await DeadLetters(broker, table).start()
-                await watches.start()
+                await watches.start(
+                    services.cancel_quietly,
+                    # a stopping gateway's clients are on their way to another one
+                    lambda: broker.connected and eventlog.reading and not services.stopping.done(),
+                )
                 log.info("%s ready on namespace %r", broker.name, settings.namespace)
                 await admission.run()
             except Exception as exc:  # not the broker away (that is waited for): give up
@@ -66,17 +70,15 @@ def create_app(
         # stop, before it waits for the open requests: those that wait for a task answer
         # at once, and the event streams end, so that clients go on elsewhere
         loop = asyncio.get_running_loop()
-        app.state.begin_shutdown = lambda: loop.call_soon_threadsafe(
-            app.state.services.begin_shutdown
-        )
+        app.state.begin_shutdown = lambda: loop.call_soon_threadsafe(services.begin_shutdown)
         running = asyncio.create_task(connected())
-        streams = asyncio.create_task(app.state.services.end_streams_on_shutdown())
+        streams = asyncio.create_task(services.end_streams_on_shutdown())
         try:
             yield
         finally:
             await stop(running)
             await stop(streams)
-            await app.state.services.background.cancel()
+            await services.background.cancel()
             await watches.close()
             await eventlog.close()
             await broker.close()

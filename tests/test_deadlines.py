@@ -293,6 +293,97 @@ def test_a_streamed_task_watched_and_left_elsewhere_stays_with_its_client(make_s
     assert second.count(rf"burn_cpu {task_id} followed through another gateway") == 1
 
 
+@pytest.mark.parametrize("read_by", ["other-gateway", "restarted-gateway"])
+def test_a_streamed_task_whose_gateway_was_killed_is_cancelled_once_nobody_came_back(
+    make_stack, read_by: str
+) -> None:
+    """A gateway killed outright says nothing more, and its streaming client, cut off,
+    may come back through another gateway or not. One that does not has its task
+    cancelled two graces later by a gateway that reads the event stream, the only
+    gateway restarted included. Before, the task ran on to its deadline."""
+    stack: Stack = make_stack(TIMEBOX_STREAM_GRACE="1")
+    first = stack.gateway()
+    other = stack.gateway() if read_by == "other-gateway" else None
+    worker = stack.worker(1)
+    with _streamed(first.url, 40) as (task_id, _, _):
+        first.signal(signal.SIGKILL)
+        first.popen.wait(5)
+    killed_at = time.monotonic()
+    other = other or stack.gateway()
+    worker.wait_for_line(rf"cancelled burn_cpu {task_id}", 20)
+    assert time.monotonic() - killed_at < 15  # not its deadline, 60 s on
+    why = rf"cancel burn_cpu {task_id}: orphaned: no client followed its event stream"
+    assert other.count(why) == 1
+    with httpx.Client(base_url=other.url, timeout=30) as client:
+        assert client.get(f"/v1/tasks/{task_id}").json()["state"] == "cancelled"
+
+
+def test_the_orphan_rule_counts_every_follower_and_only_time_spent_listening(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A streamed task is an orphan after two graces with no client here, no notice of
+    one elsewhere, and no check of a client that left here; time not spent listening
+    for notices (the broker away) does not count."""
+    from contracts.events import EventType, TaskEvent
+    from gateway import watches as module
+    from gateway.tasktable import TaskTable
+
+    now = [1000.0]
+    monkeypatch.setattr(module.time, "monotonic", lambda: now[0])
+    table = TaskTable(10)
+    watches = module.Watches(None, table, grace=1.0)  # type: ignore[arg-type]
+    table.listeners.append(watches.observe)
+    deadline_ms = int((time.time() + 60) * 1000)
+    for task_id, streamed in (("s", True), ("plain", None)):
+        queued = TaskEvent(
+            type=EventType.QUEUED,
+            task_id=task_id,
+            task="burn_cpu",
+            deadline_ms=deadline_ms,
+            streamed=streamed,
+        )
+        table.apply(len(table), queued)
+    record = table.get("s")
+    assert record is not None
+
+    def orphans_at(t: float, listening: bool = True) -> list[str]:
+        now[0] = 1000.0 + t
+        return [orphan.status.id for orphan in watches.orphans(listening)]
+
+    assert orphans_at(0) == []
+    assert orphans_at(1.9) == []
+    record.watched_elsewhere = 1001.5  # another gateway's notice
+    assert orphans_at(3.4) == []
+    record.waiting = 1  # an RPC waits here
+    assert orphans_at(3.6) == []
+    record.waiting = 0
+    assert orphans_at(5.5) == []
+    assert orphans_at(5.7, listening=False) == []  # the broker away: the wait starts again
+    assert orphans_at(6.0) == []
+    record.abandon_check = True  # its client left here: that check decides
+    assert orphans_at(8.1) == []
+    record.abandon_check = False
+    assert orphans_at(8.1) == ["s"]  # and once only
+    assert orphans_at(20) == []
+
+
+def test_a_streaming_client_back_after_its_gateway_was_killed_keeps_its_task(
+    make_stack,
+) -> None:
+    """The gateway that a client came back to after its first one was killed serves
+    the task to it for longer than two graces: it is not taken for an orphan."""
+    stack: Stack = make_stack(TIMEBOX_STREAM_GRACE="1")
+    first, second = stack.gateway(), stack.gateway()
+    stack.worker(1)
+    with _streamed(first.url, 4) as (task_id, running, _):
+        first.signal(signal.SIGKILL)
+        first.popen.wait(5)
+    with httpx.Client(base_url=second.url, timeout=30) as client:
+        rest = task_events(client, task_id, last_event_id=running.id)
+    assert rest[-1][0] == "succeeded", rest[-1]
+    assert second.count("orphaned") == 0
+
+
 def test_an_rpc_with_an_idempotency_key_whose_client_drops_may_ask_again(make_stack) -> None:
     """An RPC whose connection drops (here: the client's own timeout) and that asks
     again with the same Idempotency-Key, through the same gateway or another, gets
