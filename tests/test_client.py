@@ -137,7 +137,9 @@ def test_an_event_stream_asked_of_a_gateway_not_yet_connected_comes_once_it_is(
         follower.join(30)
         assert not follower.is_alive()
         assert not failed, failed
-        assert [e.type.value for e in seen] == ["queued", "running", "succeeded"]
+        # (progress too, should a busy machine stretch its 0.2 s past a report's interval)
+        kinds = [e.type.value for e in seen if e.type.value != "progress"]
+        assert kinds == ["queued", "running", "succeeded"]
         refused = late.count(r"/events HTTP/1.1\" 503")
         assert refused == 0 if gateway_waits else refused >= 1
     finally:
