@@ -151,6 +151,7 @@ async def _wait(
     stopping = svc.stopping  # shared: not to be cancelled here
     waits: set[asyncio.Future[Any]] = {ended, gone, stopping}
     record.waiting += 1
+    svc.watches.await_(record)
     if record.idempotency_key is not None:
         svc.watches.follow(record, tell=False)  # said at once by submit, if a retry
     try:
@@ -174,6 +175,7 @@ async def _wait(
         return Response(status_code=499)
     if stopping in done or bound < remaining:
         # the task runs on; its Location can be followed through another gateway
+        svc.watches.release(record)
         return accepted(svc, record)
     return outcome_response(record.status)
 

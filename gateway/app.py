@@ -45,6 +45,8 @@ def create_app(
         admission = Admission(settings, broker, table, specs)
         watches = Watches(broker, table, settings.stream_grace)
         table.listeners.append(watches.observe)
+        metrics.TIED_TASKS.labels("stream").set_function(lambda: float(watches.tied[0]))
+        metrics.TIED_TASKS.labels("rpc-elsewhere").set_function(lambda: float(watches.tied[1]))
         services = Services(settings, broker, table, eventlog, admission, Auth(settings), watches)
         app.state.services = services
 

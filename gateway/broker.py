@@ -206,12 +206,11 @@ class Broker:
         # costs a worker's poll interval
         await self._notice(WorkNotice(task=task), WORK_TYPE, self.topology.work_exchange, task)
 
-    async def send_watch_notice(self, task_ids: list[str]) -> None:
+    async def send_watch_notice(self, notice: WatchNotice) -> None:
         """Tells the other gateways that this one serves these tasks to clients (see
         gateway/watches.py). Unconfirmed: if one is lost, the next comes half a grace
         later; a client that came back here within the grace may find its task
         cancelled only if every notice of a whole grace is lost."""
-        notice = WatchNotice(task_ids=task_ids)
         await self._notice(notice, WATCH_TYPE, self.topology.gateways_exchange, "")
 
     async def _notice(

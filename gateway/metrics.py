@@ -36,6 +36,13 @@ BROKER_CONNECTED = Gauge(
     "timebox_broker_connected",
     "1 while connected to RabbitMQ, both to publish and to read the event stream",
 )
+TIED_TASKS = Gauge(
+    "timebox_gateway_tied_tasks",
+    "Unended tasks this gateway cancels as orphaned once no client has followed them "
+    "through any gateway for two graces: submitted as a stream, or RPCs another gateway "
+    "said it waits for (as of its last look, every half grace)",
+    ["tie"],
+)
 TASKS_KNOWN = Gauge("timebox_tasks_known", "Tasks in this gateway's table")
 EVENTS_READ = Counter(
     "timebox_gateway_events_read",

@@ -8,7 +8,24 @@ with the same key), and may leave that one too. So every gateway says which such
 it serves on `{ns}.gateways` (each gateway has its own queue bound there): at once when
 a client starts following a task there, and again every half grace while one does. A
 gateway whose client left cancels the task only after a whole grace in which no client
-followed it there and no other gateway said it serves it."""
+followed it there and no other gateway said it serves it.
+
+A gateway that crashes says nothing more: its clients lose their connections, and
+may come back elsewhere or not. So every gateway also looks after the streamed tasks
+it knows (`orphans`): one that no client has followed, here or (by the notices) on any
+other gateway, for two graces is cancelled as orphaned. Two graces: a gateway whose
+own client left decides after one, and a live one's notices, one every half grace,
+must all be lost for a task it serves to be cancelled.
+
+An RPC's task is its client's too, and a client cut off by its gateway's crash cannot
+come back without an Idempotency-Key (it does not know the task's id). Each notice
+also lists the RPCs waiting on that gateway (`awaited`), and those it stopped waiting
+for while they run on (`released`: a `Prefer: wait=N` bound passed, or the gateway is
+stopping, and the client got a `202`), repeated for two graces. A gateway that heard
+that an RPC was awaited, and has heard nothing of it since for two graces (and was
+listening all along), cancels it as orphaned. Without word of it, an RPC is never
+cancelled: a task whose gateway crashed within half a grace of its start, or with no
+other gateway alive, runs on to its end."""
 
 from __future__ import annotations
 
@@ -41,7 +58,19 @@ class Watches:
         # streamed tasks that have not ended, and when a client was last seen following
         # each (time.monotonic()); filled from the event stream by `observe`
         self._streamed: dict[Record, float] = {}
+        # RPCs waited for here (whose waits the notices list), those no longer waited
+        # for while they run on (task id: when), and those that other gateways said
+        # they wait for (when last said)
+        self._awaited: set[Record] = set()
+        self._released: dict[str, float] = {}
+        self._awaited_elsewhere: dict[Record, float] = {}
+        self._releasing = False
         self._listening_since: float | None = None
+
+    @property
+    def tied(self) -> tuple[int, int]:
+        """How many streamed tasks, and RPCs awaited elsewhere, are looked after."""
+        return len(self._streamed), len(self._awaited_elsewhere)
 
     def observe(self, record: Record, event: TaskEvent) -> None:
         """A table listener: every streamed task read live, or queued here."""
@@ -69,6 +98,30 @@ class Watches:
 
     async def close(self) -> None:
         await self._sending.cancel()
+        if self._released:  # the waits this stopping gateway answered with a `202`
+            await self._send_notice()
+
+    def await_(self, record: Record) -> None:
+        """An RPC starts waiting for `record`'s task here."""
+        self._awaited.add(record)
+        self._released.pop(record.status.id, None)
+
+    def release(self, record: Record) -> None:
+        """An RPC stopped waiting for `record`'s task, which runs on: its client got a
+        `202`. The other gateways hear of it at once (in one notice with the others
+        released at the same moment: a stopping gateway releases all its RPCs), and
+        again with every notice for two graces."""
+        if record in self._awaited and not record.status.state.terminal:
+            self._released[record.status.id] = time.monotonic()
+            if not self._releasing:
+                self._releasing = True
+                self._sending.spawn(self._send_released())
+        self._awaited.discard(record)
+
+    async def _send_released(self) -> None:
+        await asyncio.sleep(0)  # the other RPCs answered at this moment
+        self._releasing = False
+        await self._send_notice()
 
     def follow(self, record: Record, *, tell: bool = True) -> None:
         """A client starts following `record`'s task here (its events, or an RPC's wait
@@ -81,7 +134,8 @@ class Watches:
         now = time.monotonic()
         if tell and now - record.told_watched >= self.grace / 2:
             record.told_watched = now
-            self._sending.spawn(self.broker.send_watch_notice([record.status.id]))
+            notice = WatchNotice(task_ids=[record.status.id])
+            self._sending.spawn(self.broker.send_watch_notice(notice))
 
     def followed_elsewhere(self, record: Record) -> bool:
         """Whether another gateway said within the last grace that it serves the task."""
@@ -91,51 +145,72 @@ class Watches:
         """Every half grace, one notice of the tasks that a client follows here."""
         while True:
             await asyncio.sleep(self.renew_every)
-            for record in list(self._followed):
+            await self._send_notice()
+
+    async def _send_notice(self) -> None:
+        for tasks in (self._followed, self._awaited):
+            for record in list(tasks):
                 if record.status.state.terminal or not (record.subscribers or record.waiting):
-                    self._followed.discard(record)
-            if self._followed:
-                task_ids = [record.status.id for record in self._followed]
-                await self.broker.send_watch_notice(task_ids)
+                    tasks.discard(record)
+        oldest = time.monotonic() - self.orphaned_after
+        for task_id, at in list(self._released.items()):
+            if at < oldest:
+                del self._released[task_id]
+        if self._followed or self._awaited or self._released:
+            await self.broker.send_watch_notice(
+                WatchNotice(
+                    task_ids=[record.status.id for record in self._followed],
+                    awaited=[record.status.id for record in self._awaited],
+                    released=list(self._released),
+                )
+            )
 
     async def _sweep(
         self,
         cancel: Callable[[Record, str], Awaitable[None]],
         listening: Callable[[], bool],
     ) -> None:
-        why = (
-            f"orphaned: no client followed its event stream through any gateway for "
-            f"{self.orphaned_after:g} s (its gateway may have stopped)"
-        )
         while True:
             await asyncio.sleep(self.renew_every)
             for record in self.orphans(listening()):
-                await cancel(record, why)
+                how = "event stream" if record.streamed else "RPC"
+                await cancel(
+                    record,
+                    f"orphaned: no client followed its {how} through any gateway for "
+                    f"{self.orphaned_after:g} s (its gateway may have stopped)",
+                )
 
     def orphans(self, listening: bool) -> list[Record]:
-        """The streamed tasks no client has followed anywhere for `orphaned_after`
-        seconds of listening for notices; those that ended are forgotten."""
+        """The streamed tasks, and the RPCs awaited elsewhere, that no client has
+        followed anywhere for `orphaned_after` seconds of listening for notices; those
+        that ended are forgotten."""
         now = time.monotonic()
         if not listening:  # notices may be missed: the wait starts again once back
             self._listening_since = None
+            self._awaited_elsewhere.clear()  # and a `released` may be among them
             return []
         if self._listening_since is None:
             self._listening_since = now
-        orphans = []
-        for record, followed in list(self._streamed.items()):
-            deadline = record.status.deadline
-            if record.status.state.terminal or (deadline and deadline.timestamp() < time.time()):
-                del self._streamed[record]
-            elif record.subscribers or record.waiting:
-                self._streamed[record] = now
-            elif record.abandon_check:
-                pass  # its client left here: that check decides, after one grace
-            elif now - max(followed, record.watched_elsewhere, self._listening_since) >= (
-                self.orphaned_after
-            ):
-                del self._streamed[record]
-                orphans.append(record)
-        return orphans
+        orphans: dict[Record, None] = {}
+        for tied in (self._streamed, self._awaited_elsewhere):
+            for record, followed in list(tied.items()):
+                deadline = record.status.deadline
+                if record.status.state.terminal or (
+                    deadline and deadline.timestamp() < time.time()
+                ):
+                    del tied[record]
+                elif record.subscribers or record.waiting:
+                    tied[record] = now
+                elif record.abandon_check:
+                    pass  # its client left here: that check decides, after one grace
+                elif now - max(followed, record.watched_elsewhere, self._listening_since) >= (
+                    self.orphaned_after
+                ):
+                    orphans[record] = None
+        for record in orphans:
+            self._streamed.pop(record, None)
+            self._awaited_elsewhere.pop(record, None)
+        return list(orphans)
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         if message.app_id == self.broker.name:
@@ -150,3 +225,11 @@ class Watches:
             record = self.table.get(task_id)
             if record is not None:
                 record.watched_elsewhere = now
+        for task_id in notice.awaited:
+            record = self.table.get(task_id)
+            if record is not None and not record.status.state.terminal:
+                self._awaited_elsewhere[record] = now
+        for task_id in notice.released:
+            record = self.table.get(task_id)
+            if record is not None:
+                self._awaited_elsewhere.pop(record, None)

@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from types import SimpleNamespace
 
 import aio_pika
 import httpx
@@ -20,6 +21,7 @@ from tests.conftest import Stack
 from tests.harness import (
     alive,
     messages_ready,
+    metric,
     process_tree,
     task_events,
     tree_cpu,
@@ -323,7 +325,9 @@ def test_the_orphan_rule_counts_every_follower_and_only_time_spent_listening(
 ) -> None:
     """A streamed task is an orphan after two graces with no client here, no notice of
     one elsewhere, and no check of a client that left here; time not spent listening
-    for notices (the broker away) does not count."""
+    for notices (the broker away) does not count. Another task is one only once a
+    notice said that an RPC waits for it elsewhere, and not after one said the RPC
+    let it run on, or after a time not listening in which that could have been said."""
     from contracts.events import EventType, TaskEvent
     from gateway import watches as module
     from gateway.tasktable import TaskTable
@@ -331,7 +335,8 @@ def test_the_orphan_rule_counts_every_follower_and_only_time_spent_listening(
     now = [1000.0]
     monkeypatch.setattr(module.time, "monotonic", lambda: now[0])
     table = TaskTable(10)
-    watches = module.Watches(None, table, grace=1.0)  # type: ignore[arg-type]
+    broker = SimpleNamespace(name="gateway me")
+    watches = module.Watches(broker, table, grace=1.0)  # type: ignore[arg-type]
     table.listeners.append(watches.observe)
     deadline_ms = int((time.time() + 60) * 1000)
     for task_id, streamed in (("s", True), ("plain", None)):
@@ -366,6 +371,26 @@ def test_the_orphan_rule_counts_every_follower_and_only_time_spent_listening(
     assert orphans_at(8.1) == ["s"]  # and once only
     assert orphans_at(20) == []
 
+    # An RPC's task: only after word that a client waits for it on another gateway
+    from contracts.messages import WatchNotice
+
+    def hear(t: float, **lists: list[str]) -> None:
+        now[0] = 1000.0 + t
+        body = WatchNotice(task_ids=[], **lists).model_dump_json().encode()
+        message = SimpleNamespace(app_id="gateway other", body=body)
+        asyncio.run(watches._on_message(message))  # type: ignore[arg-type]
+
+    assert orphans_at(30) == []  # "plain": never said to be awaited
+    hear(30, awaited=["plain"])
+    assert orphans_at(31.9) == []
+    assert orphans_at(32.0) == ["plain"]
+    hear(40, awaited=["plain"])
+    hear(40.5, released=["plain"])  # it answered 202: the task runs on
+    assert orphans_at(50) == []
+    hear(51, awaited=["plain"])
+    assert orphans_at(51.5, listening=False) == []  # a `released` may have been missed
+    assert orphans_at(60) == []
+
 
 def test_a_streaming_client_back_after_its_gateway_was_killed_keeps_its_task(
     make_stack,
@@ -381,6 +406,84 @@ def test_a_streaming_client_back_after_its_gateway_was_killed_keeps_its_task(
     with httpx.Client(base_url=second.url, timeout=30) as client:
         rest = task_events(client, task_id, last_event_id=running.id)
     assert rest[-1][0] == "succeeded", rest[-1]
+    assert second.count("orphaned") == 0
+
+
+def _rpc_in_background(url: str, seconds: float, **headers: str) -> list[httpx.Response]:
+    """A `burn_cpu` RPC sent from a thread: its answer, if it gets one, lands in the
+    list returned."""
+    answers: list[httpx.Response] = []
+
+    def call() -> None:
+        with contextlib.suppress(httpx.HTTPError):
+            answers.append(
+                httpx.post(
+                    f"{url}/v1/tasks/burn_cpu",
+                    json={"seconds": seconds},
+                    headers={"Prefer": "wait", **headers},
+                    timeout=60,
+                )
+            )
+
+    threading.Thread(target=call, daemon=True).start()
+    return answers
+
+
+def _awaited_elsewhere(client: httpx.Client) -> float:
+    return metric(client.get("/metrics").text, "timebox_gateway_tied_tasks", tie="rpc-elsewhere")
+
+
+def test_an_rpc_whose_gateway_was_killed_is_cancelled_by_a_gateway_told_it_was_awaited(
+    make_stack,
+) -> None:
+    """An RPC's client cut off by its gateway's death cannot come back (it does not
+    know the task's id): another gateway, told by the notices that the RPC was waited
+    for, cancels it two graces after the word stopped. Before, it ran to its deadline."""
+    stack: Stack = make_stack(TIMEBOX_STREAM_GRACE="1")
+    first, second = stack.gateway(), stack.gateway()
+    worker = stack.worker(1)
+    _rpc_in_background(first.url, 40)
+    with httpx.Client(base_url=second.url, timeout=10) as client:
+        wait_until(lambda: _awaited_elsewhere(client) == 1, 10, "word of the waiting RPC")
+        first.signal(signal.SIGKILL)
+        first.popen.wait(5)
+        killed_at = time.monotonic()
+        line = worker.wait_for_line(r"cancelled burn_cpu [0-9a-f-]{36}", 20)
+        assert time.monotonic() - killed_at < 15  # not its deadline, 60 s on
+        task_id = line.split("cancelled burn_cpu ")[1][:36]
+        wait_until(
+            lambda: client.get(f"/v1/tasks/{task_id}").json()["state"] == "cancelled",
+            5,
+            "the cancelled event",
+        )
+    why = rf"cancel burn_cpu {task_id}: orphaned: no client followed its RPC"
+    assert second.count(why) == 1
+
+
+@pytest.mark.parametrize("why", ["wait-bound", "gateway-stopping"])
+def test_an_rpc_answered_202_runs_on_after_its_gateway_is_gone(make_stack, why: str) -> None:
+    """An RPC that stopped waiting and got a `202` (its `Prefer: wait=N` bound passed,
+    or its gateway was told to stop) is no longer tied to its client: the other
+    gateways hear that it was released, and do not take it for an orphan once its
+    gateway is gone."""
+    stack: Stack = make_stack(TIMEBOX_STREAM_GRACE="1")
+    first, second = stack.gateway(), stack.gateway()
+    worker = stack.worker(1)
+    bound = {"Prefer": "wait=2"} if why == "wait-bound" else {}
+    answers = _rpc_in_background(first.url, 8, **bound)
+    with httpx.Client(base_url=second.url, timeout=10) as client:
+        wait_until(lambda: _awaited_elsewhere(client) == 1, 10, "word of the waiting RPC")
+        if why == "gateway-stopping":
+            first.signal(signal.SIGTERM)
+        wait_until(lambda: answers, 10, "the 202")
+        assert answers[0].status_code == 202, answers[0].text
+        task_id = answers[0].json()["id"]
+        wait_until(lambda: _awaited_elsewhere(client) == 0, 10, "word of the release")
+        first.signal(signal.SIGKILL)
+        first.popen.wait(5)
+        # watched through the worker: a client following it here would keep it anyway
+        line = worker.wait_for_line(rf"(succeeded|cancelled) burn_cpu {task_id}", 30)
+        assert f"succeeded burn_cpu {task_id}" in line, line
     assert second.count("orphaned") == 0
 
 
