@@ -93,9 +93,13 @@ class Stack:
         return self.gateways[0].url
 
     def gateway(self, port: int | None = None, **env: str) -> Gateway:
-        g = Gateway(f"gateway{len(self.gateways)}", {**self.env, **env}, self.log_dir, port)
+        """A gateway, ready once its URL is first used; one on a port given (a restart
+        on the port its clients know) is ready on return."""
+        name, env = f"gateway{len(self.gateways)}", {**self.env, **env}
+        g = Gateway(name, env, self.log_dir, port, ready_on_use=port is None)
         self.gateways.append(g)
-        g.wait_ready()
+        if port is not None:
+            g.wait_ready()
         return g
 
     def worker(self, concurrency: int = 2, *extra: str, **env: str) -> Worker:
@@ -110,7 +114,10 @@ class Stack:
         return httpx.Client(base_url=self.gateways[index].url, timeout=timeout)
 
     def stop(self) -> None:
-        for p in [*self.workers, *self.gateways]:
+        procs = [*self.workers, *self.gateways]
+        for p in procs:  # all at once: each takes a moment to stop
+            p.terminate()
+        for p in procs:
             p.stop()
 
 

@@ -63,6 +63,7 @@ class Proc:
         )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
+        self._terminated = False
 
     @property
     def pid(self) -> int:
@@ -107,9 +108,15 @@ class Proc:
         with contextlib.suppress(ProcessLookupError):
             self.popen.send_signal(sig)
 
+    def terminate(self) -> None:
+        """SIGTERM, once (a worker takes a second one as: stop at once)."""
+        if not self._terminated and self.popen.poll() is None:
+            self._terminated = True
+            self.signal(signal.SIGTERM)
+
     def stop(self, timeout: float = 10.0) -> int:
         if self.popen.poll() is None:
-            self.signal(signal.SIGTERM)
+            self.terminate()
             try:
                 self.popen.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -129,19 +136,30 @@ class Gateway(Proc):
         log_dir: Path,
         port: int | None = None,
         cwd: Path | None = None,
+        ready_on_use: bool = False,
     ) -> None:
         self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self._url = f"http://127.0.0.1:{self.port}"
+        # waited for at the first use of its URL: what starts meanwhile (a worker, another
+        # gateway) starts alongside it
+        self._wait_on_use = ready_on_use
         super().__init__(
             name, [sys.executable, "-m", "gateway", "--port", str(self.port)], env, log_dir, cwd
         )
 
+    @property
+    def url(self) -> str:
+        if self._wait_on_use:
+            self.wait_ready()
+        return self._url
+
     def wait_ready(self, timeout: float = 20.0) -> None:
+        self._wait_on_use = False
         self.wait_for_line(r"Uvicorn running|Application startup complete", timeout)
         end = time.monotonic() + timeout
         while True:  # readiness also needs the event stream read up to now
             with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                if httpx.get(f"{self._url}/readyz", timeout=2).status_code == 200:
                     return
             if time.monotonic() > end:
                 raise AssertionError(f"{self.name} never became ready")
