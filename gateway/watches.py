@@ -25,12 +25,19 @@ stopping, and the client got a `202`), repeated for two graces. A gateway that h
 that an RPC was awaited, and has heard nothing of it since for two graces (and was
 listening all along), cancels it as orphaned. Without word of it, an RPC is never
 cancelled: a task whose gateway crashed within half a grace of its start, or with no
-other gateway alive, runs on to its end."""
+other gateway alive, runs on to its end.
+
+Listening means more than being connected: a gateway sends a notice every half grace
+even with nothing to say, and hears its own come back. While they do not (a memory or
+disk alarm holds every publisher, the other gateways' notices too; a link to the
+broker that went silent), it judges no task an orphan, and starts counting again once
+they do."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 
@@ -66,6 +73,8 @@ class Watches:
         self._awaited_elsewhere: dict[Record, float] = {}
         self._releasing = False
         self._listening_since: float | None = None
+        self._heard_self = -math.inf  # when its own last notice came back
+        self._deaf_said = False
 
     @property
     def tied(self) -> tuple[int, int]:
@@ -156,14 +165,14 @@ class Watches:
         for task_id, at in list(self._released.items()):
             if at < oldest:
                 del self._released[task_id]
-        if self._followed or self._awaited or self._released:
-            await self.broker.send_watch_notice(
-                WatchNotice(
-                    task_ids=[record.status.id for record in self._followed],
-                    awaited=[record.status.id for record in self._awaited],
-                    released=list(self._released),
-                )
+        # sent even when empty: its coming back says that notices get through
+        await self.broker.send_watch_notice(
+            WatchNotice(
+                task_ids=[record.status.id for record in self._followed],
+                awaited=[record.status.id for record in self._awaited],
+                released=list(self._released),
             )
+        )
 
     async def _sweep(
         self,
@@ -185,7 +194,17 @@ class Watches:
         followed anywhere for `orphaned_after` seconds of listening for notices; those
         that ended are forgotten."""
         now = time.monotonic()
-        if not listening:  # notices may be missed: the wait starts again once back
+        hearing = now - self._heard_self < self.orphaned_after / 2
+        if listening and not hearing and not self._deaf_said and self._heard_self > -math.inf:
+            self._deaf_said = True
+            log.warning(
+                "its own watch notices do not come back (a broker alarm?): no task is "
+                "judged orphaned until they do"
+            )
+        elif hearing and self._deaf_said:
+            self._deaf_said = False
+            log.info("its own watch notices come back again")
+        if not (listening and hearing):  # notices may be missed: the wait starts again
             self._listening_since = None
             self._awaited_elsewhere.clear()  # and a `released` may be among them
             return []
@@ -214,7 +233,8 @@ class Watches:
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         if message.app_id == self.broker.name:
-            return  # its own: its subscribers are counted where they are
+            self._heard_self = time.monotonic()  # its subscribers are counted where they are
+            return
         try:
             notice = WatchNotice.model_validate_json(message.body)
         except ValidationError as exc:

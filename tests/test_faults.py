@@ -573,6 +573,35 @@ def test_a_cancel_whose_publish_is_not_confirmed_is_finished_by_the_gateway(
         assert_clean(stack, client, [busy.json()["id"], task_id])
 
 
+def test_a_broker_alarm_longer_than_two_graces_leaves_every_followed_task_alone(
+    make_stack, amqp_url
+) -> None:
+    """During a memory alarm no gateway's watch notices get through. A gateway that
+    does not hear its own come back judges no task an orphan: otherwise it would take
+    the streamed task a client follows through another gateway for one, once the alarm
+    had lasted two graces, and cancel it when the alarm ends."""
+    if not _local_broker(amqp_url):
+        pytest.skip("needs the local broker and rabbitmqctl")
+    stack: Stack = make_stack(TIMEBOX_STREAM_GRACE="1")
+    first, second = stack.gateway(), stack.gateway()
+    stack.worker(1)
+    with (
+        httpx.Client(base_url=first.url, timeout=30) as client,
+        connect_sse(client, "POST", "/v1/tasks/burn_cpu", json={"seconds": 6}) as source,
+    ):
+        events = source.iter_sse()
+        assert next(events).event == "queued"
+        assert next(events).event == "running"
+        with _memory_alarm(stack.amqp_url):
+            second.wait_for_line("its own watch notices do not come back", 15)
+            # what is checked is that nothing happens: the alarm lasts over two graces
+            time.sleep(2.5)
+        kinds = [event.event for event in events if event.data]
+    assert kinds[-1] == "succeeded", kinds
+    second.wait_for_line("its own watch notices come back again", 15)
+    assert first.count("cancel burn_cpu") + second.count("cancel burn_cpu") == 0
+
+
 def test_a_task_that_expires_in_the_queue_during_an_alarm_is_announced_after_it(
     make_stack, amqp_url
 ) -> None:
