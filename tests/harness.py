@@ -143,6 +143,7 @@ class Gateway(Proc):
         # waited for at the first use of its URL: what starts meanwhile (a worker, another
         # gateway) starts alongside it
         self._wait_on_use = ready_on_use
+        self._first_use = threading.Lock()  # the other users of its URL wait for the first
         super().__init__(
             name, [sys.executable, "-m", "gateway", "--port", str(self.port)], env, log_dir, cwd
         )
@@ -150,11 +151,15 @@ class Gateway(Proc):
     @property
     def url(self) -> str:
         if self._wait_on_use:
-            self.wait_ready()
+            with self._first_use:
+                if self._wait_on_use:
+                    try:
+                        self.wait_ready()
+                    finally:
+                        self._wait_on_use = False
         return self._url
 
     def wait_ready(self, timeout: float = 20.0) -> None:
-        self._wait_on_use = False
         self.wait_for_line(r"Uvicorn running|Application startup complete", timeout)
         end = time.monotonic() + timeout
         while True:  # readiness also needs the event stream read up to now
