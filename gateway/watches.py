@@ -206,7 +206,10 @@ class Watches:
             log.info("its own watch notices come back again")
         if not (listening and hearing):  # notices may be missed: the wait starts again
             self._listening_since = None
-            self._awaited_elsewhere.clear()  # and a `released` may be among them
+            # and a `released` may be among them; not so for a gateway just started,
+            # whose first notice cannot have come back by its first sweep
+            if not listening or self._heard_self > -math.inf:
+                self._awaited_elsewhere.clear()
             return []
         if self._listening_since is None:
             self._listening_since = now

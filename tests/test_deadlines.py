@@ -412,6 +412,47 @@ def test_the_orphan_rule_counts_every_follower_and_only_time_spent_listening(
     assert orphans_at(60) == []
 
 
+def test_word_of_an_awaited_rpc_heard_before_a_new_gateway_first_hears_itself_is_kept(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A gateway just started sweeps before its first notice can have come back: that
+    is not a spell of notices lost, and what it heard meanwhile (an RPC awaited on a
+    gateway that then dies) still counts once it hears itself. Before, that first sweep
+    forgot it, and the RPC ran on to its deadline."""
+    from contracts.events import EventType, TaskEvent
+    from contracts.messages import WatchNotice
+    from gateway import watches as module
+    from gateway.tasktable import TaskTable
+
+    now = [1000.0]
+    monkeypatch.setattr(module.time, "monotonic", lambda: now[0])
+    table = TaskTable(10)
+    watches = module.Watches(SimpleNamespace(name="gateway me"), table, grace=1.0)  # type: ignore[arg-type]
+    queued = TaskEvent(
+        type=EventType.QUEUED,
+        task_id="rpc",
+        task="burn_cpu",
+        deadline_ms=int((time.time() + 60) * 1000),
+    )
+    table.apply(0, queued)
+
+    def hear(t: float, sender: str, notice: WatchNotice) -> None:
+        now[0] = 1000.0 + t
+        message = SimpleNamespace(app_id=sender, body=notice.model_dump_json().encode())
+        asyncio.run(watches._on_message(message))  # type: ignore[arg-type]
+
+    hear(0.2, "gateway other", WatchNotice(task_ids=[], awaited=["rpc"]))
+    now[0] = 1000.5
+    assert watches.orphans(True) == []  # its own first notice is not back yet
+    assert watches.tied == (0, 1)
+    for t in (0.51, 1.5, 2.5):  # its own notices come back: it listens from 1.0 on
+        hear(t, "gateway me", WatchNotice(task_ids=[]))
+        now[0] = 1000.0 + t + 0.49
+        assert watches.orphans(True) == []
+    now[0] = 1003.0  # two graces listening, no word of it since 0.2
+    assert [record.status.id for record in watches.orphans(True)] == ["rpc"]
+
+
 def _rpc_in_background(url: str, seconds: float, **headers: str) -> list[httpx.Response]:
     """A `burn_cpu` RPC sent from a thread: its answer, if it gets one, lands in the
     list returned."""
