@@ -21,11 +21,13 @@ An RPC's task is its client's too, and a client cut off by its gateway's crash c
 come back without an Idempotency-Key (it does not know the task's id). Each notice
 also lists the RPCs waiting on that gateway (`awaited`), and those it stopped waiting
 for while they run on (`released`: a `Prefer: wait=N` bound passed, or the gateway is
-stopping, and the client got a `202`), repeated for two graces. A gateway that heard
-that an RPC was awaited, and has heard nothing of it since for two graces (and was
-listening all along), cancels it as orphaned. Without word of it, an RPC is never
-cancelled: a task whose gateway crashed within half a grace of its start, or with no
-other gateway alive, runs on to its end.
+stopping, and the client got a `202`), repeated for two graces. A new wait is told
+within `TELL_WAITS_WITHIN` (one notice for all the waits begun meanwhile, and none if
+they have all ended), not at the next renewal: a gateway killed by a burst of requests
+dies soon after they came. A gateway that heard that an RPC was awaited, and has heard
+nothing of it since for two graces (and was listening all along), cancels it as
+orphaned. Without word of it, an RPC is never cancelled: a task whose gateway crashed
+within that tenth of a second, or with no other gateway alive, runs on to its end.
 
 Listening means more than being connected: a gateway sends a notice every half grace
 even with nothing to say, and hears its own come back. While they do not (a memory or
@@ -52,6 +54,8 @@ from gateway.tasktable import Record, TaskTable
 
 log = logging.getLogger("timebox.gateway.watches")
 
+TELL_WAITS_WITHIN = 0.1  # seconds
+
 
 class Watches:
     def __init__(self, broker: Broker, table: TaskTable, grace: float) -> None:
@@ -72,6 +76,9 @@ class Watches:
         self._released: dict[str, float] = {}
         self._awaited_elsewhere: dict[Record, float] = {}
         self._releasing = False
+        self._untold: set[Record] = set()  # waits begun since the last notice
+        self._telling = False
+        self.tell_waits_within = min(TELL_WAITS_WITHIN, self.renew_every)
         self._listening_since: float | None = None
         self._heard_self = -math.inf  # when its own last notice came back
         self._deaf_said = False
@@ -114,6 +121,18 @@ class Watches:
         """An RPC starts waiting for `record`'s task here."""
         self._awaited.add(record)
         self._released.pop(record.status.id, None)
+        self._untold.add(record)
+        if not self._telling:
+            self._telling = True
+            self._sending.spawn(self._tell_waits())
+
+    async def _tell_waits(self) -> None:
+        await asyncio.sleep(self.tell_waits_within)
+        self._telling = False
+        if any(record.waiting and not record.status.state.terminal for record in self._untold):
+            await self._send_notice()
+        else:  # all answered already (an echo takes milliseconds): nothing to tell
+            self._untold.clear()
 
     def release(self, record: Record) -> None:
         """An RPC stopped waiting for `record`'s task, which runs on: its client got a
@@ -157,6 +176,7 @@ class Watches:
             await self._send_notice()
 
     async def _send_notice(self) -> None:
+        self._untold.clear()
         for tasks in (self._followed, self._awaited):
             for record in list(tasks):
                 if record.status.state.terminal or not (record.subscribers or record.waiting):

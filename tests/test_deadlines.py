@@ -504,6 +504,23 @@ def test_an_rpc_whose_gateway_was_killed_is_cancelled_by_a_gateway_told_it_was_a
     assert second.count(why) == 1
 
 
+def test_word_of_a_new_rpc_reaches_the_other_gateways_at_once_not_at_the_next_renewal(
+    make_stack,
+) -> None:
+    """A gateway killed by a burst of requests dies soon after they came: the other
+    gateways hear of each new wait within a tenth of a second, so that they can cancel
+    its task. Before, word came with the next renewal, up to half a grace later (here
+    10 s), and an RPC whose gateway died sooner ran to its deadline."""
+    stack: Stack = make_stack(TIMEBOX_STREAM_GRACE="20")
+    first, second = stack.gateway(), stack.gateway()
+    stack.worker(1)
+    with httpx.Client(base_url=second.url, timeout=10) as client:
+        assert _awaited_elsewhere(client) == 0
+        answers = _rpc_in_background(first.url, 3)
+        wait_until(lambda: _awaited_elsewhere(client) == 1, 3, "word of the waiting RPC")
+        assert not answers
+
+
 def test_rpcs_answered_202_run_on_after_their_gateway_is_gone(make_stack) -> None:
     """An RPC that stopped waiting and got a `202` (its `Prefer: wait=N` bound passed,
     or its gateway was told to stop) is no longer tied to its client: the other
