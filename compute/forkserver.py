@@ -12,8 +12,11 @@ what they started end with it, so none outlives the worker.
 
 Each child leads a process group of its own, so that what its task starts (an
 external program, a multiprocessing pool) is signalled with it; when a child ends,
-the rest of its group is killed before it is reaped. The server is a child subreaper:
-such processes, orphaned, are reaped here.
+the rest of its group is killed before it is reaped. A program that leaves the group
+(a daemon's `setsid`, `start_new_session=True`) is found by the mark in its
+environment, which every program a child's tasks start inherits, and killed once
+the child has ended. The server is a child subreaper: such processes, orphaned, are
+reaped here. (Only a cgroup would hold a program that also drops its environment.)
 
 `python -m compute.forkserver FD NICE` runs the server on socket FD."""
 
@@ -33,6 +36,40 @@ from compute import child
 FORK = b"fork"
 EXIT = b"exit"
 UP = b"up"
+TASK_MARK = "TIMEBOX_TASK_PROCESS"  # =<the child's pid>, in what its tasks start
+
+
+def _marked(marks: set[bytes]) -> list[int]:
+    """The live processes with one of `marks` in their environment (a zombie's reads
+    empty)."""
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/environ", "rb") as f:
+                environ = f.read()
+        except OSError:  # ended meanwhile, or not ours to read
+            continue
+        if not marks.isdisjoint(environ.split(b"\0")):
+            found.append(int(name))
+    return found
+
+
+def kill_started_by(children: set[int]) -> None:
+    """SIGKILLs what the tasks of `children` (ended) started and left the children's
+    process groups; again until none is found, so that one that forked meanwhile is
+    killed too."""
+    if not children or not os.path.isdir("/proc"):
+        return
+    marks = {b"%s=%d" % (TASK_MARK.encode(), pid) for pid in children}
+    for _ in range(10):
+        found = _marked(marks)
+        if not found:
+            return
+        for pid in found:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
 
 
 # -- the server process ---------------------------------------------------------------
@@ -47,6 +84,7 @@ def serve(sock: socket.socket, nice: int) -> None:
         for pid in forked:
             with contextlib.suppress(OSError):
                 os.killpg(pid, signal.SIGKILL)
+        kill_started_by(forked)
         os._exit(0)
 
     signal.signal(signal.SIGTERM, lambda signum, frame: end())  # the worker died
@@ -95,6 +133,7 @@ def serve(sock: socket.socket, nice: int) -> None:
         cpu = usage.ru_utime + usage.ru_stime
         with contextlib.suppress(OSError):
             sock.send(b"%s %d %d %.6f" % (EXIT, pid, code, cpu))
+        kill_started_by({pid})  # after the report: the worker's slot need not wait
         return True
 
     signal.signal(signal.SIGCHLD, reap)
@@ -117,6 +156,7 @@ def serve(sock: socket.socket, nice: int) -> None:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD, signal.SIGTERM})
             # a group of its own: a kill reaches whatever its task started as well
             os.setpgid(0, 0)
+            os.environ[TASK_MARK] = str(os.getpid())
             sock.close()
             os.dup2(fds[0], 0)
             os.dup2(fds[1], 1)

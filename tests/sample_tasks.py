@@ -77,6 +77,7 @@ def chatty(inp: ChattyInput, ctx: TaskContext) -> Nothing:
 class SpawnInput(BaseModel):
     model_config = ConfigDict(extra="forbid")
     ignore_term: bool = False  # the task itself survives SIGTERM (only SIGKILL ends it)
+    new_session: bool = False  # the program leaves the task's process group (setsid)
 
 
 def spawn(inp: SpawnInput, ctx: TaskContext) -> Nothing:
@@ -87,7 +88,8 @@ def spawn(inp: SpawnInput, ctx: TaskContext) -> Nothing:
             sys.executable,
             "-c",
             "import signal\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nwhile True: pass",
-        ]
+        ],
+        start_new_session=inp.new_session,
     )
     ctx._sink(0.5, f"pid {burner.pid}")  # at once: progress() holds early reports back
     end = time.monotonic() + 60

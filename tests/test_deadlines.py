@@ -634,15 +634,23 @@ def test_a_killed_worker_leaves_no_child_behind(make_stack) -> None:
     wait_until(lambda: not any(alive(p) for p in children), 5, "the children to die")
 
 
-@pytest.mark.parametrize("ignore_term", [False, True], ids=["task-ends", "task-ignores-sigterm"])
+@pytest.mark.parametrize(
+    ("ignore_term", "new_session"),
+    [(False, False), (True, False), (False, True)],
+    ids=["task-ends", "task-ignores-sigterm", "program-in-a-session-of-its-own"],
+)
 def test_what_a_task_started_dies_with_it_at_the_deadline(
-    client: httpx.Client, ignore_term: bool
+    client: httpx.Client, ignore_term: bool, new_session: bool
 ) -> None:
     """A task that runs an external program (here one that ignores SIGTERM and burns
     CPU): killing the task at its deadline kills the program too, whether the task
-    ends on SIGTERM or only on SIGKILL, rather than leaving it to burn CPU for nobody."""
+    ends on SIGTERM or only on SIGKILL, and whether the program stayed in the task's
+    process group or left it (`start_new_session`, a daemon's `setsid`), rather than
+    leaving it to burn CPU for nobody."""
     task_id = client.post(
-        "/v1/tasks/spawn", headers={"Request-Timeout": "2"}, json={"ignore_term": ignore_term}
+        "/v1/tasks/spawn",
+        headers={"Request-Timeout": "2"},
+        json={"ignore_term": ignore_term, "new_session": new_session},
     ).json()["id"]
     events = task_events(client, task_id)
     said = next(data["message"] for kind, data, _ in events if kind == "progress")
@@ -656,15 +664,22 @@ def test_what_a_task_started_dies_with_it_at_the_deadline(
             os.kill(burner, signal.SIGKILL)
 
 
-def test_what_a_task_started_dies_with_its_worker_even_a_sigkilled_one(make_stack) -> None:
+@pytest.mark.parametrize("new_session", [False, True], ids=["in-its-group", "own-session"])
+def test_what_a_task_started_dies_with_its_worker_even_a_sigkilled_one(
+    make_stack, new_session: bool
+) -> None:
     """A worker killed outright (SIGKILL, the OOM killer) takes its fork server and its
-    tasks with it, and the programs those tasks started too: they would be orphaned
-    to init and burn CPU for nobody."""
+    tasks with it, and the programs those tasks started too (in the task's process
+    group or not): they would be orphaned to init and burn CPU for nobody."""
     stack: Stack = make_stack()
     stack.gateway()
     worker = stack.worker(1)
     with stack.client() as client:
-        created = client.post("/v1/tasks/spawn", headers={"Request-Timeout": "30"}, json={})
+        created = client.post(
+            "/v1/tasks/spawn",
+            headers={"Request-Timeout": "30"},
+            json={"new_session": new_session},
+        )
         said = wait_for_event(client, created.json()["id"], "progress")["message"]
     assert isinstance(said, str)
     burner = int(said.split()[1])
