@@ -43,9 +43,10 @@ class WatchNotice(BaseModel):
     to a client (their event streams, or RPCs retried with their Idempotency-Key): at
     once when it starts, then every half grace for those a client may abandon. A
     client that lost its connection to another gateway may have come back here, and
-    that gateway must not cancel its task as abandoned. Every half grace it also lists
-    the RPCs waiting there, and those it answered `202` while they run on: should it
-    die, the other gateways cancel the tasks of the RPCs it had (gateway/watches.py)."""
+    that gateway must not cancel its task as abandoned. Every half grace (and within
+    0.1 s of a new wait) it also lists the RPCs waiting there, and those it answered
+    `202` while they run on: should it die, the other gateways cancel the tasks of the
+    RPCs it had (gateway/watches.py)."""
 
     model_config = READER
 
