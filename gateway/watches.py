@@ -21,9 +21,9 @@ An RPC's task is its client's too, and a client cut off by its gateway's crash c
 come back without an Idempotency-Key (it does not know the task's id). Each notice
 also lists the RPCs waiting on that gateway (`awaited`), and those it stopped waiting
 for while they run on (`released`: a `Prefer: wait=N` bound passed, or the gateway is
-stopping, and the client got a `202`), repeated for two graces. A new wait is told
-within `TELL_WAITS_WITHIN` (one notice for all the waits begun meanwhile, and none if
-they have all ended), not at the next renewal: a gateway killed by a burst of requests
+stopping, and the client got a `202`), repeated for two graces. A new wait or release
+is told within `TELL_WITHIN` (one notice for all those of that moment, and none if the
+waits have all ended), not at the next renewal: a gateway killed by a burst of requests
 dies soon after they came. A gateway that heard that an RPC was awaited, and has heard
 nothing of it since for two graces (and was listening all along), cancels it as
 orphaned. Without word of it, an RPC is never cancelled: a task whose gateway crashed
@@ -54,7 +54,7 @@ from gateway.tasktable import Record, TaskTable
 
 log = logging.getLogger("timebox.gateway.watches")
 
-TELL_WAITS_WITHIN = 0.1  # seconds
+TELL_WITHIN = 0.1  # seconds
 
 
 class Watches:
@@ -75,10 +75,10 @@ class Watches:
         self._awaited: set[Record] = set()
         self._released: dict[str, float] = {}
         self._awaited_elsewhere: dict[Record, float] = {}
-        self._releasing = False
-        self._untold: set[Record] = set()  # waits begun since the last notice
+        # waits begun, and whether a wait was released, since the last notice
+        self._untold: set[Record] = set()
+        self._untold_release = False
         self._telling = False
-        self.tell_waits_within = min(TELL_WAITS_WITHIN, self.renew_every)
         self._listening_since: float | None = None
         self._heard_self = -math.inf  # when its own last notice came back
         self._deaf_said = False
@@ -122,34 +122,33 @@ class Watches:
         self._awaited.add(record)
         self._released.pop(record.status.id, None)
         self._untold.add(record)
+        self._tell_soon()
+
+    def _tell_soon(self) -> None:
         if not self._telling:
             self._telling = True
-            self._sending.spawn(self._tell_waits())
+            self._sending.spawn(self._tell())
 
-    async def _tell_waits(self) -> None:
-        await asyncio.sleep(self.tell_waits_within)
+    async def _tell(self) -> None:
+        await asyncio.sleep(TELL_WITHIN)
         self._telling = False
-        if any(record.waiting and not record.status.state.terminal for record in self._untold):
+        if self._untold_release or any(
+            record.waiting and not record.status.state.terminal for record in self._untold
+        ):
             await self._send_notice()
-        else:  # all answered already (an echo takes milliseconds): nothing to tell
+        else:  # the waits were all answered already (an echo takes milliseconds)
             self._untold.clear()
 
     def release(self, record: Record) -> None:
         """An RPC stopped waiting for `record`'s task, which runs on: its client got a
-        `202`. The other gateways hear of it at once (in one notice with the others
-        released at the same moment: a stopping gateway releases all its RPCs), and
-        again with every notice for two graces."""
+        `202`. The other gateways hear of it within `TELL_WITHIN` (in one notice with
+        the others released at the same moment: a stopping gateway releases all its
+        RPCs), and again with every notice for two graces."""
         if record in self._awaited and not record.status.state.terminal:
             self._released[record.status.id] = time.monotonic()
-            if not self._releasing:
-                self._releasing = True
-                self._sending.spawn(self._send_released())
+            self._untold_release = True
+            self._tell_soon()
         self._awaited.discard(record)
-
-    async def _send_released(self) -> None:
-        await asyncio.sleep(0)  # the other RPCs answered at this moment
-        self._releasing = False
-        await self._send_notice()
 
     def follow(self, record: Record, *, tell: bool = True) -> None:
         """A client starts following `record`'s task here (its events, or an RPC's wait
@@ -177,6 +176,7 @@ class Watches:
 
     async def _send_notice(self) -> None:
         self._untold.clear()
+        self._untold_release = False
         for tasks in (self._followed, self._awaited):
             for record in list(tasks):
                 if record.status.state.terminal or not (record.subscribers or record.waiting):

@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Iterator
 from types import SimpleNamespace
+from typing import Any
 
 import aio_pika
 import httpx
@@ -332,6 +333,40 @@ def test_a_streamed_task_whose_gateway_was_killed_is_cancelled_once_nobody_came_
     assert other.count(rf"cancel burn_cpu {back_id}") == 0
 
 
+def _watches_on_a_fake_clock(
+    monkeypatch: pytest.MonkeyPatch, streamed: dict[str, bool | None]
+) -> tuple[Any, Any, list[float]]:
+    """A gateway's watches (grace 1 s, named "gateway me", no broker) on a clock that
+    reads `now[0]` (from 1000.0), and its table with a queued `burn_cpu` task for each
+    id of `streamed`, submitted as a stream or not."""
+    from contracts.events import EventType, TaskEvent
+    from gateway import watches as module
+    from gateway.tasktable import TaskTable
+
+    now = [1000.0]
+    monkeypatch.setattr(module.time, "monotonic", lambda: now[0])
+    table = TaskTable(10)
+    watches = module.Watches(SimpleNamespace(name="gateway me"), table, grace=1.0)  # type: ignore[arg-type]
+    table.listeners.append(watches.observe)
+    deadline_ms = int((time.time() + 60) * 1000)
+    for task_id, is_streamed in streamed.items():
+        queued = TaskEvent(
+            type=EventType.QUEUED,
+            task_id=task_id,
+            task="burn_cpu",
+            deadline_ms=deadline_ms,
+            streamed=is_streamed,
+        )
+        table.apply(len(table), queued)
+    return watches, table, now
+
+
+def _deliver(watches: Any, sender: str, body: bytes) -> None:
+    """A watch notice as it comes off the gateways exchange."""
+    message = SimpleNamespace(app_id=sender, body=body)
+    asyncio.run(watches._on_message(message))
+
+
 def test_the_orphan_rule_counts_every_follower_and_only_time_spent_listening(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -341,34 +376,14 @@ def test_the_orphan_rule_counts_every_follower_and_only_time_spent_listening(
     Another task is one only once a
     notice said that an RPC waits for it elsewhere, and not after one said the RPC
     let it run on, or after a time not listening in which that could have been said."""
-    from contracts.events import EventType, TaskEvent
-    from gateway import watches as module
-    from gateway.tasktable import TaskTable
-
-    now = [1000.0]
-    monkeypatch.setattr(module.time, "monotonic", lambda: now[0])
-    table = TaskTable(10)
-    broker = SimpleNamespace(name="gateway me")
-    watches = module.Watches(broker, table, grace=1.0)  # type: ignore[arg-type]
-    table.listeners.append(watches.observe)
-    deadline_ms = int((time.time() + 60) * 1000)
-    for task_id, streamed in (("s", True), ("plain", None)):
-        queued = TaskEvent(
-            type=EventType.QUEUED,
-            task_id=task_id,
-            task="burn_cpu",
-            deadline_ms=deadline_ms,
-            streamed=streamed,
-        )
-        table.apply(len(table), queued)
+    watches, table, now = _watches_on_a_fake_clock(monkeypatch, {"s": True, "plain": None})
     record = table.get("s")
     assert record is not None
 
     def orphans_at(t: float, listening: bool = True, own_back: bool = True) -> list[str]:
         now[0] = 1000.0 + t
         if own_back:  # its own notice has just come back: notices get through
-            own = SimpleNamespace(app_id="gateway me", body=b"{}")
-            asyncio.run(watches._on_message(own))  # type: ignore[arg-type]
+            _deliver(watches, "gateway me", b"{}")
         return [orphan.status.id for orphan in watches.orphans(listening)]
 
     assert orphans_at(0) == []
@@ -396,9 +411,9 @@ def test_the_orphan_rule_counts_every_follower_and_only_time_spent_listening(
 
     def hear(t: float, **lists: list[str]) -> None:
         now[0] = 1000.0 + t
-        body = WatchNotice(task_ids=[], **lists).model_dump_json().encode()
-        message = SimpleNamespace(app_id="gateway other", body=body)
-        asyncio.run(watches._on_message(message))  # type: ignore[arg-type]
+        _deliver(
+            watches, "gateway other", WatchNotice(task_ids=[], **lists).model_dump_json().encode()
+        )
 
     assert orphans_at(30) == []  # "plain": never said to be awaited
     hear(30, awaited=["plain"])
@@ -419,27 +434,13 @@ def test_word_of_an_awaited_rpc_heard_before_a_new_gateway_first_hears_itself_is
     is not a spell of notices lost, and what it heard meanwhile (an RPC awaited on a
     gateway that then dies) still counts once it hears itself. Before, that first sweep
     forgot it, and the RPC ran on to its deadline."""
-    from contracts.events import EventType, TaskEvent
     from contracts.messages import WatchNotice
-    from gateway import watches as module
-    from gateway.tasktable import TaskTable
 
-    now = [1000.0]
-    monkeypatch.setattr(module.time, "monotonic", lambda: now[0])
-    table = TaskTable(10)
-    watches = module.Watches(SimpleNamespace(name="gateway me"), table, grace=1.0)  # type: ignore[arg-type]
-    queued = TaskEvent(
-        type=EventType.QUEUED,
-        task_id="rpc",
-        task="burn_cpu",
-        deadline_ms=int((time.time() + 60) * 1000),
-    )
-    table.apply(0, queued)
+    watches, _, now = _watches_on_a_fake_clock(monkeypatch, {"rpc": None})
 
     def hear(t: float, sender: str, notice: WatchNotice) -> None:
         now[0] = 1000.0 + t
-        message = SimpleNamespace(app_id=sender, body=notice.model_dump_json().encode())
-        asyncio.run(watches._on_message(message))  # type: ignore[arg-type]
+        _deliver(watches, sender, notice.model_dump_json().encode())
 
     hear(0.2, "gateway other", WatchNotice(task_ids=[], awaited=["rpc"]))
     now[0] = 1000.5
