@@ -80,7 +80,10 @@ def serve(sock: socket.socket, nice: int) -> None:
 
     def end() -> NoReturn:
         # each child would die with us (its own PR_SET_PDEATHSIG), but what its task
-        # started would live on, orphaned to init once no subreaper is left
+        # started would live on, orphaned to init once no subreaper is left. No reap
+        # may run meanwhile: it would take a child out of `forked` under the loop (a
+        # RuntimeError that skipped the rest, seen in CI) or before its programs died
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD, signal.SIGTERM})
         for pid in forked:
             with contextlib.suppress(OSError):
                 os.killpg(pid, signal.SIGKILL)
@@ -101,8 +104,9 @@ def serve(sock: socket.socket, nice: int) -> None:
     def reap(signum: int, frame: FrameType | None) -> None:
         # Python runs a handler between any two bytecodes, this one's included: a
         # SIGCHLD during it would reap the child it looks at under its feet. Held back
-        # until it is done, it runs the handler again, so none is missed.
-        held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
+        # until it is done, it runs the handler again, so none is missed. So is a
+        # SIGTERM: `end` would miss the programs of a child taken out of `forked`.
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD, signal.SIGTERM})
         try:
             while _reap_one():
                 pass
