@@ -61,6 +61,17 @@ def table(title: str, header: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(out)
 
 
+def cpu_bound(cpu_ms: dict[str, float | None], cores: int | None) -> str:
+    """The most tasks a second these cores could do if they did nothing but this: with
+    the CPU every process spends on one task, and with RabbitMQ's alone."""
+    if not cores or any(v is None for v in cpu_ms.values()):
+        return "-"
+    total = sum(v for v in cpu_ms.values() if v is not None)
+    broker = cpu_ms.get("rabbitmq")
+    bounds = [cores * 1000 / ms if ms else None for ms in (total, broker)]
+    return " / ".join("-" if b is None else f"{b:,.0f}/s" for b in bounds)
+
+
 def report(results: dict[str, Any]) -> str:
     parts = []
     o = results["overload"]
@@ -132,6 +143,11 @@ def report(results: dict[str, Any]) -> str:
                         "-" if v is None else f"{v} ms"
                         for v in t["echo_rpc"]["cpu_ms_per_call"].values()
                     ),
+                ],
+                [
+                    f"at most, from that CPU on {results['machine']['cores']} cores: "
+                    "all four / RabbitMQ alone",
+                    cpu_bound(t["echo_rpc"]["cpu_ms_per_call"], results["machine"]["cores"]),
                 ],
                 [
                     "echo RPC, the same, a worker that only pulls",
