@@ -61,6 +61,10 @@ def table(title: str, header: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(out)
 
 
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value}%"
+
+
 def cpu_bound(cpu_ms: dict[str, float | None], cores: int | None) -> str:
     """The most tasks a second these cores could do if they did nothing but this: with
     the CPU every process spends on one task, and with RabbitMQ's alone."""
@@ -86,9 +90,10 @@ def report(results: dict[str, Any]) -> str:
                     r["on_time"],
                     f"{r['goodput_pct']}%",
                     f"{r['goodput_second_half_pct']}%",
+                    _pct(r.get("second_half_slots_ceiling_pct")),
                     r["refused_503"],
                     f"{r['wasted_cpu_pct']}%",
-                    "-" if r.get("worker_loop_cpu_pct") is None else f"{r['worker_loop_cpu_pct']}%",
+                    _pct(r.get("worker_loop_cpu_pct")),
                 ]
             )
     parts.append(
@@ -103,6 +108,7 @@ def report(results: dict[str, Any]) -> str:
                 "on time",
                 "goodput",
                 "2nd half",
+                "(most the CPU left allows)",
                 "503",
                 "wasted CPU",
                 "of it, worker loop",

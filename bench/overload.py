@@ -5,6 +5,7 @@ the deadline. Goodput counts answers that arrive within it."""
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -12,7 +13,7 @@ from typing import Any
 import aiohttp
 import httpx
 
-from bench.stack import Baseline, Stack
+from bench.stack import Baseline, CpuMeter, Stack
 from compute.pool import cpu_seconds_of
 from tests.harness import tree_cpu
 
@@ -42,6 +43,8 @@ class Target:
     body: dict[str, Any] | None = None
     params: dict[str, Any] | None = None
     headers: dict[str, str] = field(default_factory=dict)
+    # the CPU of the processes beside the tasks' own, read over the window's second half
+    beside: CpuMeter | None = None
 
 
 async def open_loop(target: Target, rate: float, window: float) -> list[Result]:
@@ -83,10 +86,24 @@ async def open_loop(target: Target, rate: float, window: float) -> list[Result]:
     return results
 
 
+def slots_ceiling_pct(beside_ms_per_s: dict[str, float | None]) -> float | None:
+    """The most the slots can do, as % of capacity, with the CPU the other processes
+    leave them on this machine's cores."""
+    if not beside_ms_per_s or any(v is None for v in beside_ms_per_s.values()):
+        return None
+    left = (os.cpu_count() or SLOTS) * 1000 - sum(v or 0.0 for v in beside_ms_per_s.values())
+    return round(100 * max(0.0, min(SLOTS * 1000, left)) / (SLOTS * 1000), 1)
+
+
 def summarize(
-    results: list[Result], window: float, cpu: float, root_cpu: float | None = None
+    results: list[Result],
+    window: float,
+    cpu: float,
+    root_cpu: float | None = None,
+    beside_ms_per_s: dict[str, float | None] | None = None,
 ) -> dict[str, Any]:
-    """`root_cpu`: the worker process's own share of `cpu` (its loop), where it counts."""
+    """`root_cpu`: the worker process's own share of `cpu` (its loop), where it counts;
+    `beside_ms_per_s`: the CPU the processes beside the tasks spent in the second half."""
     on_time = [r for r in results if r.status == 200 and r.latency <= DEADLINE]
     late_half = [r for r in on_time if r.sent_at >= window / 2]
     useful = sum(r.cpu or 0.0 for r in on_time)
@@ -106,19 +123,36 @@ def summarize(
         "worker_loop_cpu_pct": (
             round(100 * root_cpu / cpu, 1) if root_cpu is not None and cpu > 0 else None
         ),
+        "second_half_beside_tasks_cpu_ms_per_s": beside_ms_per_s,
+        "second_half_slots_ceiling_pct": slots_ceiling_pct(beside_ms_per_s or {}),
     }
 
 
 async def _measure(target: Target, rate: float, window: float, drain: float) -> dict[str, Any]:
     before, root_before = tree_cpu(target.pid, target.include_root), cpu_seconds_of(target.pid)
-    results = await open_loop(target, rate, window)
+    beside: dict[str, float | None] | None = None
+    if target.beside is None:
+        results = await open_loop(target, rate, window)
+    else:
+        results, beside = await asyncio.gather(
+            open_loop(target, rate, window), _second_half(target.beside, window)
+        )
     await asyncio.sleep(max(0.0, drain - DEADLINE))  # the same wall interval for everyone
     cpu = tree_cpu(target.pid, target.include_root) - before
     root_after = cpu_seconds_of(target.pid)  # the worker's own loop, where it counts
     root = None
     if target.include_root and root_before is not None and root_after is not None:
         root = root_after - root_before
-    return summarize(results, window, cpu, root)
+    return summarize(results, window, cpu, root, beside)
+
+
+async def _second_half(meter: CpuMeter, window: float) -> dict[str, float | None]:
+    """Milliseconds of CPU a second each process beside the tasks spent in the second
+    half of the window, the steady state of the load."""
+    await asyncio.sleep(window / 2)
+    meter.start()
+    await asyncio.sleep(window / 2)
+    return meter.ms_per(window / 2)
 
 
 def run(window: float, drain: float, baseline_loads: tuple[int, ...] = MULTIPLES) -> dict[str, Any]:
@@ -133,6 +167,9 @@ def run(window: float, drain: float, baseline_loads: tuple[int, ...] = MULTIPLES
             "cpu_measured_until_s_after_window": drain,
             "client": "open loop, waits for the answer, gives up at the deadline",
             "baseline_loads": [f"{m}x" for m in baseline_loads],
+            "second_half_slots_ceiling": "the cores' CPU left to the slots by the processes "
+            "beside the tasks' own (HTTP server, worker loop, RabbitMQ, load generator) in "
+            "the window's second half, as % of capacity: the most its goodput can reach",
         },
         "systems": {},
     }
@@ -150,6 +187,7 @@ def run(window: float, drain: float, baseline_loads: tuple[int, ...] = MULTIPLES
             include_root=True,
             body=body,
             headers={"Prefer": "wait", "Request-Timeout": str(DEADLINE)},
+            beside=CpuMeter.beside_tasks(gateway.pid, worker.pid),
         )
         out["systems"]["timebox"] = {
             f"{m}x": asyncio.run(_measure(target, CAPACITY * m, window, drain)) for m in MULTIPLES
@@ -167,6 +205,7 @@ def run(window: float, drain: float, baseline_loads: tuple[int, ...] = MULTIPLES
                     app.pid,
                     include_root=False,
                     params={"seconds": TASK_SECONDS},
+                    beside=CpuMeter.beside_tasks(app.pid, None),
                 )
                 out["systems"][name][f"{m}x"] = asyncio.run(
                     _measure(target, CAPACITY * m, window, drain)

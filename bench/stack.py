@@ -68,6 +68,19 @@ class CpuMeter:
             }
         )
 
+    @classmethod
+    def beside_tasks(cls, server_pid: int, worker_pid: int | None) -> CpuMeter:
+        """What shares the cores with the tasks' own processes: the HTTP server, the
+        worker's own loop (not its children), RabbitMQ and the load generator."""
+        readers: dict[str, Callable[[], float | None] | None] = {
+            "server": lambda: cpu_seconds_of(server_pid)
+        }
+        if worker_pid is not None:
+            readers["worker_loop"] = lambda: cpu_seconds_of(worker_pid)
+        readers["rabbitmq"] = broker_cpu()
+        readers["load_generator"] = _own_cpu
+        return cls(readers)
+
     def start(self) -> None:
         self._start = {k: read() if read else None for k, read in self._readers.items()}
 
