@@ -86,9 +86,11 @@ async def open_loop(target: Target, rate: float, window: float) -> list[Result]:
     return results
 
 
-def slots_ceiling_pct(beside_ms_per_s: dict[str, float | None]) -> float | None:
-    """The most the slots can do, as % of capacity, with the CPU the other processes
-    leave them on this machine's cores."""
+def cpu_left_for_slots_pct(beside_ms_per_s: dict[str, float | None]) -> float | None:
+    """The CPU the other processes leave the slots on this machine's cores, as % of
+    capacity. Under a backlog the slots are busy throughout, and the second half's
+    goodput cannot go much above it; without one (1x) they idle now and then, and
+    their work spreads into the seconds after the window, so it does not bound it."""
     if not beside_ms_per_s or any(v is None for v in beside_ms_per_s.values()):
         return None
     left = (os.cpu_count() or SLOTS) * 1000 - sum(v or 0.0 for v in beside_ms_per_s.values())
@@ -124,7 +126,7 @@ def summarize(
             round(100 * root_cpu / cpu, 1) if root_cpu is not None and cpu > 0 else None
         ),
         "second_half_beside_tasks_cpu_ms_per_s": beside_ms_per_s,
-        "second_half_slots_ceiling_pct": slots_ceiling_pct(beside_ms_per_s or {}),
+        "second_half_cpu_left_for_slots_pct": cpu_left_for_slots_pct(beside_ms_per_s or {}),
     }
 
 
@@ -167,9 +169,10 @@ def run(window: float, drain: float, baseline_loads: tuple[int, ...] = MULTIPLES
             "cpu_measured_until_s_after_window": drain,
             "client": "open loop, waits for the answer, gives up at the deadline",
             "baseline_loads": [f"{m}x" for m in baseline_loads],
-            "second_half_slots_ceiling": "the cores' CPU left to the slots by the processes "
-            "beside the tasks' own (HTTP server, worker loop, RabbitMQ, load generator) in "
-            "the window's second half, as % of capacity: the most its goodput can reach",
+            "second_half_cpu_left_for_slots": "the cores' CPU left to the slots by the "
+            "processes beside the tasks' own (HTTP server, worker loop, RabbitMQ, load "
+            "generator) in the window's second half, as % of capacity: under a backlog, "
+            "about the most the second half's goodput can reach",
         },
         "systems": {},
     }
