@@ -234,6 +234,20 @@ def plot(results: dict[str, Any], path: Path) -> None:
             color=line[0].get_color(),
             label=f"{system}, 2nd half of the window",
         )
+    timebox = results["overload"]["systems"].get("timebox", {})
+    left = {
+        int(k.rstrip("x")): r.get("second_half_cpu_left_for_slots_pct") for k, r in timebox.items()
+    }
+    if left and all(v is not None for v in left.values()):
+        ax.plot(
+            list(left),
+            list(left.values()),
+            marker="_",
+            markersize=14,
+            linestyle="none",
+            color="black",
+            label="timebox, CPU left for the slots in the 2nd half",
+        )
     ax.axhline(90, color="grey", linestyle=":", linewidth=1, label="target: 90 %")
     ax.set_xlabel("offered load (x capacity)")
     ax.set_ylabel("goodput: answers within the deadline (% of capacity)")
