@@ -86,14 +86,17 @@ async def open_loop(target: Target, rate: float, window: float) -> list[Result]:
     return results
 
 
-def cpu_left_for_slots_pct(beside_ms_per_s: dict[str, float | None]) -> float | None:
+def cpu_left_for_slots_pct(
+    beside_ms_per_s: dict[str, float | None], cores: int | None = None
+) -> float | None:
     """The CPU the other processes leave the slots on this machine's cores, as % of
     capacity. Under a backlog the slots are busy throughout, and the second half's
     goodput cannot go much above it; without one (1x) they idle now and then, and
     their work spreads into the seconds after the window, so it does not bound it."""
     if not beside_ms_per_s or any(v is None for v in beside_ms_per_s.values()):
         return None
-    left = (os.cpu_count() or SLOTS) * 1000 - sum(v or 0.0 for v in beside_ms_per_s.values())
+    cores = cores or os.cpu_count() or SLOTS
+    left = cores * 1000 - sum(v or 0.0 for v in beside_ms_per_s.values())
     return round(100 * max(0.0, min(SLOTS * 1000, left)) / (SLOTS * 1000), 1)
 
 
@@ -157,8 +160,14 @@ async def _second_half(meter: CpuMeter, window: float) -> dict[str, float | None
     return meter.ms_per(window / 2)
 
 
-def run(window: float, drain: float, baseline_loads: tuple[int, ...] = MULTIPLES) -> dict[str, Any]:
-    """`baseline_loads`: the quick run skips the baselines at 1x, where nothing is late."""
+def run(
+    window: float,
+    drain: float,
+    baseline_loads: tuple[int, ...] = MULTIPLES,
+    loads: tuple[int, ...] = MULTIPLES,
+) -> dict[str, Any]:
+    """`loads` for Timebox, `baseline_loads` for the in-process recipes (the quick run
+    skips them at 1x, where nothing is late)."""
     out: dict[str, Any] = {
         "parameters": {
             "task": f"burn_cpu {TASK_SECONDS} s",
@@ -168,6 +177,7 @@ def run(window: float, drain: float, baseline_loads: tuple[int, ...] = MULTIPLES
             "window_s": window,
             "cpu_measured_until_s_after_window": drain,
             "client": "open loop, waits for the answer, gives up at the deadline",
+            "loads": [f"{m}x" for m in loads],
             "baseline_loads": [f"{m}x" for m in baseline_loads],
             "second_half_cpu_left_for_slots": "the cores' CPU left to the slots by the "
             "processes beside the tasks' own (HTTP server, worker loop, RabbitMQ, load "
@@ -193,7 +203,7 @@ def run(window: float, drain: float, baseline_loads: tuple[int, ...] = MULTIPLES
             beside=CpuMeter.beside_tasks(gateway.pid, worker.pid),
         )
         out["systems"]["timebox"] = {
-            f"{m}x": asyncio.run(_measure(target, CAPACITY * m, window, drain)) for m in MULTIPLES
+            f"{m}x": asyncio.run(_measure(target, CAPACITY * m, window, drain)) for m in loads
         }
     for name, wait_for in (
         ("fastapi+processpool", None),
