@@ -1,0 +1,83 @@
+"""The benchmarks' own arithmetic, and one overload window of each kind run for real:
+`make bench` is not part of the suite, and a harness that breaks unseen reports
+nothing, or wrong figures."""
+
+from __future__ import annotations
+
+import pytest
+
+import bench.stack
+from bench import overload
+from bench.__main__ import cpu_bound
+from bench.latency import percentiles
+from bench.overload import DEADLINE, Result, cpu_left_for_slots_pct, summarize
+
+
+def test_goodput_counts_answers_within_the_deadline_and_wasted_cpu_the_rest() -> None:
+    window = 10.0  # capacity: 100 tasks in the window, 50 in each half
+    results = [Result(sent_at=i * 0.1, status=200, latency=0.5, cpu=0.2) for i in range(60)]
+    results += [Result(sent_at=6.0, status=200, latency=DEADLINE + 0.1, cpu=0.2)]  # late
+    results += [Result(sent_at=7.0, status=503, latency=0.001, cpu=None)] * 30
+    results += [Result(sent_at=8.0, status="gave up", latency=DEADLINE, cpu=None)]
+    summary = summarize(results, window, cpu=15.0, root_cpu=0.3)
+    assert summary["sent"] == 92
+    assert summary["on_time"] == 60
+    assert summary["goodput_pct"] == 60.0
+    assert summary["goodput_second_half_pct"] == 20.0  # 10 of 50, sent at 5.0-5.9 s
+    assert summary["refused_503"] == 30
+    assert summary["statuses"] == {"200": 61, "503": 30, "gave up": 1}
+    assert summary["useful_cpu_s"] == 12.0  # on time only: the late answer's CPU is waste
+    assert summary["wasted_cpu_pct"] == 20.0
+    assert summary["worker_loop_cpu_pct"] == 2.0
+
+
+def test_the_cpu_left_for_the_slots_is_what_the_other_processes_leave_of_the_cores() -> None:
+    beside = {"server": 100.0, "worker_loop": 20.0, "rabbitmq": 60.0, "load_generator": 20.0}
+    assert cpu_left_for_slots_pct(beside, cores=2) == 90.0
+    assert cpu_left_for_slots_pct(beside, cores=4) == 100.0  # the two slots use two cores
+    assert cpu_left_for_slots_pct({"server": 2500.0}, cores=2) == 0.0
+    assert cpu_left_for_slots_pct({**beside, "rabbitmq": None}, cores=2) is None
+    assert cpu_left_for_slots_pct({}, cores=2) is None
+
+
+def test_the_throughput_bound_is_the_cores_over_the_cpu_a_task_costs() -> None:
+    cpu = {"gateway": 1.25, "worker_with_children": 1.0, "rabbitmq": 1.6, "load_generator": 0.15}
+    assert cpu_bound(cpu, 2) == "500/s / 1,250/s"
+    assert cpu_bound({**cpu, "rabbitmq": None}, 2) == "-"  # a remote broker is not read
+
+
+def test_percentiles_are_taken_from_the_sorted_samples_in_milliseconds() -> None:
+    samples = [i / 1000 for i in range(1000, 0, -1)]  # 1..1000 ms, in reverse
+    assert percentiles(samples) == {"n": 1000, "p50_ms": 501.0, "p99_ms": 991.0, "p999_ms": 1000.0}
+
+
+@pytest.mark.timeout(120)
+def test_an_overload_window_runs_against_timebox_and_the_in_process_recipe(
+    amqp_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One second at 2x against a real gateway and worker, and against the FastAPI +
+    process pool app: every request is accounted for, and the CPU is read from /proc."""
+    monkeypatch.setattr(bench.stack, "AMQP_URL", amqp_url)
+    out = overload.run(window=1.0, drain=DEADLINE + 0.5, baseline_loads=(2,), loads=(2,))
+    timebox = out["systems"]["timebox"]["2x"]
+    assert timebox["sent"] == 20
+    assert set(timebox["statuses"]) <= {"200", "503", "504"}, timebox["statuses"]
+    assert timebox["on_time"] > 0
+    assert 0 < timebox["useful_cpu_s"] <= timebox["tree_cpu_s"] * 1.05
+    assert timebox["worker_loop_cpu_pct"] is not None
+    beside = timebox["second_half_beside_tasks_cpu_ms_per_s"]
+    assert set(beside) == {"server", "worker_loop", "rabbitmq", "load_generator"}
+    assert beside["server"] is not None
+    assert beside["worker_loop"] is not None
+    left = timebox["second_half_cpu_left_for_slots_pct"]
+    assert left is None or 0 <= left <= 100  # None: a broker on another machine
+    for recipe in ("fastapi+processpool", "fastapi+processpool+wait_for"):
+        baseline = out["systems"][recipe]["2x"]
+        assert baseline["sent"] == 20
+        assert set(baseline["statuses"]) <= {"200", "gave up"}, baseline["statuses"]
+        assert baseline["tree_cpu_s"] > 0  # its pool's processes, children of the app
+        assert set(baseline["second_half_beside_tasks_cpu_ms_per_s"]) == {
+            "server",
+            "rabbitmq",
+            "load_generator",
+        }
