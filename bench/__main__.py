@@ -128,6 +128,12 @@ def report(results: dict[str, Any]) -> str:
             ],
         )
     )
+    cpu = lat["rpc_echo"].get("cpu_ms_per_call")
+    if cpu:
+        parts.append(
+            "CPU per sequential RPC (rpc_echo): gateway / worker and children / RabbitMQ / "
+            "load generator: " + " / ".join("-" if v is None else f"{v} ms" for v in cpu.values())
+        )
     t = results["throughput"]
     parts.append(
         table(

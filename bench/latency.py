@@ -14,7 +14,7 @@ import aio_pika
 import httpx
 from pamqp.common import FieldTable
 
-from bench.stack import AMQP_URL, Baseline, Stack
+from bench.stack import AMQP_URL, Baseline, CpuMeter, Stack
 
 
 def percentiles(samples: list[float]) -> dict[str, float]:
@@ -95,10 +95,11 @@ def refusals(n: int) -> dict[str, Any]:
             }
 
 
-def _rpc_and_submit(n: int, *worker_args: str, **env: str) -> dict[str, dict[str, float]]:
+def _rpc_and_submit(n: int, *worker_args: str, **env: str) -> dict[str, dict[str, Any]]:
+    """Sequential RPCs, with the CPU each process spent on one, then sequential 202s."""
     with Stack() as stack:
         gateway = stack.gateway()
-        stack.worker(2, *worker_args, **env)
+        worker = stack.worker(2, *worker_args, **env)
         with httpx.Client(base_url=gateway.url, timeout=10) as c:
             for _ in range(50):  # warm-up
                 c.post("/v1/tasks/echo", params={"wait": "true"}, json={"payload": 0})
@@ -110,7 +111,11 @@ def _rpc_and_submit(n: int, *worker_args: str, **env: str) -> dict[str, dict[str
             def submit(i: int) -> None:
                 assert c.post("/v1/tasks/echo", json={"payload": i}).status_code == 202
 
-            return {"rpc": percentiles(_timed(n, rpc)), "submit": percentiles(_timed(n, submit))}
+            meter = CpuMeter.of_stack(gateway, worker)
+            meter.start()
+            rpcs: dict[str, Any] = percentiles(_timed(n, rpc))
+            rpcs["cpu_ms_per_call"] = meter.ms_per(n)
+            return {"rpc": rpcs, "submit": percentiles(_timed(n, submit))}
 
 
 def run(n: int) -> dict[str, Any]:
