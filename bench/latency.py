@@ -95,7 +95,7 @@ def refusals(n: int) -> dict[str, Any]:
             }
 
 
-def _rpc_and_submit(n: int, *worker_args: str, **env: str) -> dict[str, dict[str, Any]]:
+def rpc_and_submit(n: int, *worker_args: str, **env: str) -> dict[str, dict[str, Any]]:
     """Sequential RPCs, with the CPU each process spent on one, then sequential 202s."""
     with Stack() as stack:
         gateway = stack.gateway()
@@ -128,11 +128,11 @@ def run(n: int) -> dict[str, Any]:
             "with TIMEBOX_LEASE_SLOTS=false (pulls), or --tasks echo (consumes)",
         }
     }
-    default = _rpc_and_submit(n)
+    default = rpc_and_submit(n)
     out["rpc_echo"] = default["rpc"]
     out["submit_202"] = default["submit"]
-    out["rpc_echo_worker_pulling"] = _rpc_and_submit(n, TIMEBOX_LEASE_SLOTS="false")["rpc"]
-    out["rpc_echo_worker_of_one_type"] = _rpc_and_submit(n, "--tasks", "echo")["rpc"]
+    out["rpc_echo_worker_pulling"] = rpc_and_submit(n, TIMEBOX_LEASE_SLOTS="false")["rpc"]
+    out["rpc_echo_worker_of_one_type"] = rpc_and_submit(n, "--tasks", "echo")["rpc"]
     out.update(refusals(max(100, n // 4)))
     quorum = asyncio.run(_amqp_round_trips(n, "quorum"))
     stream = asyncio.run(_amqp_round_trips(n, "stream"))

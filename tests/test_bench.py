@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 import bench.stack
-from bench import overload
+from bench import latency, overload
 from bench.__main__ import cpu_bound
 from bench.latency import percentiles
 from bench.overload import DEADLINE, Result, cpu_left_for_slots_pct, summarize
@@ -81,3 +81,17 @@ def test_an_overload_window_runs_against_timebox_and_the_in_process_recipe(
             "rabbitmq",
             "load_generator",
         }
+
+
+@pytest.mark.timeout(60)
+def test_sequential_rpcs_are_timed_with_the_cpu_each_process_spent_on_one(
+    amqp_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(bench.stack, "AMQP_URL", amqp_url)
+    out = latency.rpc_and_submit(20)
+    assert out["rpc"]["n"] == out["submit"]["n"] == 20
+    assert 0 < out["rpc"]["p50_ms"] <= out["rpc"]["p99_ms"] <= out["rpc"]["p999_ms"]
+    cpu = out["rpc"]["cpu_ms_per_call"]
+    assert set(cpu) == {"gateway", "worker_with_children", "rabbitmq", "load_generator"}
+    assert cpu["gateway"] is not None
+    assert cpu["worker_with_children"] is not None
