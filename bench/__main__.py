@@ -65,6 +65,11 @@ def _pct(value: float | None) -> str:
     return "-" if value is None else f"{value}%"
 
 
+def _cpu_ms(per_process: dict[str, float | None]) -> str:
+    """CpuMeter.ms_per's figures, in its order: "1.2 ms / - / …"."""
+    return " / ".join("-" if v is None else f"{v} ms" for v in per_process.values())
+
+
 def cpu_bound(cpu_ms: dict[str, float | None], cores: int | None) -> str:
     """The most tasks a second these cores could do if they did nothing but this: with
     the CPU every process spends on one task, and with RabbitMQ's alone."""
@@ -132,7 +137,7 @@ def report(results: dict[str, Any]) -> str:
     if cpu:
         parts.append(
             "CPU per sequential RPC (rpc_echo): gateway / worker and children / RabbitMQ / "
-            "load generator: " + " / ".join("-" if v is None else f"{v} ms" for v in cpu.values())
+            "load generator: " + _cpu_ms(cpu)
         )
     t = results["throughput"]
     parts.append(
@@ -151,10 +156,7 @@ def report(results: dict[str, Any]) -> str:
                 ],
                 [
                     "CPU per RPC: gateway / worker and children / RabbitMQ / load generator",
-                    " / ".join(
-                        "-" if v is None else f"{v} ms"
-                        for v in t["echo_rpc"]["cpu_ms_per_call"].values()
-                    ),
+                    _cpu_ms(t["echo_rpc"]["cpu_ms_per_call"]),
                 ],
                 [
                     f"at most, from that CPU on {results['machine']['cores']} cores: "

@@ -40,11 +40,11 @@ class Target:
     path: str
     pid: int
     include_root: bool  # the root's own CPU counts (a worker) or not (uvicorn serving HTTP)
+    # the CPU of the processes beside the tasks' own, read over the window's second half
+    beside: CpuMeter
     body: dict[str, Any] | None = None
     params: dict[str, Any] | None = None
     headers: dict[str, str] = field(default_factory=dict)
-    # the CPU of the processes beside the tasks' own, read over the window's second half
-    beside: CpuMeter | None = None
 
 
 async def open_loop(target: Target, rate: float, window: float) -> list[Result]:
@@ -135,13 +135,9 @@ def summarize(
 
 async def _measure(target: Target, rate: float, window: float, drain: float) -> dict[str, Any]:
     before, root_before = tree_cpu(target.pid, target.include_root), cpu_seconds_of(target.pid)
-    beside: dict[str, float | None] | None = None
-    if target.beside is None:
-        results = await open_loop(target, rate, window)
-    else:
-        results, beside = await asyncio.gather(
-            open_loop(target, rate, window), _second_half(target.beside, window)
-        )
+    results, beside = await asyncio.gather(
+        open_loop(target, rate, window), _second_half(target.beside, window)
+    )
     await asyncio.sleep(max(0.0, drain - DEADLINE))  # the same wall interval for everyone
     cpu = tree_cpu(target.pid, target.include_root) - before
     root_after = cpu_seconds_of(target.pid)  # the worker's own loop, where it counts
