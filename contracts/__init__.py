@@ -1,1 +1,1 @@
-"""What the gateway and the compute workers share: values, messages, specs, topology."""
+"""What the gateway and the compute workers share: values, messages, task declarations, topology."""

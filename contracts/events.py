@@ -109,6 +109,10 @@ def _instant(epoch: float | None) -> datetime | None:
     return None if epoch is None else datetime.fromtimestamp(epoch, tz=UTC)
 
 
+def _seconds(start: datetime | None, end: datetime | None) -> float | None:
+    return None if start is None or end is None else round((end - start).total_seconds(), 3)
+
+
 class TaskStatus(BaseModel):
     """What `GET /v1/tasks/{id}` answers: the fold of the task's events."""
 
@@ -137,6 +141,16 @@ class TaskStatus(BaseModel):
     # started (a message RabbitMQ took back from a cancelled consumer before it reached
     # the worker still counts as a delivery) is no attempt
     _started: set[int] = PrivateAttr(default_factory=set)
+
+    @property
+    def waited(self) -> float | None:
+        """Seconds from queued to its start."""
+        return _seconds(self.created_at, self.started_at)
+
+    @property
+    def ran(self) -> float | None:
+        """Seconds from its start to its end."""
+        return _seconds(self.started_at, self.finished_at)
 
     @classmethod
     def first(cls, event: TaskEvent) -> TaskStatus:

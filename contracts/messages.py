@@ -1,9 +1,11 @@
-"""Messages other than events: the task message's headers, cancel requests, work
-notices and watch notices."""
+"""Messages other than events: the task message's headers, cancel requests, workers'
+announcements, work notices and watch notices."""
 
 from __future__ import annotations
 
-from pydantic import BaseModel
+import time
+
+from pydantic import BaseModel, Field
 
 from contracts.events import READER
 
@@ -16,6 +18,10 @@ SYNC_TYPE = "timebox.sync"  # a gateway's own marker in the event stream
 EVENT_TYPE = "timebox.event"
 WORK_TYPE = "timebox.work"  # on the work exchange: a task message was just queued
 WATCH_TYPE = "timebox.watch"  # on the gateways exchange: a task's events are followed
+WORKER_TYPE = "timebox.worker"  # in the event stream: a worker's announcement
+
+# seconds between a worker's announcements; a worker not heard for three is gone
+ANNOUNCE_EVERY = 2.0
 
 
 class CancelRequest(BaseModel):
@@ -26,6 +32,25 @@ class CancelRequest(BaseModel):
     task_id: str
     deadline_ms: int
     announced: bool = False  # the gateway already emitted `cancelled` (task was queued)
+
+
+class WorkerAnnouncement(BaseModel):
+    """Appended to the event stream by each worker when it is ready, every
+    `ANNOUNCE_EVERY` seconds, and when it stops: which task types it serves (with a
+    digest of each input schema, to tell a gateway running other code) and its slots.
+    Every gateway reads them: a task type no live worker serves is refused at once."""
+
+    model_config = READER
+
+    worker: str
+    tasks: dict[str, str]  # task type: the digest of its input schema
+    slots: int
+    busy: int = 0
+    stopping: bool = False
+    at: float = Field(default_factory=time.time, description="epoch seconds")
+
+    def live(self, now: float, skew: float = 0.0) -> bool:
+        return not self.stopping and now - self.at < 3 * ANNOUNCE_EVERY + skew
 
 
 class WorkNotice(BaseModel):

@@ -9,7 +9,7 @@ from urllib.parse import urlsplit
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from contracts.specs import TaskSpec, load_specs, plugin_names
+from contracts.tasks import Task
 from contracts.topology import Topology
 
 
@@ -45,9 +45,10 @@ class CommonSettings(BaseSettings):
     estimate_min_samples: int = Field(
         default=5, ge=1, description="finished tasks of a type before its run time is trusted"
     )
-    task_plugins: str = Field(
+    task_modules: str = Field(
         default="",
-        description="comma-separated modules with extra task SPECS (and FUNCTIONS, for workers)",
+        description="comma-separated modules whose @timebox.task functions are served "
+        "(the programs' MODULE arguments, when none are given)",
     )
 
     @model_validator(mode="after")
@@ -66,8 +67,10 @@ class CommonSettings(BaseSettings):
             )
         return self
 
-    def specs(self) -> dict[str, TaskSpec[Any]]:
-        return load_specs(plugin_names(self.task_plugins))
+    def timeouts(self, task: Task[..., Any]) -> tuple[float, float]:
+        """(default, maximum) Request-Timeout of a task type: its own, else these."""
+        maximum = task.max_timeout or self.max_timeout
+        return task.timeout or min(self.default_timeout, maximum), maximum
 
     def topology(self) -> Topology:
         return Topology(

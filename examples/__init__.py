@@ -1,0 +1,1 @@
+"""Task modules written as a user writes them: `timebox-worker examples.tasks`."""
