@@ -1,4 +1,5 @@
-"""`timebox-worker` / `python -m compute`: one worker with N child processes."""
+"""`timebox-worker MODULE...` / `python -m compute MODULE...`: one worker serving the
+@timebox.task functions of those modules, with N child processes."""
 
 from __future__ import annotations
 
@@ -15,16 +16,23 @@ from pydantic import ValidationError
 from compute.settings import WorkerSettings
 from compute.worker import CannotStart, Worker
 from contracts.logs import configure_logging
+from contracts.tasks import module_names
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="timebox-worker", description=__doc__)
+    parser.add_argument(
+        "modules", nargs="*", metavar="MODULE", help="task modules (default: TIMEBOX_TASK_MODULES)"
+    )
     parser.add_argument(
         "--concurrency", type=int, default=None, help="child processes (default: cores)"
     )
     parser.add_argument("--burst", action="store_true", help="drain the queues, then exit")
     parser.add_argument("--tasks", default=None, help="comma-separated task types (default: all)")
     parser.add_argument("--metrics-port", type=int, default=None)
+    parser.add_argument(
+        "--app-dir", default=".", help="where the modules are found first (default: .)"
+    )
     return parser.parse_args(argv)
 
 
@@ -39,16 +47,17 @@ def main(argv: list[str] | None = None) -> None:
         settings = WorkerSettings(**overrides)
     except ValidationError as exc:
         sys.exit(f"timebox-worker: invalid settings:\n{exc}")
-    tasks = None
-    if args.tasks:
-        tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-        known = settings.specs()
-        unknown = sorted(set(tasks) - set(known))
-        if unknown:
-            sys.exit(f"timebox-worker: unknown task types {unknown}; known: {sorted(known)}")
+    modules = args.modules or module_names(settings.task_modules)
+    if not modules:
+        sys.exit(
+            "timebox-worker: no task modules: name them (timebox-worker my.tasks) "
+            "or set TIMEBOX_TASK_MODULES"
+        )
+    tasks = module_names(args.tasks) if args.tasks else None
     configure_logging(settings.log_format)
+    worker = Worker(settings, modules, app_dir=args.app_dir, burst=args.burst, tasks=tasks)
     try:
-        run(_serve(Worker(settings, burst=args.burst, tasks=tasks)))
+        run(_serve(worker))
     except CannotStart as exc:
         sys.exit(f"timebox-worker: cannot start: {exc}")
 

@@ -24,12 +24,14 @@ from typing import IO, Any, NoReturn
 
 from pydantic import ValidationError
 
+from contracts.context import PROGRESS_INTERVAL, TaskContext
+from contracts.deadline import Deadline
+from contracts.tasks import Task, load_tasks
+
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
-PLUGINS_ENV = "TIMEBOX_TASK_PLUGINS"
 
-_specs: dict[str, Any] = {}
-_functions: dict[str, Any] = {}
+_tasks: dict[str, Task[..., Any]] = {}
 
 
 def die_with_parent(parent: int, sig: signal.Signals = signal.SIGKILL) -> None:
@@ -65,16 +67,13 @@ def _write(out: IO[str], message: dict[str, Any]) -> None:
 
 
 def _run(request: dict[str, Any], out: IO[str]) -> dict[str, Any]:
-    from compute.context import PROGRESS_INTERVAL, TaskContext
-    from contracts.deadline import Deadline
-
     name = request["task"]
-    spec, function = _specs.get(name), _functions.get(name)
-    if spec is None or function is None:
-        error = {"type": "UnknownTaskType", "message": f"no task named {name!r}"}
+    task = _tasks.get(name)
+    if task is None:
+        error = {"type": "UnknownTaskType", "message": f"no task named {name!r} here"}
         return {"kind": "result", "ok": False, "invalid": True, "error": error}
     try:
-        task_input = spec.input_model.model_validate_json(request["input_json"])
+        task_input = task.input_model.model_validate_json(request["input_json"])
     except ValidationError as exc:
         error = {"type": "ValidationError", "message": str(exc)}
         return {"kind": "result", "ok": False, "invalid": True, "error": error}
@@ -90,7 +89,7 @@ def _run(request: dict[str, Any], out: IO[str]) -> dict[str, Any]:
     )
     cpu0 = time.process_time()
     try:
-        output = function(task_input, ctx)
+        output = task.run(task_input, ctx)
     except Exception as exc:
         traceback.print_exc(file=sys.stderr)
         return {
@@ -99,22 +98,13 @@ def _run(request: dict[str, Any], out: IO[str]) -> dict[str, Any]:
             "cpu": time.process_time() - cpu0,
             "error": {"type": type(exc).__name__, "message": str(exc)},
         }
-    return {
-        "kind": "result",
-        "ok": True,
-        "cpu": time.process_time() - cpu0,
-        "output": output.model_dump(mode="json"),
-    }
+    return {"kind": "result", "ok": True, "cpu": time.process_time() - cpu0, "output": output}
 
 
-def load() -> None:
-    """Imports the task code (the fork server does it once, for every child)."""
-    from compute.tasks import load_functions
-    from contracts.specs import load_specs, plugin_names
-
-    plugins = plugin_names(os.environ.get(PLUGINS_ENV, ""))
-    _specs.update(load_specs(plugins))
-    _functions.update(load_functions(plugins))
+def load(modules: list[str]) -> dict[str, Task[..., Any]]:
+    """Imports the task modules (the fork server does it once, for every child)."""
+    _tasks.update(load_tasks(modules))
+    return _tasks
 
 
 def serve(parent: int) -> NoReturn:

@@ -5,8 +5,10 @@ killed at its deadline needs a new child: a fork costs a few milliseconds.
 
 The worker talks to it over a Unix socket (SOCK_SEQPACKET: one message per send):
 `fork` carries the child's two pipe ends as file descriptors; the server answers
-nothing to it (the child says `ready` on its pipe). It sends `up` once it has loaded
-the task code, and `exit <pid> <code> <cpu seconds>` whenever it reaps a child. It
+nothing to it (the child says `ready` on its pipe). It sends `up <json>` once it has
+loaded the task modules (each task type's digest and maximum timeout: the worker
+itself never imports them), or `error <text>` if they do not load, and
+`exit <pid> <code> <cpu seconds>` whenever it reaps a child. It
 ends with the worker (PR_SET_PDEATHSIG, even a SIGKILLed one), and its children and
 what they started end with it, so none outlives the worker.
 
@@ -18,24 +20,28 @@ environment, which every program a child's tasks start inherits, and killed once
 the child has ended. The server is a child subreaper: such processes, orphaned, are
 reaped here. (Only a cgroup would hold a program that also drops its environment.)
 
-`python -m compute.forkserver FD NICE` runs the server on socket FD."""
+`python -m compute.forkserver FD NICE APP_DIR MODULE...` runs the server on socket FD."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import socket
 import sys
+import traceback
 from types import FrameType
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from compute import child
 
 FORK = b"fork"
 EXIT = b"exit"
 UP = b"up"
+ERROR = b"error"
+MESSAGE_SIZE = 1 << 16
 TASK_MARK = "TIMEBOX_TASK_PROCESS"  # =<the child's pid>, in what its tasks start
 
 
@@ -75,7 +81,7 @@ def kill_started_by(children: set[int]) -> None:
 # -- the server process ---------------------------------------------------------------
 
 
-def serve(sock: socket.socket, nice: int) -> None:
+def serve(sock: socket.socket, nice: int, app_dir: str, modules: list[str]) -> None:
     forked: set[int] = set()
 
     def end() -> NoReturn:
@@ -94,10 +100,17 @@ def serve(sock: socket.socket, nice: int) -> None:
     worker = os.getppid()
     child.die_with_parent(worker, signal.SIGTERM)
     os.nice(nice)  # inherited by every child
-    child.load()
+    sys.path.insert(0, app_dir)
+    try:
+        tasks = child.load(modules)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            sock.send(ERROR + b" " + traceback.format_exc()[-MESSAGE_SIZE + 16 :].encode())
+        os._exit(1)
     me = os.getpid()
+    report = {name: {"digest": t.digest, "max_timeout": t.max_timeout} for name, t in tasks.items()}
     with contextlib.suppress(OSError):  # the worker is gone: recv below says so
-        sock.send(UP)
+        sock.send(UP + b" " + json.dumps(report).encode())
 
     child.become_subreaper()  # what a task starts and leaves behind is reaped here
 
@@ -225,16 +238,27 @@ class Forked:
         self._stdout_transport.close()
 
 
+class CannotLoad(RuntimeError):
+    """The task modules did not import: the text is the fork server's traceback."""
+
+
 class ForkServer:
     """One server process, used until it dies; its children are known by pid."""
 
-    def __init__(self, nice: int, protocol_limit: int) -> None:
+    def __init__(
+        self, nice: int, protocol_limit: int, modules: list[str], app_dir: str = "."
+    ) -> None:
         self.nice = nice
         self.limit = protocol_limit
+        self.modules = modules
+        self.app_dir = os.path.abspath(app_dir)
         self._sock: socket.socket | None = None
         self._proc: asyncio.subprocess.Process | None = None
         self._exits: dict[int, asyncio.Future[tuple[int, float | None]]] = {}
         self.up = False  # it has loaded the task code: forks from now on take milliseconds
+        # each task type's digest and max_timeout once loaded; None if they did not load
+        self.loaded: asyncio.Future[dict[str, dict[str, Any]] | None] | None = None
+        self.load_error = "the fork server ended before it loaded the task modules"
 
     @property
     def alive(self) -> bool:
@@ -249,12 +273,15 @@ class ForkServer:
                 "compute.forkserver",
                 str(theirs.fileno()),
                 str(self.nice),
+                self.app_dir,
+                *self.modules,
                 pass_fds=(theirs.fileno(),),
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.DEVNULL,
             )
         ours.setblocking(False)
         self._sock = ours
+        self.loaded = asyncio.get_running_loop().create_future()
         asyncio.get_running_loop().add_reader(ours.fileno(), self._on_message)
 
     @property
@@ -264,7 +291,7 @@ class ForkServer:
     def _on_message(self) -> None:
         assert self._sock is not None
         try:
-            message = self._sock.recv(256)
+            message = self._sock.recv(MESSAGE_SIZE)
         except BlockingIOError:
             return
         except OSError:
@@ -272,8 +299,14 @@ class ForkServer:
         if not message:  # the server died, and its children with it
             self._lost()
             return
-        if message == UP:
-            self.up = True
+        kind, _, rest = message.partition(b" ")
+        if kind in (UP, ERROR):
+            if kind == UP:
+                self.up = True
+            else:
+                self.load_error = rest.decode(errors="replace")
+            if self.loaded is not None and not self.loaded.done():
+                self.loaded.set_result(json.loads(rest) if kind == UP else None)
             return
         kind, pid, code, cpu = message.split()
         if kind == EXIT:
@@ -282,6 +315,8 @@ class ForkServer:
                 future.set_result((int(code), float(cpu)))
 
     def _lost(self) -> None:
+        if self.loaded is not None and not self.loaded.done():
+            self.loaded.set_result(None)
         if self._sock is not None:
             asyncio.get_running_loop().remove_reader(self._sock.fileno())
             self._sock.close()
@@ -359,4 +394,4 @@ class ForkServer:
 
 
 if __name__ == "__main__":
-    serve(socket.socket(fileno=int(sys.argv[1])), int(sys.argv[2]))
+    serve(socket.socket(fileno=int(sys.argv[1])), int(sys.argv[2]), sys.argv[3], sys.argv[4:])

@@ -11,7 +11,7 @@ import os
 import signal
 from typing import Any
 
-from compute.forkserver import Forked, ForkServer
+from compute.forkserver import CannotLoad, Forked, ForkServer
 from contracts.background import Background
 
 log = logging.getLogger("timebox.worker.pool")
@@ -134,11 +134,21 @@ class Child:
 class Pool:
     """`size` idle-or-busy children and one warm spare."""
 
-    def __init__(self, size: int, nice: int = 0, ready_within: float = READY_WITHIN) -> None:
+    def __init__(
+        self,
+        size: int,
+        modules: list[str],
+        *,
+        nice: int = 0,
+        app_dir: str = ".",
+        ready_within: float = READY_WITHIN,
+    ) -> None:
         self.size = size
         self.nice = nice
         self.ready_within = ready_within
-        self.server = ForkServer(nice, PROTOCOL_LIMIT)
+        self._server_args = (nice, PROTOCOL_LIMIT, modules, app_dir)
+        self.server = ForkServer(*self._server_args)
+        self.tasks: dict[str, dict[str, Any]] = {}  # what the fork server loaded
         self._restarting = asyncio.Lock()
         self._idle: asyncio.Queue[Child] = asyncio.Queue()
         self._spare: asyncio.Task[Child] | None = None
@@ -147,7 +157,15 @@ class Pool:
         self._replacing = Background()
 
     async def start(self) -> None:
+        """Loads the task modules in the fork server (CannotLoad if they do not
+        import), then forks the children."""
         await self.server.start()
+        assert self.server.loaded is not None
+        report = await self.server.loaded
+        if report is None:
+            await self.server.close()
+            raise CannotLoad(self.server.load_error)
+        self.tasks = report
         self._spare = asyncio.create_task(self._spawn())
         children = await asyncio.gather(*(self._spawn() for _ in range(self.size)))
         for child in children:
@@ -162,7 +180,7 @@ class Pool:
                 if not self.server.alive:  # it died, and its children with it
                     log.error("the fork server died; starting a new one")
                     await self.server.close()
-                    self.server = ForkServer(self.nice, PROTOCOL_LIMIT)
+                    self.server = ForkServer(*self._server_args)
                     await self.server.start()
             server = self.server
             try:

@@ -10,9 +10,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from compute.context import PROGRESS_INTERVAL
 from compute.outcome import Kind, Outcome
 from compute.pool import Child
+from contracts.context import PROGRESS_INTERVAL
 from contracts.deadline import Deadline
 from contracts.events import ErrorInfo
 

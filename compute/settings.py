@@ -7,7 +7,7 @@ from typing import Self
 
 from pydantic import Field, model_validator
 
-from compute.context import PROGRESS_INTERVAL
+from contracts.context import PROGRESS_INTERVAL
 from contracts.settings import CommonSettings
 
 

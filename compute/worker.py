@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import aiormq
 from aio_pika.abc import (
     AbstractChannel,
     AbstractIncomingMessage,
@@ -26,11 +27,12 @@ from aio_pika.abc import (
 from compute import metrics, runner
 from compute.cancels import Remembered
 from compute.dispatch import Credit, Puller
+from compute.forkserver import CannotLoad
 from compute.leasing import Notices, QueueConsumers
 from compute.outcome import Disposition, Kind, Outcome, settle
 from compute.pool import Child, Pool
 from compute.settings import WorkerSettings
-from contracts.amqp import connect, parked_copy, publish_event, until_confirmed
+from contracts.amqp import TRANSIENT, connect, parked_copy, publish, publish_event, until_confirmed
 from contracts.background import Background
 from contracts.deadline import DEADLINE_HEADER, Deadline
 from contracts.declare import counts, declare
@@ -38,11 +40,15 @@ from contracts.errors import InvalidTimeout
 from contracts.estimates import LIKELY, RunTimes
 from contracts.events import EventType, TaskEvent
 from contracts.messages import (
+    ANNOUNCE_EVERY,
+    CONTENT_TYPE,
     COST_HEADER,
     DELIVERY_COUNT_HEADER,
     OWNER_HEADER,
     WORK_TYPE,
+    WORKER_TYPE,
     CancelRequest,
+    WorkerAnnouncement,
     WorkNotice,
 )
 
@@ -102,20 +108,27 @@ def decode(task: str, message: AbstractIncomingMessage) -> Delivery:
 
 class Worker:
     def __init__(
-        self, settings: WorkerSettings, *, burst: bool = False, tasks: list[str] | None = None
+        self,
+        settings: WorkerSettings,
+        modules: list[str],
+        *,
+        app_dir: str = ".",
+        burst: bool = False,
+        tasks: list[str] | None = None,
     ) -> None:
         self.settings = settings
         self.topology = settings.topology()
         self.burst = burst
-        self.tasks = tasks or list(settings.specs())
+        self.only = tasks  # the task types to serve, of those the modules declare
+        self.tasks: list[str] = []
+        self.digests: dict[str, str] = {}
         self.name = f"{socket.gethostname()}:{os.getpid()}"
-        self.pool = Pool(settings.concurrency, settings.child_nice)
+        self.pool = Pool(settings.concurrency, modules, nice=settings.child_nice, app_dir=app_dir)
         self.cancels: Remembered[CancelRequest] = Remembered()
         self.finished: Remembered[bool] = Remembered()
         self._handlers = Background()
-        self.runtimes = {
-            task: RunTimes(min_samples=settings.estimate_min_samples) for task in self.tasks
-        }
+        self._announcing = Background()
+        self.runtimes: dict[str, RunTimes] = {}
         self.jobs: dict[str, runner.Job] = {}
         self.in_flight = 0
         self.stopping = asyncio.Event()
@@ -132,41 +145,77 @@ class Worker:
     # -- lifecycle -------------------------------------------------------------------
 
     async def run(self) -> None:
-        self._connection = await self._connected()
-        if self._connection is None:
-            log.info("worker %s stopped before RabbitMQ answered", self.name)
-            return
         try:
-            try:
-                self._events = await self._connection.channel(publisher_confirms=True)
-                await declare(self._events, self.topology, self.tasks)
-                await self.pool.start()
-                metrics.SLOTS.set(self.pool.size)
-                await self._consume_control()
-                await self._consume_tasks()
-            except Exception as exc:  # the broker away is waited for: this is something else
-                log.exception("cannot start")
-                raise CannotStart(repr(exc)) from exc
-            if self.puller is not None:  # "ready" once it has looked at every queue
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.puller.looked.wait(), 5)
-            log.info(
-                "worker %s ready: %d slots, %s %s",
-                self.name,
-                self.settings.concurrency,
-                "pulling from" if self.puller else "consuming",
-                ", ".join(self.topology.task_queue(t) for t in self.tasks),
-            )
-            if self.burst:
-                await self._drain()
-            else:
-                await self.stopping.wait()
-            await self._stop_consuming()
-            await self._idle.wait()
+            await self._load()
+            self._connection = await self._connected()
+            if self._connection is None:
+                log.info("worker %s stopped before RabbitMQ answered", self.name)
+                return
+            await self._serve()
         finally:
             await self.pool.close(self.settings.kill_grace)
-            await self._connection.close()
+            if self._connection is not None:
+                await self._connection.close()
             log.info("worker %s stopped", self.name)
+
+    async def _load(self) -> None:
+        """Loads the task modules in the fork server, which says what they declare."""
+        try:
+            await self.pool.start()
+        except CannotLoad as exc:
+            raise CannotStart(f"the task modules did not load:\n{exc}") from None
+        declared = self.pool.tasks
+        unknown = sorted(set(self.only or ()) - set(declared))
+        if unknown:
+            raise CannotStart(
+                f"unknown task types {unknown}; the modules declare {sorted(declared)}"
+            )
+        self.tasks = self.only or list(declared)
+        limit = self.settings.broker_consumer_timeout
+        for task in self.tasks:
+            maximum = declared[task]["max_timeout"] or self.settings.max_timeout
+            if maximum >= limit:
+                raise CannotStart(
+                    f"task {task!r} allows a timeout of {maximum:g} s, not below the broker's "
+                    f"consumer timeout ({limit:g} s): RabbitMQ would close the channel of a "
+                    "worker running it that long, and the task would run twice"
+                )
+        self.digests = {task: declared[task]["digest"] for task in self.tasks}
+        min_samples = self.settings.estimate_min_samples
+        self.runtimes = {task: RunTimes(min_samples=min_samples) for task in self.tasks}
+        metrics.SLOTS.set(self.pool.size)
+
+    async def _serve(self) -> None:
+        assert self._connection is not None
+        try:
+            self._events = await self._connection.channel(publisher_confirms=True)
+            await declare(self._events, self.topology, self.tasks)
+            await self._consume_control()
+            await self._consume_tasks()
+        except Exception as exc:  # the broker away is waited for: this is something else
+            log.exception("cannot start")
+            raise CannotStart(repr(exc)) from exc
+        if self.puller is not None:  # "ready" once it has looked at every queue
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.puller.looked.wait(), 5)
+        await self._announce()  # before "ready": a gateway may send it work at once
+        self._announcing.spawn(self._keep_announcing())
+        log.info(
+            "worker %s ready: %d slots, %s %s",
+            self.name,
+            self.settings.concurrency,
+            "pulling from" if self.puller else "consuming",
+            ", ".join(self.topology.task_queue(t) for t in self.tasks),
+        )
+        if self.burst:
+            await self._drain()
+        else:
+            await self.stopping.wait()
+        await self._stop_consuming()
+        await self._announcing.cancel()
+        with contextlib.suppress(Exception):
+            await self._announce(stopping=True)  # gateways stop sending work at once
+        await self._idle.wait()
 
     def stop(self, signum: int | None = None) -> None:
         """The first time: take no new task, finish those running, then stop. The
@@ -511,7 +560,7 @@ class Worker:
         # outcome does not (should a reconnect reorder them, a gateway ignores a
         # `running` after the terminal event).
         running = asyncio.ensure_future(
-            self._emit(delivery, EventType.RUNNING, attempt=delivery.attempt, slots=self.pool.size)
+            self._emit(delivery, EventType.RUNNING, attempt=delivery.attempt)
         )
         job.announced = running
         await asyncio.sleep(0)  # let it write its frames before anything else
@@ -589,6 +638,34 @@ class Worker:
             )
 
     # -- publishing ------------------------------------------------------------------
+
+    async def _announce(self, *, stopping: bool = False) -> None:
+        """Tells every gateway, through the event stream, what this worker serves."""
+        announcement = WorkerAnnouncement(
+            worker=self.name,
+            tasks=self.digests,
+            slots=self.pool.size,
+            busy=min(len(self.jobs), self.pool.size),
+            stopping=stopping,
+        )
+        assert self._events is not None
+        await publish(
+            self._events,
+            announcement.model_dump_json().encode(),
+            aiormq.spec.Basic.Properties(
+                content_type=CONTENT_TYPE, message_type=WORKER_TYPE, delivery_mode=TRANSIENT
+            ),
+            routing_key=self.topology.events_stream,
+            confirm_within=5,
+        )
+
+    async def _keep_announcing(self) -> None:
+        while True:
+            await asyncio.sleep(ANNOUNCE_EVERY)
+            try:
+                await self._announce()
+            except Exception as exc:  # the next one, in a moment, may get through
+                log.debug("announcement not sent: %r", exc)
 
     async def _emit(self, delivery: Delivery, event_type: EventType, **fields: object) -> None:
         event = TaskEvent(
