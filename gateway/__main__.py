@@ -1,4 +1,5 @@
-"""`timebox-gateway` / `python -m gateway`: uvicorn serving the gateway."""
+"""`timebox-gateway MODULE...` / `python -m gateway MODULE...`: uvicorn serving the
+gateway for the @timebox.task functions of those modules."""
 
 from __future__ import annotations
 
@@ -6,27 +7,46 @@ import argparse
 import contextlib
 import gc
 import sys
+import traceback
 from types import FrameType
 
 import uvicorn
-from fastapi import FastAPI
 from pydantic import ValidationError
 
 from contracts.logs import configure_logging
+from contracts.tasks import load_tasks, module_names
 from gateway.app import create_app
+from gateway.gateway import Gateway
 from gateway.settings import GatewaySettings
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="timebox-gateway", description=__doc__)
+    parser.add_argument(
+        "modules", nargs="*", metavar="MODULE", help="task modules (default: TIMEBOX_TASK_MODULES)"
+    )
     parser.add_argument("--host", default=None, help="default 127.0.0.1 (TIMEBOX_HOST)")
     parser.add_argument("--port", type=int, default=None, help="default 8000 (TIMEBOX_PORT)")
+    parser.add_argument(
+        "--app-dir", default=".", help="where the modules are found first (default: .)"
+    )
     args = parser.parse_args(argv)
     overrides = {k: v for k, v in {"host": args.host, "port": args.port}.items() if v is not None}
     try:
         settings = GatewaySettings(**overrides)
     except ValidationError as exc:
         sys.exit(f"timebox-gateway: invalid settings:\n{exc}")
+    modules = args.modules or module_names(settings.task_modules)
+    if not modules:
+        sys.exit(
+            "timebox-gateway: no task modules: name them (timebox-gateway my.tasks) "
+            "or set TIMEBOX_TASK_MODULES"
+        )
+    sys.path.insert(0, args.app_dir)  # as uvicorn does: the modules of the folder it runs in
+    try:
+        tasks = load_tasks(modules)
+    except Exception:
+        sys.exit(f"timebox-gateway: cannot load the task modules:\n{traceback.format_exc()}")
     configure_logging(settings.log_format)
     tune_gc()
     server: uvicorn.Server
@@ -36,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
         failures.append(why)
         server.should_exit = True
 
-    app = create_app(settings, on_failure=give_up)
+    app = create_app(tasks, settings, on_failure=give_up)
     config = uvicorn.Config(
         app,
         host=settings.host,
@@ -45,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
         access_log=settings.access_log,
         timeout_graceful_shutdown=5,
     )
-    server = _Server(config, app)
+    server = _Server(config, app.state.timebox)
     with contextlib.suppress(KeyboardInterrupt):
         server.run()
     if failures:
@@ -55,17 +75,15 @@ def main(argv: list[str] | None = None) -> None:
 
 
 class _Server(uvicorn.Server):
-    """Tells the app at once when a signal asks it to stop (gateway/app.py)."""
+    """Tells the gateway at once when a signal asks it to stop (gateway/gateway.py)."""
 
-    def __init__(self, config: uvicorn.Config, app: FastAPI) -> None:
+    def __init__(self, config: uvicorn.Config, gateway: Gateway) -> None:
         super().__init__(config)
-        self.app = app
+        self.gateway = gateway
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         super().handle_exit(sig, frame)
-        begin_shutdown = getattr(self.app.state, "begin_shutdown", None)
-        if begin_shutdown is not None:
-            begin_shutdown()
+        self.gateway.begin_shutdown()
 
 
 def tune_gc() -> None:

@@ -1,9 +1,9 @@
 """Admission control: refuse at once what cannot finish in time.
 
-Inputs: each task queue's depth and the workers serving it (from the broker, refreshed once a
-second in the background — never a broker round trip per request), the run times of
-finished tasks and their inputs' cost hints (from the event stream, so every gateway
-learns from every task), and the slots of the workers seen running tasks."""
+Inputs: the workers serving each task type and their slots (their announcements), the
+run times of finished tasks and their inputs' cost hints (from the event stream, so
+every gateway learns from every task), and each task queue's depth (from the broker,
+refreshed once a second in the background — never a broker round trip per request)."""
 
 from __future__ import annotations
 
@@ -22,17 +22,17 @@ from aio_pika.abc import AbstractChannel
 
 from contracts.deadline import Deadline
 from contracts.declare import counts
-from contracts.errors import DeadlineUnmeetable, Overloaded
+from contracts.errors import DeadlineUnmeetable, NoWorker, Overloaded
 from contracts.estimates import LIKELY, RunTimes, RunTimeSummary
 from contracts.events import EventType, TaskEvent, TaskState
-from contracts.specs import TaskSpec
+from contracts.messages import ANNOUNCE_EVERY
+from contracts.tasks import Task
 from gateway.broker import Broker
+from gateway.fleet import Fleet
 from gateway.settings import GatewaySettings
 from gateway.tasktable import Record, TaskTable
 
 log = logging.getLogger("timebox.gateway.admission")
-
-WORKER_MEMORY = 600.0  # seconds a worker's slot count is remembered after its last task
 
 
 class DrainRate:
@@ -78,7 +78,6 @@ class DrainRate:
 class QueueFigures:
     ready: int = 0
     consumers: int = 0
-    workers: int = 0
     unacked: int | None = None
     at: float = 0.0
 
@@ -125,22 +124,22 @@ class Admission:
         settings: GatewaySettings,
         broker: Broker,
         table: TaskTable,
-        specs: dict[str, TaskSpec[Any]],
+        fleet: Fleet,
     ) -> None:
         self.settings = settings
         self.broker = broker
         self.table = table
-        self.specs = specs
+        self.fleet = fleet
+        self.tasks = fleet.tasks
         self.runtimes = {
-            name: RunTimes(min_samples=settings.estimate_min_samples) for name in specs
+            name: RunTimes(min_samples=settings.estimate_min_samples) for name in self.tasks
         }
-        self.figures = {name: QueueFigures() for name in specs}
-        self.drain = {name: DrainRate() for name in specs}
+        self.figures = {name: QueueFigures() for name in self.tasks}
+        self.drain = {name: DrainRate() for name in self.tasks}
         # from the event stream, real time: tasks queued (held by the broker or by a
         # worker waiting for a slot) and running, per task type
-        self._queued: dict[str, set[str]] = {name: set() for name in specs}
-        self._running: dict[str, set[str]] = {name: set() for name in specs}
-        self._worker_slots: dict[str, tuple[int, float]] = {}
+        self._queued: dict[str, set[str]] = {name: set() for name in self.tasks}
+        self._running: dict[str, set[str]] = {name: set() for name in self.tasks}
         self._management = management_base(settings)
         self._management_failed_at = 0.0
         table.listeners.append(self.observe)
@@ -156,8 +155,6 @@ class Admission:
         elif event.type is EventType.RUNNING:
             queued.discard(event.task_id)
             running.add(event.task_id)
-            if event.worker and event.slots:
-                self._worker_slots[event.worker] = (event.slots, time.time())
         elif event.terminal:
             queued.discard(event.task_id)
             if event.task_id in running:
@@ -188,10 +185,9 @@ class Admission:
     async def _refresh(self, channel: AbstractChannel, http: httpx.AsyncClient) -> None:
         now = time.time()
         topology = self.broker.topology
-        for name in self.specs:
+        for name in self.tasks:
             figures = self.figures[name]
             figures.ready, figures.consumers = await counts(channel, topology.task_queue(name))
-            _, figures.workers = await counts(channel, topology.workers_queue(name))
             figures.at = now
         self._prune(now)
         await self._refresh_unacked(http, now)
@@ -223,26 +219,17 @@ class Admission:
                 for task_id in list(ids):
                     record = self.table.get(task_id)
                     stale = record is None or record.refused or record.status.state is not state
-                    deadline = record.status.deadline if record else None
-                    if stale or (deadline is not None and deadline.timestamp() < now - 5):
+                    deadline = record.deadline if record else None
+                    if stale or (deadline is not None and deadline.epoch < now - 5):
                         ids.discard(task_id)
-        for worker, (_, seen) in list(self._worker_slots.items()):
-            if now - seen > WORKER_MEMORY:
-                del self._worker_slots[worker]
 
     # -- estimates -------------------------------------------------------------------
-
-    def parallelism(self, task: str) -> float:
-        workers = self.figures[task].workers
-        slots = [s for s, _ in self._worker_slots.values()]
-        per_worker = sum(slots) / len(slots) if slots else 1.0
-        return workers * per_worker
 
     def estimate(self, task: str, cost: float | None = None) -> Estimate:
         runtimes = self.runtimes[task]
         ready = len(self._queued[task])
         running = len(self._running[task])
-        parallel = self.parallelism(task)
+        parallel = float(self.fleet.slots(task))
         mean = runtimes.mean()
         # measured while a backlog drained; else from run times: parallel / mean
         rate = self.drain[task].per_second(time.time())
@@ -260,25 +247,32 @@ class Admission:
     def summary(self, task: str) -> RunTimeSummary:
         return self.runtimes[task].summary()
 
-    def admit(self, spec: TaskSpec[Any], cost: float | None, deadline: Deadline) -> None:
-        """Raises DeadlineUnmeetable (422) or Overloaded (503) for work that cannot
-        finish before `deadline`; admits whenever there is no data to judge by."""
+    def admit(self, task: Task[..., Any], cost: float | None, deadline: Deadline) -> None:
+        """Raises NoWorker (503) for a type no worker serves now, DeadlineUnmeetable (422)
+        or Overloaded (503) for work that cannot finish before `deadline`; admits
+        whenever there is no data to judge by."""
+        if not self.fleet.serving(task.name):
+            raise NoWorker(
+                f"no worker serves task type {task.name!r} at the moment: start one "
+                f"(timebox-worker with the module that declares it), or retry shortly",
+                retry_after=ANNOUNCE_EVERY,
+            )
         if not self.settings.admission:
             return
-        estimate = self.estimate(spec.name, cost)
+        estimate = self.estimate(task.name, cost)
         if estimate.run is None:
             return
         margin = self.settings.reply_margin + self.settings.clock_skew
         time_left = deadline.remaining() - margin
         if estimate.run > time_left:
-            largest = self.runtimes[spec.name].largest_cost(max(0.0, time_left), q=LIKELY)
-            fits = spec.largest(largest) if spec.largest and largest is not None else None
+            largest = self.runtimes[task.name].largest_cost(max(0.0, time_left), q=LIKELY)
             raise DeadlineUnmeetable(
                 f"this input needs about {estimate.run:.2f} s to run, but only "
                 f"{max(0.0, time_left):.2f} s are left before its deadline",
                 estimate=estimate.as_dict(),
                 time_left=round(time_left, 3),
-                largest_input_that_fits=fits,
+                cost=cost,
+                largest_cost_that_fits=largest,
             )
         # Behind a backlog, a task whose likely run would not fit after its wait is one a
         # worker would refuse at the end of that wait (its start rule): refused now, the
@@ -287,7 +281,7 @@ class Admission:
         if estimate.wait and estimate.wait + run > time_left:
             late_by = estimate.wait + run - time_left
             raise Overloaded(
-                f"{estimate.ready} {spec.name} tasks are queued ahead: it would start in "
+                f"{estimate.ready} {task.name} tasks are queued ahead: it would start in "
                 f"about {estimate.wait:.2f} s and could end {late_by:.2f} s after its deadline",
                 retry_after=max(1, math.ceil(late_by)),
                 estimate=estimate.as_dict(),

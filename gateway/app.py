@@ -1,101 +1,70 @@
-"""The FastAPI application and its lifespan."""
+"""The standalone gateway: an app of its own with the tasks attached, the demo page,
+health, readiness and metrics."""
 
 from __future__ import annotations
 
-import asyncio
-import logging
-import signal
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import HTMLResponse, JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from gateway import api, metrics, problems
-from gateway.admission import Admission, stop
-from gateway.auth import Auth
-from gateway.broker import Broker
-from gateway.deadletters import DeadLetters
-from gateway.eventlog import EventLog
+from contracts.tasks import Task
+from gateway import problems
+from gateway.api import PROBLEM_RESPONSES
+from gateway.gateway import Gateway, attach
 from gateway.limits import BodyLimit
-from gateway.services import Services
 from gateway.settings import GatewaySettings
-from gateway.tasktable import TaskTable
-from gateway.watches import Watches
 
-log = logging.getLogger("timebox.gateway")
+DEMO_PAGE = (Path(__file__).parent / "static" / "index.html").read_text(encoding="utf-8")
 
 
 def create_app(
-    settings: GatewaySettings | None = None, *, on_failure: Callable[[str], None] | None = None
+    tasks: dict[str, Task[..., Any]],
+    settings: GatewaySettings | None = None,
+    *,
+    on_failure: Callable[[str], None] | None = None,
 ) -> FastAPI:
-    """The gateway. It serves at once and connects to RabbitMQ in the background; if
-    starting fails for another reason than the broker being away, `on_failure` is
-    told why (by default the process gets SIGTERM: whatever serves the app stops)."""
     settings = settings or GatewaySettings()
-    specs = settings.specs()
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        broker = Broker(settings, specs)
-        table = TaskTable(settings.task_table_size)
-        table.listeners.append(metrics.observe)
-        eventlog = EventLog(broker, table)
-        metrics.BROKER_CONNECTED.set_function(lambda: float(broker.connected and eventlog.reading))
-        metrics.TASKS_KNOWN.set_function(lambda: float(len(table)))
-        admission = Admission(settings, broker, table, specs)
-        watches = Watches(broker, table, settings.stream_grace)
-        table.listeners.append(watches.observe)
-        metrics.TIED_TASKS.labels("stream").set_function(lambda: float(watches.tied[0]))
-        metrics.TIED_TASKS.labels("rpc-elsewhere").set_function(lambda: float(watches.tied[1]))
-        services = Services(settings, broker, table, eventlog, admission, Auth(settings), watches)
-        app.state.services = services
-
-        async def connected() -> None:
-            """Waits for the broker, then reads the event stream and keeps the queue
-            figures. Meanwhile the gateway answers: not ready, tasks refused with 503."""
-            try:
-                await broker.start()
-                await eventlog.start()
-                await DeadLetters(broker, table).start()
-                await watches.start(
-                    services.cancel_quietly,
-                    # a stopping gateway's clients are on their way to another one
-                    lambda: broker.connected and eventlog.reading and not services.stopping.done(),
-                )
-                log.info("%s ready on namespace %r", broker.name, settings.namespace)
-                await admission.run()
-            except Exception as exc:  # not the broker away (that is waited for): give up
-                log.exception("cannot start")
-                (on_failure or _terminate)(f"cannot start: {exc!r}")
-
-        # a server that knows (gateway/__main__.py) calls this as soon as it is told to
-        # stop, before it waits for the open requests: those that wait for a task answer
-        # at once, and the event streams end, so that clients go on elsewhere
-        loop = asyncio.get_running_loop()
-        app.state.begin_shutdown = lambda: loop.call_soon_threadsafe(services.begin_shutdown)
-        running = asyncio.create_task(connected())
-        streams = asyncio.create_task(services.end_streams_on_shutdown())
-        try:
-            yield
-        finally:
-            await stop(running)
-            await stop(streams)
-            await services.background.cancel()
-            await watches.close()
-            await eventlog.close()
-            await broker.close()
-
     app = FastAPI(
         title="Timebox",
         version="0.1.0",
         description="CPU-heavy tasks behind HTTP, with deadlines enforced at every layer.",
-        lifespan=lifespan,
     )
+    gateway = attach(app, *tasks.values(), settings=settings, on_failure=on_failure)
     problems.install(app)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
-    api.include(app, specs)
+    _operations(app, gateway)
     return app
 
 
-def _terminate(_why: str) -> None:
-    signal.raise_signal(signal.SIGTERM)
+def _operations(app: FastAPI, gateway: Gateway) -> None:
+    @app.get("/", include_in_schema=False, response_class=HTMLResponse)
+    async def demo_page() -> HTMLResponse:
+        return HTMLResponse(DEMO_PAGE)
+
+    @app.get("/metrics", tags=["operations"], response_class=Response)
+    async def metrics_route() -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/healthz", tags=["operations"])
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["operations"], responses={503: PROBLEM_RESPONSES[503]})
+    async def readyz(request: Request) -> Response:
+        svc = gateway.services
+        if not svc.broker.connected:
+            why = "not connected to RabbitMQ"
+        elif not svc.eventlog.reading:
+            why = "not reading the event stream: reconnecting to RabbitMQ"
+        elif not svc.eventlog.caught_up.is_set():
+            why = "still reading the event stream"
+        else:
+            history = "read" if svc.eventlog.history_read.is_set() else "reading"
+            return JSONResponse(
+                {"status": "ready", "tasks_known": len(svc.table), "history": history}
+            )
+        return problems.problem(503, "not-ready", "Not ready", why, headers={"Retry-After": "1"})

@@ -7,7 +7,6 @@ import logging
 import uuid
 from collections.abc import Awaitable
 from datetime import UTC, datetime
-from typing import Any
 
 import aio_pika
 import aiormq
@@ -44,7 +43,6 @@ from contracts.messages import (
     WatchNotice,
     WorkNotice,
 )
-from contracts.specs import TaskSpec
 from contracts.topology import Topology
 from gateway.settings import GatewaySettings
 
@@ -56,9 +54,9 @@ def _not_connected() -> BrokerUnavailable:
 
 
 class Broker:
-    def __init__(self, settings: GatewaySettings, specs: dict[str, TaskSpec[Any]]) -> None:
+    def __init__(self, settings: GatewaySettings, tasks: list[str]) -> None:
         self.settings = settings
-        self.specs = specs
+        self.tasks = tasks
         self.topology: Topology = settings.topology()
         self.instance = uuid.uuid4().hex
         self.connection: AbstractRobustConnection | None = None
@@ -82,7 +80,7 @@ class Broker:
             log=log,
         )
         self.channel = await self.connection.channel(publisher_confirms=True, on_return_raises=True)
-        await declare(self.channel, self.topology, self.specs)
+        await declare(self.channel, self.topology, self.tasks)
         self._control_exchange = await self.channel.get_exchange(self.topology.control_exchange)
         # work notices need no confirm: a lost one costs a worker's poll interval
         self._notices = await self.connection.channel(publisher_confirms=False)

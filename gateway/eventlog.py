@@ -42,9 +42,10 @@ from yarl import URL
 
 from contracts.background import Background
 from contracts.events import TaskEvent
-from contracts.messages import SYNC_TYPE
+from contracts.messages import SYNC_TYPE, WORKER_TYPE, WorkerAnnouncement
 from gateway import metrics
 from gateway.broker import Broker
+from gateway.fleet import Fleet
 from gateway.tasktable import TaskTable
 
 log = logging.getLogger("timebox.gateway.events")
@@ -64,9 +65,10 @@ OnDelivery = Callable[[DeliveredMessage], Coroutine[Any, Any, None]]
 
 
 class EventLog:
-    def __init__(self, broker: Broker, table: TaskTable) -> None:
+    def __init__(self, broker: Broker, table: TaskTable, fleet: Fleet) -> None:
         self.broker = broker
         self.table = table
+        self.fleet = fleet
         self.caught_up = asyncio.Event()
         self.history_read = asyncio.Event()
         self._connection: AbstractConnection | None = None
@@ -99,7 +101,10 @@ class EventLog:
 
     def live_window_start(self) -> datetime:
         settings = self.broker.settings
-        window = settings.max_timeout + settings.clock_skew + LIVE_WINDOW_MARGIN
+        longest = max(
+            [settings.max_timeout, *(t.max_timeout or 0 for t in self.fleet.tasks.values())]
+        )
+        window = longest + settings.clock_skew + LIVE_WINDOW_MARGIN
         return datetime.fromtimestamp(time.time() - window, tz=UTC)
 
     async def _consume(self) -> Ends:
@@ -183,10 +188,14 @@ class EventLog:
                 self._next_offset = offset + 1
             if self._history_end is None:
                 self._history_end = offset
+        kind = message.header.properties.message_type
         try:
-            if message.header.properties.message_type == SYNC_TYPE:
+            if kind == SYNC_TYPE:
                 if message.body.decode(errors="replace") == self.broker.instance:
                     self.caught_up.set()
+            elif kind == WORKER_TYPE:
+                with contextlib.suppress(ValidationError):
+                    self.fleet.heard(WorkerAnnouncement.model_validate_json(message.body))
             elif offset is not None and offset > self.table.last_offset:
                 event = _event(message, offset)
                 if event is not None:
@@ -220,7 +229,7 @@ class EventLog:
                 next_offset = offset + 1
                 read += 1
                 metrics.EVENTS_READ.inc()
-                if message.header.properties.message_type != SYNC_TYPE:
+                if message.header.properties.message_type not in (SYNC_TYPE, WORKER_TYPE):
                     event = _event(message, offset)
                     if event is not None:
                         self.table.recall(offset, event, message.body)

@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
-from fastapi import Request
 
 from contracts.amqp import until_confirmed
 from contracts.background import Background
@@ -25,11 +24,13 @@ from contracts.errors import (
 )
 from contracts.events import EventType, TaskEvent, TaskState
 from contracts.messages import CancelRequest
+from contracts.tasks import Task
 from gateway import metrics
 from gateway.admission import Admission
 from gateway.auth import Auth
 from gateway.broker import Broker
 from gateway.eventlog import EventLog
+from gateway.fleet import Fleet
 from gateway.settings import GatewaySettings
 from gateway.tasktable import Record, TaskTable
 from gateway.watches import Watches
@@ -40,6 +41,8 @@ log = logging.getLogger("timebox.gateway")
 @dataclass
 class Services:
     settings: GatewaySettings
+    tasks: dict[str, Task[..., Any]]
+    fleet: Fleet
     broker: Broker
     table: TaskTable
     eventlog: EventLog
@@ -153,7 +156,7 @@ class Services:
             raise TaskAlreadyEnded(f"task {status.id} has already ended: {status.state.value}")
         self.broker.require_connected()  # refused before anything is sent
         queued = status.state is TaskState.QUEUED
-        deadline_ms = int(status.deadline.timestamp() * 1000) if status.deadline else 0
+        deadline_ms = record.deadline.epoch_ms if record.deadline else 0
         request = CancelRequest(task_id=status.id, deadline_ms=deadline_ms, announced=queued)
         # a worker drops an announced cancel's task without a word: this event is its end
         announcement = (
@@ -202,15 +205,9 @@ class Services:
             with contextlib.suppress(TaskAlreadyEnded):
                 await self.cancel(record, why)
 
-        deadline = record.status.deadline
         await until_confirmed(
             attempt,
             f"the cancel of task {record.status.id}",
             log,
-            give_up_at=deadline.timestamp() if deadline else None,
+            give_up_at=record.deadline.epoch if record.deadline else None,
         )
-
-
-def services(request: Request) -> Services:
-    found: Services = request.app.state.services
-    return found

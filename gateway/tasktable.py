@@ -14,6 +14,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from contracts.deadline import Deadline
 from contracts.events import EventType, TaskEvent, TaskStatus
 
 
@@ -95,6 +96,7 @@ class Stored:
 class Record:
     status: TaskStatus
     owner: str | None = None
+    deadline: Deadline | None = None
     cost: float | None = None
     local: bool = False  # submitted through this gateway
     idempotency_key: str | None = None
@@ -304,6 +306,8 @@ class TaskTable:
         """What only the `queued` event (read at `offset`) says of its task."""
         if event.type is not EventType.QUEUED:
             return
+        if event.deadline_ms is not None:
+            record.deadline = Deadline(event.deadline_ms)
         record.input_digest = event.input_digest
         record.streamed = bool(event.streamed)
         key = event.idempotency_key

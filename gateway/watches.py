@@ -236,10 +236,8 @@ class Watches:
         orphans: dict[Record, None] = {}
         for tied in (self._streamed, self._awaited_elsewhere):
             for record, followed in list(tied.items()):
-                deadline = record.status.deadline
-                if record.status.state.terminal or (
-                    deadline and deadline.timestamp() < time.time()
-                ):
+                deadline = record.deadline
+                if record.status.state.terminal or (deadline and deadline.expired()):
                     del tied[record]
                 elif record.subscribers or record.waiting:
                     tied[record] = now

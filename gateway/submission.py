@@ -1,0 +1,192 @@
+"""One task's way through a gateway, shared by the HTTP API and the calls an app's own
+endpoints make (gateway/calls.py): admitted or refused, published, then waited for
+until it ends, its deadline passes or its client goes."""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import time
+import uuid
+from typing import Any
+
+from fastapi import Request
+from pydantic import BaseModel
+from starlette.types import Message
+
+from contracts.deadline import Deadline
+from contracts.errors import BrokerUnavailable, ConfirmLost, TimeboxError
+from contracts.events import EventType, TaskEvent
+from contracts.messages import CancelRequest
+from contracts.tasks import Task
+from gateway import metrics
+from gateway.services import Services, log
+from gateway.tasktable import Record
+
+
+class Waited(enum.Enum):
+    ENDED = "ended"  # the task ended, or its deadline passed
+    GONE = "gone"  # the client disconnected
+    RELEASED = "released"  # the wait's bound passed, or the gateway is stopping
+
+
+def deadline_of(svc: Services, task: Task[..., Any], request_timeout: str | None) -> Deadline:
+    """The task's deadline, fixed now from a `Request-Timeout` header value."""
+    default, maximum = svc.settings.timeouts(task)
+    return Deadline.from_timeout_header(request_timeout, default=default, maximum=maximum)
+
+
+async def submit(
+    svc: Services,
+    task: Task[..., Any],
+    task_input: BaseModel,
+    deadline: Deadline,
+    *,
+    owner: str | None,
+    idempotency_key: str | None = None,
+    input_digest: str | None = None,
+    streamed: bool = False,
+) -> Record:
+    """Admits and publishes a task; raises the refusal (503, 422) otherwise."""
+    cost = task.cost_of(task_input)
+    try:
+        svc.broker.require_connected()  # refused before anything is sent or to be undone
+        if not svc.eventlog.reading:  # its outcome could not be seen here
+            raise BrokerUnavailable("not reading the event stream; retry shortly", retry_after=2)
+        svc.admission.admit(task, cost, deadline)
+    except TimeboxError as exc:
+        metrics.REFUSALS.labels(task.name, exc.slug).inc()
+        metrics.REQUESTS.labels(task.name, "rejected").inc()
+        raise
+    task_id = str(uuid.uuid4())
+    queued = TaskEvent(
+        type=EventType.QUEUED,
+        task_id=task_id,
+        task=task.name,
+        deadline_ms=deadline.epoch_ms,
+        cost=cost,
+        owner=owner,
+        idempotency_key=idempotency_key,
+        input_digest=input_digest,
+        streamed=streamed or None,
+    )
+    # Both go out back to back on one channel and are confirmed together: `queued`
+    # reaches the stream long before a worker can receive the task and say `running`
+    # (and the table folds events in any order should it not).
+    record = svc.table.expect(queued)
+    event_sent = asyncio.ensure_future(svc.broker.publish_event(queued))
+    task_sent = False
+    body = task_input.model_dump_json().encode()
+    try:
+        await svc.broker.publish_task(task.name, task_id, body, deadline, owner, cost)
+        task_sent = True
+        await event_sent
+    except TimeboxError as exc:
+        _forget(event_sent)
+        record.refused = True  # an idempotent retry must not find it
+        metrics.REFUSALS.labels(task.name, exc.slug).inc()
+        # The client hears 503; the rest must hear it too, even across a reconnect. Both
+        # matter only until the deadline: then the task message expires unstarted.
+        if task_sent or isinstance(exc, ConfirmLost):  # it may be queued: it must not run
+            cancel = CancelRequest(task_id=task_id, deadline_ms=deadline.epoch_ms, announced=True)
+            svc.spawn(svc.broker.send_cancel(cancel, f"the cancel of refused task {task_id}"))
+        rejected = TaskEvent(
+            type=EventType.REJECTED, task_id=task_id, task=task.name, owner=owner, reason=exc.detail
+        )
+        svc.spawn(svc.broker.announce(rejected, give_up_at=deadline.epoch))
+        raise
+    log.debug("queued %s %s (deadline in %.3f s)", task.name, task_id, deadline.remaining())
+    return record
+
+
+def _forget(publishing: asyncio.Future[None]) -> None:
+    """Stops a publish whose outcome no longer matters; a failure it has already had is
+    the one being answered, not one to log as never retrieved."""
+    if not publishing.cancel() and not publishing.cancelled():
+        publishing.exception()
+
+
+async def wait(
+    svc: Services,
+    request: Request,
+    record: Record,
+    deadline: Deadline,
+    bound: float,
+    *,
+    release_on_stop: bool = True,
+) -> Waited:
+    """Waits for the task's end, racing its deadline (or the client's `bound` on its
+    wait), the client's disconnect and (if `release_on_stop`) this gateway being told
+    to stop. A client that went away has its task cancelled."""
+    remaining = max(0.0, deadline.remaining())
+    ended = asyncio.ensure_future(record.done.wait())
+    gone = asyncio.ensure_future(_until_disconnect(request))
+    waits: set[asyncio.Future[Any]] = {ended, gone}
+    if release_on_stop:
+        waits.add(svc.stopping)  # shared: not to be cancelled here
+    record.waiting += 1
+    svc.watches.await_(record)
+    if record.idempotency_key is not None:
+        svc.watches.follow(record, tell=False)  # said at once by submit, if a retry
+    try:
+        done, _ = await asyncio.wait(
+            waits, timeout=min(remaining, bound), return_when=asyncio.FIRST_COMPLETED
+        )
+    finally:
+        record.waiting -= 1
+        ended.cancel()
+        gone.cancel()
+    if record.done.is_set():
+        return Waited.ENDED
+    if gone in done:
+        why = "the waiting client disconnected"
+        if record.idempotency_key is None:
+            await svc.cancel_quietly(record, why)
+        else:  # the key says it will ask again: as a streaming client, it has a grace
+            svc.spawn(cancel_if_abandoned(svc, record, why))
+        return Waited.GONE
+    if svc.stopping in done or bound < remaining:
+        svc.watches.release(record)  # the task runs on; its Location can be followed
+        return Waited.RELEASED
+    return Waited.ENDED
+
+
+async def _until_disconnect(request: Request) -> None:
+    while True:
+        message: Message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def cancel_if_abandoned(svc: Services, record: Record, why: str) -> None:
+    """A streaming client that went away, or an RPC's with an Idempotency-Key, has
+    `stream_grace` seconds to come back, here or through another gateway
+    (gateway/watches.py): to its events, or with the same key. Its task is cancelled
+    after a whole grace in which no client followed it, here or elsewhere. One check
+    runs per task: a client that leaves again moves the end of the grace on."""
+    record.left_at = time.monotonic()
+    if record.abandon_check:
+        return
+    record.abandon_check = True
+    grace = svc.settings.stream_grace
+    said = False
+    try:
+        while not record.status.state.terminal:
+            if (wait := record.left_at + grace - time.monotonic()) > 0:
+                await asyncio.sleep(wait)
+            elif record.subscribers or record.waiting:
+                return  # back here: when it leaves again, a new check starts
+            elif svc.watches.followed_elsewhere(record):
+                if not said:
+                    log.info(
+                        "%s %s followed through another gateway",
+                        record.status.task,
+                        record.status.id,
+                    )
+                    said = True
+                await asyncio.sleep(grace)  # watched for as long as notices come
+            else:
+                await svc.cancel_quietly(record, why)
+                return
+    finally:
+        record.abandon_check = False
