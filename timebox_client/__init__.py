@@ -1,8 +1,10 @@
 """A Python client for Timebox: submit, call (RPC), status, cancel, and an event stream
 that resumes with `Last-Event-ID` after a dropped connection. Sync and async.
 
+    from examples.tasks import count_primes
+
     with Client("http://127.0.0.1:8000") as tb:
-        print(tb.call("count_primes", {"n": 100_000}, request_timeout=10))   # {'count': 9592}
+        print(tb.call(count_primes, n=100_000))        # Counted(count=9592)
         task = tb.submit("burn_cpu", {"seconds": 2})
         for event in tb.events(task.id):
             print(event.type, event.progress)
@@ -10,8 +12,11 @@ that resumes with `Last-Event-ID` after a dropped connection. Sync and async.
 
 from timebox_client.client import AsyncClient, Client
 from timebox_client.errors import (
+    ClientGone,
     DeadlineUnmeetable,
     IdempotencyKeyReused,
+    InvalidInput,
+    NoWorker,
     Overloaded,
     ProblemError,
     TaskCancelled,
@@ -22,8 +27,11 @@ from timebox_client.errors import (
 __all__ = [
     "AsyncClient",
     "Client",
+    "ClientGone",
     "DeadlineUnmeetable",
     "IdempotencyKeyReused",
+    "InvalidInput",
+    "NoWorker",
     "Overloaded",
     "ProblemError",
     "TaskCancelled",

@@ -4,25 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterator
-from typing import Any
+from collections.abc import AsyncIterator, Iterator, Mapping
+from typing import Any, TypeVar, overload
 
 import httpx
 from httpx_sse import aconnect_sse, connect_sse
-from pydantic import JsonValue
+from pydantic import BaseModel, JsonValue
 
-from contracts.events import TaskEvent, TaskState, TaskStatus
-from timebox_client.errors import (
-    Overloaded,
-    ProblemError,
-    TaskCancelled,
-    TaskFailed,
-    TaskTimedOut,
-    raise_for_problem,
-)
+from contracts.errors import ending
+from contracts.events import TaskEvent, TaskStatus
+from contracts.tasks import Task
+from timebox_client.errors import Overloaded, raise_for_problem
 
 # the server answers an RPC by its deadline; allow this much more for the network
 RPC_SLACK = 5.0
+
+R = TypeVar("R")
+Input = BaseModel | Mapping[str, Any] | None
 
 
 def _headers(
@@ -48,48 +46,42 @@ def _status(response: httpx.Response) -> TaskStatus:
     return TaskStatus.model_validate(response.json())
 
 
-def _result(response: httpx.Response) -> JsonValue:
-    return _status(response).result
+def _body(task: Task[..., Any] | str, given: Input, fields: dict[str, Any]) -> tuple[str, Any]:
+    """(task name, JSON body): a decorated function's input is validated here first."""
+    if isinstance(task, Task):
+        return task.name, task.parse(given, **fields).model_dump(mode="json")
+    if isinstance(given, BaseModel):
+        return task, given.model_dump(mode="json") | fields
+    return task, dict(given or {}) | fields
 
 
 def _call(
-    api_key: str | None, task: str, task_input: dict[str, Any], request_timeout: float
+    api_key: str | None,
+    task: Task[..., Any] | str,
+    given: Input,
+    fields: dict[str, Any],
+    request_timeout: float | None,
 ) -> dict[str, Any]:
     """The RPC request of `call`, as keyword arguments of httpx's `post`."""
+    name, body = _body(task, given, fields)
+    if request_timeout is None and isinstance(task, Task):
+        request_timeout = task.timeout
+    read = None if request_timeout is None else request_timeout + RPC_SLACK
     return {
-        "url": f"/v1/tasks/{task}",
-        "json": task_input,
+        "url": f"/v1/tasks/{name}",
+        "json": body,
         "headers": _headers(api_key, request_timeout, wait=True),
-        "timeout": request_timeout + RPC_SLACK,
+        "timeout": httpx.Timeout(30.0, read=read),  # None: the gateway's default deadline
     }
 
 
-# how an RPC answers a task that did not succeed: its problem's class, status and type
-_ENDINGS: dict[TaskState, tuple[type[ProblemError], int, str]] = {
-    TaskState.FAILED: (TaskFailed, 500, "task-failed"),
-    TaskState.EXPIRED: (TaskTimedOut, 504, "task-expired"),
-    TaskState.ABORTED: (TaskTimedOut, 504, "task-aborted"),
-    TaskState.CANCELLED: (TaskCancelled, 409, "task-cancelled"),
-    TaskState.REJECTED: (Overloaded, 503, "task-rejected"),
-}
-
-
-def _ended(status: TaskStatus) -> JsonValue:
-    """What `call` gives for a task it followed to its end after a `202` (the gateway
-    stopped while it waited): the result, or the error the RPC's answer would raise."""
-    if status.state is TaskState.SUCCEEDED:
-        return status.result
-    kind, code, slug = _ENDINGS.get(status.state, (ProblemError, 504, "deadline-passed"))
-    error = status.error
-    detail = f"{error.type}: {error.message}" if error else status.reason or status.state.value
-    body = {
-        "type": f"/problems/{slug}",
-        "title": f"Task {status.state.value}",
-        "status": code,
-        "detail": detail,
-        "task": status.model_dump(mode="json"),
-    }
-    raise kind(code, body, httpx.Headers())
+def _result(task: Task[..., Any] | str, status: TaskStatus) -> Any:
+    """A task's result, as its function's return type when the task is one; raises the
+    error its RPC answers for an ending without a result."""
+    problem = ending(status)
+    if problem is not None:
+        raise problem
+    return task.output.validate_python(status.result) if isinstance(task, Task) else status.result
 
 
 class _Resume:
@@ -153,32 +145,62 @@ class Client:
 
     def submit(
         self,
-        task: str,
-        task_input: dict[str, Any],
+        task: Task[..., Any] | str,
+        task_input: Input = None,
+        /,
         *,
         request_timeout: float | None = None,
         idempotency_key: str | None = None,
+        **fields: Any,
     ) -> TaskStatus:
         """Queues a task (`202`) and returns its status at once."""
-        return _status(
-            self._http.post(
-                f"/v1/tasks/{task}",
-                json=task_input,
-                headers=_headers(self.api_key, request_timeout, idempotency_key=idempotency_key),
-            )
-        )
+        name, body = _body(task, task_input, fields)
+        headers = _headers(self.api_key, request_timeout, idempotency_key=idempotency_key)
+        return _status(self._http.post(f"/v1/tasks/{name}", json=body, headers=headers))
 
-    def call(self, task: str, task_input: dict[str, Any], *, request_timeout: float) -> JsonValue:
-        """Runs a task and returns its result, or raises (TaskFailed, TaskTimedOut, …).
-        A gateway told to stop while it waits answers `202`: the task is then followed
-        to its end through the same URL (another gateway, or this one restarted)."""
-        response = self._http.post(**_call(self.api_key, task, task_input, request_timeout))
-        if response.status_code != 202:
-            return _result(response)
-        task_id = _status(response).id
-        for _ in self.events(task_id):
+    @overload
+    def call(
+        self,
+        task: Task[..., R],
+        task_input: Input = None,
+        /,
+        *,
+        request_timeout: float | None = None,
+        **fields: Any,
+    ) -> R: ...
+
+    @overload
+    def call(
+        self,
+        task: str,
+        task_input: Input = None,
+        /,
+        *,
+        request_timeout: float | None = None,
+        **fields: Any,
+    ) -> JsonValue: ...
+
+    def call(
+        self,
+        task: Task[..., Any] | str,
+        task_input: Input = None,
+        /,
+        *,
+        request_timeout: float | None = None,
+        **fields: Any,
+    ) -> Any:
+        """Runs a task (a decorated function, or a task type's name) on an input (a
+        model, a mapping or keyword fields) and returns its result — of the function's
+        return type — or raises how it ended (TaskFailed, TaskTimedOut, …). A gateway
+        told to stop while it waits answers `202`: the task is then followed to its end
+        through the same URL (another gateway, or this one restarted)."""
+        request = _call(self.api_key, task, task_input, fields, request_timeout)
+        status = _status(self._http.post(**request))
+        if status.state.terminal:
+            return _result(task, status)
+        for _ in self.events(status.id):
             pass
-        return _ended(self.status(task_id))
+        return _result(task, self.status(status.id))
 
     def status(self, task_id: str) -> TaskStatus:
         return _status(self._http.get(f"/v1/tasks/{task_id}", headers=_headers(self.api_key)))
@@ -242,30 +264,56 @@ class AsyncClient:
 
     async def submit(
         self,
-        task: str,
-        task_input: dict[str, Any],
+        task: Task[..., Any] | str,
+        task_input: Input = None,
+        /,
         *,
         request_timeout: float | None = None,
         idempotency_key: str | None = None,
+        **fields: Any,
     ) -> TaskStatus:
-        return _status(
-            await self._http.post(
-                f"/v1/tasks/{task}",
-                json=task_input,
-                headers=_headers(self.api_key, request_timeout, idempotency_key=idempotency_key),
-            )
-        )
+        name, body = _body(task, task_input, fields)
+        headers = _headers(self.api_key, request_timeout, idempotency_key=idempotency_key)
+        return _status(await self._http.post(f"/v1/tasks/{name}", json=body, headers=headers))
+
+    @overload
+    async def call(
+        self,
+        task: Task[..., R],
+        task_input: Input = None,
+        /,
+        *,
+        request_timeout: float | None = None,
+        **fields: Any,
+    ) -> R: ...
+
+    @overload
+    async def call(
+        self,
+        task: str,
+        task_input: Input = None,
+        /,
+        *,
+        request_timeout: float | None = None,
+        **fields: Any,
+    ) -> JsonValue: ...
 
     async def call(
-        self, task: str, task_input: dict[str, Any], *, request_timeout: float
-    ) -> JsonValue:
-        response = await self._http.post(**_call(self.api_key, task, task_input, request_timeout))
-        if response.status_code != 202:
-            return _result(response)
-        task_id = _status(response).id
-        async for _ in self.events(task_id):
+        self,
+        task: Task[..., Any] | str,
+        task_input: Input = None,
+        /,
+        *,
+        request_timeout: float | None = None,
+        **fields: Any,
+    ) -> Any:
+        request = _call(self.api_key, task, task_input, fields, request_timeout)
+        status = _status(await self._http.post(**request))
+        if status.state.terminal:
+            return _result(task, status)
+        async for _ in self.events(status.id):
             pass
-        return _ended(await self.status(task_id))
+        return _result(task, await self.status(status.id))
 
     async def status(self, task_id: str) -> TaskStatus:
         return _status(await self._http.get(f"/v1/tasks/{task_id}", headers=_headers(self.api_key)))
