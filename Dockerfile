@@ -4,7 +4,12 @@ COPY pyproject.toml README.md ./
 COPY contracts contracts
 COPY gateway gateway
 COPY compute compute
+COPY timebox timebox
+COPY timebox_client timebox_client
 RUN pip install --no-cache-dir . && useradd --system --no-create-home timebox
+# your own task modules go here too (COPY them, or install them with pip); the demo's:
+COPY examples examples
+ENV TIMEBOX_TASK_MODULES=examples.tasks
 USER timebox
 EXPOSE 8000
 CMD ["timebox-gateway", "--host", "0.0.0.0", "--port", "8000"]

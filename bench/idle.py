@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from bench.stack import CpuMeter, Stack, broker_cpu, raft_index
 from compute.pool import cpu_seconds_of
-from contracts.specs import load_specs
+from contracts.tasks import load_tasks
 from contracts.topology import Topology
 
 WINDOW = 20.0
@@ -24,7 +24,10 @@ def main(workers: int = 1) -> None:
     with Stack() as stack:
         stack.gateway()
         procs = [stack.worker(2) for _ in range(workers)]
-        queues = [Topology(namespace=stack.namespace).task_queue(t) for t in load_specs()]
+        queues = [
+            Topology(namespace=stack.namespace).task_queue(t)
+            for t in load_tasks(["examples.tasks"])
+        ]
         time.sleep(3)  # past the start's sweep
         readers: dict[str, Callable[[], float | None] | None] = {
             f"worker {i}": functools.partial(cpu_seconds_of, p.pid) for i, p in enumerate(procs)

@@ -133,6 +133,7 @@ class Stack:
             "TIMEBOX_AMQP_URL": AMQP_URL,
             "TIMEBOX_NAMESPACE": self.namespace,
             "TIMEBOX_LOG_FORMAT": "text",
+            "TIMEBOX_TASK_MODULES": "examples.tasks",
             **env,
         }
         self.procs: list[Proc] = []

@@ -14,12 +14,12 @@ import aio_pika
 import httpx
 import pytest
 
-from contracts.specs import load_specs
+from contracts.tasks import load_tasks, module_names
 from contracts.topology import Topology
-from tests.harness import Gateway, Worker
+from tests.harness import Announcer, Gateway, Worker
 
 LOCAL_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
-PLUGINS = "tests.sample_tasks"
+MODULES = "examples.tasks,tests.sample_tasks"
 
 
 def _answers(url: str) -> bool:
@@ -64,7 +64,7 @@ def amqp_url() -> Iterator[str]:
 
 
 async def delete_namespace(url: str, namespace: str) -> None:
-    exchanges, queues = Topology(namespace=namespace).owned_names(load_specs([PLUGINS]))
+    exchanges, queues = Topology(namespace=namespace).owned_names(load_tasks(module_names(MODULES)))
     connection = await aio_pika.connect(url)
     async with connection:
         for name in queues:
@@ -87,6 +87,7 @@ class Stack:
     env: dict[str, str]
     gateways: list[Gateway] = field(default_factory=list)
     workers: list[Worker] = field(default_factory=list)
+    announcers: list[Announcer] = field(default_factory=list)
 
     @property
     def url(self) -> str:
@@ -103,17 +104,31 @@ class Stack:
         return g
 
     def worker(self, concurrency: int = 2, *extra: str, **env: str) -> Worker:
+        """A worker, ready, and heard of by every gateway started before it."""
         w = Worker(
             f"worker{len(self.workers)}", {**self.env, **env}, self.log_dir, concurrency, *extra
         )
         self.workers.append(w)
         w.wait_ready()
+        for g in self.gateways:
+            g.wait_hears(w.status_name)
         return w
+
+    def busy_worker(self, *tasks: str) -> Announcer:
+        """A worker that serves `tasks` and never takes a message (every slot busy, as
+        far as anyone can tell): their tasks stay queued."""
+        announcer = Announcer(self.amqp_url, self.namespace, list(tasks))
+        self.announcers.append(announcer)
+        for g in self.gateways:
+            g.wait_hears(announcer.name)
+        return announcer
 
     def client(self, index: int = 0, timeout: float = 30.0) -> httpx.Client:
         return httpx.Client(base_url=self.gateways[index].url, timeout=timeout)
 
     def stop(self) -> None:
+        for announcer in self.announcers:
+            announcer.stop()
         procs = [*self.workers, *self.gateways]
         for p in procs:  # all at once: each takes a moment to stop
             p.terminate()
@@ -126,7 +141,7 @@ def _make_stack(amqp_url: str, log_dir: Path, **env: str) -> Stack:
     base = {
         "TIMEBOX_AMQP_URL": amqp_url,
         "TIMEBOX_NAMESPACE": namespace,
-        "TIMEBOX_TASK_PLUGINS": PLUGINS,
+        "TIMEBOX_TASK_MODULES": MODULES,
         **env,
     }
     return Stack(amqp_url, namespace, log_dir, base)

@@ -23,6 +23,8 @@ from compute.child import die_with_parent
 from contracts.amqp import publish_event
 from contracts.declare import counts, declare
 from contracts.events import EventType, TaskEvent
+from contracts.messages import WORKER_TYPE, WorkerAnnouncement
+from contracts.tasks import load_tasks
 from contracts.topology import Topology
 
 
@@ -144,9 +146,23 @@ class Gateway(Proc):
         # gateway) starts alongside it
         self._wait_on_use = ready_on_use
         self._first_use = threading.Lock()  # the other users of its URL wait for the first
+        self._key = (env.get("TIMEBOX_API_KEYS") or "").split(",")[0].strip()
         super().__init__(
             name, [sys.executable, "-m", "gateway", "--port", str(self.port)], env, log_dir, cwd
         )
+
+    def wait_hears(self, worker: str, timeout: float = 20.0) -> None:
+        """Waits until this gateway has heard the worker's announcement."""
+        headers = {"Authorization": f"Bearer {self._key}"} if self._key else {}
+        end = time.monotonic() + timeout
+        while True:
+            with contextlib.suppress(httpx.HTTPError, ValueError):
+                heard = httpx.get(f"{self.url}/v1/workers", headers=headers, timeout=2).json()
+                if any(w.get("worker") == worker for w in heard):
+                    return
+            if time.monotonic() > end:
+                raise AssertionError(f"{self.name} never heard of worker {worker}")
+            time.sleep(0.05)
 
     @property
     def url(self) -> str:
@@ -196,6 +212,45 @@ class Worker(Proc):
     def status_name(self) -> str:
         """How a task's status names this worker."""
         return f"{socket.gethostname()}:{self.pid}"
+
+
+class Announcer:
+    """Announces a worker of `tasks` every second, as a worker does, that takes no
+    message: the gateways send it work, which stays queued."""
+
+    def __init__(self, amqp_url: str, namespace: str, tasks: list[str]) -> None:
+        from tests.conftest import MODULES
+
+        digests = {t.name: t.digest for t in load_tasks(MODULES.split(",")).values()}
+        self.name = f"busy-{os.getpid()}-{id(self)}"
+        self._announcement = WorkerAnnouncement(
+            worker=self.name, tasks={t: digests[t] for t in tasks}, slots=1, busy=1
+        )
+        self._stream = Topology(namespace=namespace).events_stream
+        self._url = amqp_url
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
+        self._thread.start()
+
+    async def _run(self) -> None:
+        connection = await aio_pika.connect(self._url)
+        async with connection:
+            channel = await connection.channel()
+
+            async def announce(stopping: bool) -> None:
+                update = {"at": time.time(), "stopping": stopping}
+                body = self._announcement.model_copy(update=update).model_dump_json()
+                message = aio_pika.Message(body.encode(), type=WORKER_TYPE)
+                await channel.default_exchange.publish(message, self._stream)
+
+            while not self._stopping.is_set():
+                await announce(stopping=False)
+                await asyncio.to_thread(self._stopping.wait, 1.0)
+            await announce(stopping=True)
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._thread.join(10)
 
 
 TICK = os.sysconf("SC_CLK_TCK")

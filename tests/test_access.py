@@ -218,7 +218,8 @@ def test_hostile_messages_on_a_task_queue_are_parked_and_the_worker_serves_on(
 
 def test_slow_and_idle_clients_do_not_stop_normal_requests(make_stack) -> None:
     stack: Stack = make_stack()
-    gateway = stack.gateway()  # no worker: the streamed task stays queued
+    gateway = stack.gateway()
+    stack.busy_worker("echo")  # the streamed task stays queued
     with stack.client() as c:
         task_id = c.post("/v1/tasks/echo", json={"payload": 1}).json()["id"]
 

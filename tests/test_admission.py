@@ -13,6 +13,14 @@ from compute.outcome import Kind
 from compute.settings import WorkerSettings
 from compute.worker import Delivery, Worker
 from contracts.deadline import Deadline
+from contracts.estimates import RunTimes
+from contracts.events import EventType, TaskEvent
+from contracts.messages import WorkerAnnouncement
+from contracts.tasks import load_tasks
+from gateway.admission import Admission
+from gateway.fleet import Fleet
+from gateway.settings import GatewaySettings
+from gateway.tasktable import TaskTable
 from tests.conftest import Stack
 from tests.harness import (
     messages_ready,
@@ -35,6 +43,14 @@ def learn(client: httpx.Client, seconds: float, times: int = 5) -> None:
 
 def instant(value: str) -> float:
     return datetime.fromisoformat(value).timestamp()
+
+
+def fleet_of(task: str, slots: int = 1) -> Fleet:
+    """The demo task `task` and one live worker of `slots` serving it."""
+    tasks = {task: load_tasks(["examples.tasks"])[task]}
+    fleet = Fleet(tasks, clock_skew=0.05)
+    fleet.heard(WorkerAnnouncement(worker="w", tasks={task: tasks[task].digest}, slots=slots))
+    return fleet
 
 
 def test_fair_dispatch_spreads_equal_tasks_evenly_over_workers(make_stack) -> None:
@@ -281,7 +297,7 @@ def test_an_input_too_big_for_its_deadline_is_a_permanent_422(make_stack) -> Non
         assert problem["estimate"]["estimated_run"] > 4
         # sized by the run time 99 in 100 runs stay under, as the worker's start rule:
         # on a loaded machine 1 s of CPU can take well over 1 s of wall time
-        fits = problem["largest_input_that_fits"]["seconds"]
+        fits = problem["largest_cost_that_fits"]  # burn_cpu's cost: its seconds
         assert 0.3 < fits < 2.0
         ok = client.post(
             "/v1/tasks/burn_cpu",
@@ -294,7 +310,8 @@ def test_an_input_too_big_for_its_deadline_is_a_permanent_422(make_stack) -> Non
 
 def test_a_full_queue_refuses_with_503_and_the_task_is_rejected(make_stack) -> None:
     stack: Stack = make_stack(TIMEBOX_QUEUE_MAX_LENGTH="2")
-    stack.gateway()  # no worker: the queue fills up
+    stack.gateway()
+    stack.busy_worker("echo")  # the queue fills up
     with stack.client() as client:
         responses = [client.post("/v1/tasks/echo", json={"payload": 1}) for _ in range(5)]
         codes = [r.status_code for r in responses]
@@ -357,7 +374,8 @@ def test_behind_a_backlog_a_task_only_the_slowest_recent_run_would_miss_is_not_s
     while more wait (the next one has more time left)."""
 
     async def scenario() -> None:
-        worker = Worker(WorkerSettings(), tasks=["echo"])
+        worker = Worker(WorkerSettings(), ["examples.tasks"], tasks=["echo"])
+        worker.runtimes["echo"] = RunTimes()
         for _ in range(199):
             worker.runtimes["echo"].add(0.1)
         worker.runtimes["echo"].add(1.0)
@@ -406,16 +424,8 @@ def test_the_wait_behind_a_backlog_comes_from_how_fast_it_really_drains() -> Non
     """One slot; each task runs 0.1 s but the slot takes 0.125 s per task (the worker's
     dispatch gap): the wait is estimated from the 8 tasks/s measured while a backlog
     drained, not from the 10/s the run times alone would say."""
-    from contracts.events import EventType, TaskEvent
-    from contracts.specs import SPECS
-    from gateway.admission import Admission
-    from gateway.settings import GatewaySettings
-    from gateway.tasktable import TaskTable
-
-    specs = {"burn_cpu": SPECS["burn_cpu"]}
     table = TaskTable(1000)
-    admission = Admission(GatewaySettings(), None, table, specs)  # type: ignore[arg-type]
-    admission.figures["burn_cpu"].workers = 1
+    admission = Admission(GatewaySettings(), None, table, fleet_of("burn_cpu"))  # type: ignore[arg-type]
     offsets = itertools.count()
 
     def event(kind: EventType, task_id: str, at: float, **fields: object) -> None:
@@ -430,11 +440,11 @@ def test_the_wait_behind_a_backlog_comes_from_how_fast_it_really_drains() -> Non
         event(EventType.QUEUED, f"t{i}", start)
     for i in range(20):  # one after another, 0.125 s apart, with work always waiting
         began = start + 0.125 * i
-        event(EventType.RUNNING, f"t{i}", began, worker="w", slots=1)
+        event(EventType.RUNNING, f"t{i}", began, worker="w")
         event(EventType.SUCCEEDED, f"t{i}", began + 0.1, ran=0.1)
     assert admission.drain["burn_cpu"].per_second(time.time()) == pytest.approx(8.0)
     assert admission.runtimes["burn_cpu"].mean() == pytest.approx(0.1)
-    event(EventType.RUNNING, "t20", start + 2.5, worker="w", slots=1)
+    event(EventType.RUNNING, "t20", start + 2.5, worker="w")
     estimate = admission.estimate("burn_cpu")
     assert (estimate.ready, estimate.running, estimate.parallelism) == (backlog - 21, 1, 1)
     # 9 queued ahead of a new task, the running one half done on average, 8 a second
@@ -444,14 +454,8 @@ def test_the_wait_behind_a_backlog_comes_from_how_fast_it_really_drains() -> Non
 def test_tasks_this_gateway_queues_count_before_the_stream_brings_their_events_back() -> None:
     """A burst of submissions to one gateway: each is judged with the ones before it
     queued, not only with those whose `queued` event the stream has delivered so far."""
-    from contracts.events import EventType, TaskEvent
-    from contracts.specs import SPECS
-    from gateway.admission import Admission
-    from gateway.settings import GatewaySettings
-    from gateway.tasktable import TaskTable
-
     table = TaskTable(1000)
-    admission = Admission(GatewaySettings(), None, table, {"echo": SPECS["echo"]})  # type: ignore[arg-type]
+    admission = Admission(GatewaySettings(), None, table, fleet_of("echo"))  # type: ignore[arg-type]
     queued = [TaskEvent(type=EventType.QUEUED, task_id=f"t{i}", task="echo") for i in range(3)]
     for event in queued:
         table.expect(event)

@@ -38,7 +38,8 @@ def test_sync_client_submits_calls_reads_and_cancels(session_stack: Stack) -> No
         with pytest.raises(TaskFailed) as failed:
             tb.call("explode", {"message": "bad input"}, request_timeout=10)
         assert failed.value.task is not None
-        assert failed.value.task["error"]["message"] == "bad input"
+        assert failed.value.task.error is not None
+        assert failed.value.task.error.message == "bad input"
         with pytest.raises(TaskTimedOut):
             tb.call("burn_cpu", {"seconds": 30}, request_timeout=1)
         long = tb.submit("burn_cpu", {"seconds": 30})
@@ -226,27 +227,41 @@ def test_a_call_whose_gateway_is_stopped_while_it_waits_still_returns_the_result
     assert answer["seconds"] == pytest.approx(7, abs=0.01)
 
 
-def test_a_call_followed_to_its_end_raises_what_its_rpc_answer_would() -> None:
+@pytest.mark.parametrize(
+    ("state", "kind", "code", "slug"),
+    [
+        ("failed", TaskFailed, 500, "task-failed"),
+        ("aborted", TaskTimedOut, 504, "task-aborted"),
+        ("expired", TaskTimedOut, 504, "task-expired"),
+        ("running", TaskTimedOut, 504, "deadline-passed"),
+        ("cancelled", TaskCancelled, 409, "task-cancelled"),
+        ("rejected", Overloaded, 503, "task-rejected"),
+    ],
+)
+def test_each_ending_is_one_error_on_the_gateway_and_the_same_in_the_client(
+    state: str, kind: type[ProblemError], code: int, slug: str
+) -> None:
+    """One table: what the gateway answers for a task's end, what `call` raises from
+    that answer, and what it raises for a task it followed to its end after a `202`."""
+    from contracts.errors import ending
     from contracts.events import ErrorInfo, TaskState, TaskStatus
-    from timebox_client.client import _ended
+    from timebox_client.client import _result
 
-    def ending(state: TaskState, **fields: object) -> TaskStatus:
-        return TaskStatus(id="t", task="echo", state=state, **fields)  # type: ignore[arg-type]
-
-    assert _ended(ending(TaskState.SUCCEEDED, result={"payload": 1})) == {"payload": 1}
-    with pytest.raises(TaskFailed) as failed:
-        _ended(ending(TaskState.FAILED, error=ErrorInfo(type="ValueError", message="bad")))
-    assert failed.value.status == 500
-    assert failed.value.detail == "ValueError: bad"
-    assert failed.value.task is not None
-    assert failed.value.task["state"] == "failed"
-    for state in (TaskState.ABORTED, TaskState.EXPIRED):
-        with pytest.raises(TaskTimedOut):
-            _ended(ending(state, reason="deadline"))
-    with pytest.raises(TaskCancelled):
-        _ended(ending(TaskState.CANCELLED, reason="cancelled by DELETE"))
-    with pytest.raises(Overloaded):
-        _ended(ending(TaskState.REJECTED, reason="queue full"))
+    status = TaskStatus(
+        id="t", task="echo", state=TaskState(state), error=ErrorInfo(type="E", message="m")
+    )
+    served = ending(status)
+    assert type(served) is kind or isinstance(served, kind)
+    assert (served.status, served.slug) == (code, slug)
+    read = ProblemError.from_problem(served.status, served.body)
+    assert isinstance(read, kind)
+    assert (read.status, read.slug, read.detail) == (code, slug, served.detail)
+    assert read.task == status
+    with pytest.raises(kind):
+        _result("echo", status)
+    ok = TaskStatus(id="t", task="echo", state=TaskState.SUCCEEDED, result={"payload": 1})
+    assert ending(ok) is None
+    assert _result("echo", ok) == {"payload": 1}
 
 
 def test_refusals_come_back_as_typed_errors(make_stack) -> None:
@@ -258,7 +273,7 @@ def test_refusals_come_back_as_typed_errors(make_stack) -> None:
             tb.call("burn_cpu", {"seconds": 0.2}, request_timeout=10)
         with pytest.raises(DeadlineUnmeetable) as refused:
             tb.submit("burn_cpu", {"seconds": 10}, request_timeout=2)
-        assert refused.value.body["largest_input_that_fits"]["seconds"] < 2
+        assert refused.value.body["largest_cost_that_fits"] < 2
         first = tb.submit("echo", {"payload": 1}, idempotency_key="typed-errors")
         assert tb.submit("echo", {"payload": 1}, idempotency_key="typed-errors").id == first.id
         with pytest.raises(IdempotencyKeyReused) as reused:

@@ -170,7 +170,8 @@ def test_task_types_list_schemas_and_limits(client: httpx.Client) -> None:
     primes = types["count_primes"]
     assert primes["input_schema"]["properties"]["n"]["minimum"] == 2
     assert primes["output_schema"]["properties"]["count"]["type"] == "integer"
-    assert primes["limits"]["n"]["le"] > 0
+    assert primes["limits"]["n"] == {"minimum": 2, "maximum": 50_000_000}  # from the schema
+    assert primes["timeout"] == {"default": 60, "maximum": 600}
 
 
 def test_health_and_readiness(client: httpx.Client) -> None:
@@ -205,7 +206,8 @@ def test_a_second_gateway_serves_a_task_submitted_through_the_first(make_stack) 
 
 def test_a_task_message_carries_the_properties_the_design_lists(make_stack) -> None:
     stack: Stack = make_stack()
-    stack.gateway()  # no worker: the message stays in its queue to be read
+    stack.gateway()
+    stack.busy_worker("echo")  # the message stays in its queue to be read
     with stack.client() as c:
         before = time.time()
         response = c.post("/v1/tasks/echo", json={"payload": 1}, headers={"Request-Timeout": "30"})

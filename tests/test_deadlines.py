@@ -727,7 +727,8 @@ def test_programs_refuse_invalid_settings_with_a_clear_message() -> None:
 
 def test_a_message_dead_lettered_for_another_reason_fails_and_is_parked(make_stack) -> None:
     stack: Stack = make_stack()
-    stack.gateway()  # no worker: the test plays a consumer that rejects
+    stack.gateway()
+    stack.busy_worker("echo")  # the test plays a consumer that rejects
     with stack.client() as client:
         task_id = client.post("/v1/tasks/echo", json={"payload": "x"}).json()["id"]
 

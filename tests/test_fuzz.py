@@ -24,7 +24,7 @@ def fuzz_stack(amqp_url: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
         1,
         TIMEBOX_DEFAULT_TIMEOUT="0.5",
         TIMEBOX_MAX_TIMEOUT="1",
-        TIMEBOX_TASK_PLUGINS="",
+        TIMEBOX_TASK_MODULES="examples.tasks",
     ) as stack:
         yield stack
     print(f"\nfuzz: {sum(SENT.values())} requests, status codes {dict(sorted(SENT.items()))}")

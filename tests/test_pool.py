@@ -13,7 +13,6 @@ import time
 import pytest
 
 from compute import runner
-from compute.child import PLUGINS_ENV
 from compute.forkserver import ForkServer
 from compute.outcome import Kind
 from compute.pool import PROTOCOL_LIMIT, Child, Pool
@@ -21,6 +20,8 @@ from contracts.deadline import Deadline
 from tests.harness import alive
 
 pytestmark = pytest.mark.timeout(30)
+
+DEMO = ["examples.tasks"]
 
 
 def request(task: str, input_json: str) -> dict[str, object]:
@@ -45,7 +46,7 @@ async def echo_through(pool: Pool) -> None:
 
 @pytest.fixture
 async def pool():
-    pool = Pool(1)
+    pool = Pool(1, DEMO)
     await pool.start()
     yield pool
     await pool.close()
@@ -131,7 +132,7 @@ async def test_a_child_that_died_idle_is_never_handed_a_task(pool: Pool) -> None
 async def test_a_fork_server_that_stops_forking_is_replaced() -> None:
     """A fork server that never answers would leave a killed child's slot empty for
     good: a new child that is not ready in time gets its slot from a new server."""
-    pool = Pool(1, ready_within=0.5)
+    pool = Pool(1, DEMO, ready_within=0.5)
     await pool.start()
     try:
         hung = pool.server.pid
@@ -159,9 +160,9 @@ async def test_a_fork_server_still_importing_the_task_code_is_waited_for(
 ) -> None:
     """Only a server that has loaded the task code and then forks nothing is hung: one
     slow to import it (here 1.5 s, against 0.5 s for a child to be ready) is not killed."""
-    monkeypatch.setenv(PLUGINS_ENV, "tests.slow_import_tasks")
     monkeypatch.setenv("TIMEBOX_TEST_IMPORT_SECONDS", "1.5")
-    pool = Pool(1, ready_within=0.5)  # 0.2 s was too short for a fork on two busy cores
+    # 0.2 s was too short for a fork on two busy cores
+    pool = Pool(1, ["tests.slow_import_tasks"], ready_within=0.5)
     try:
         await asyncio.wait_for(pool.start(), 20)
         server = pool.server.pid
@@ -176,7 +177,7 @@ async def test_the_fork_server_reports_every_child_of_many_that_end_together() -
     """Children that end all at once: the fork server reaps each, reports each exit,
     and lives on (a SIGCHLD handled inside the handler once reaped a child under its
     feet, and the error it raised killed the server; seen once in CI)."""
-    server = ForkServer(0, PROTOCOL_LIMIT)
+    server = ForkServer(0, PROTOCOL_LIMIT, DEMO)
     await server.start()
     try:
         for _ in range(5):
@@ -223,7 +224,7 @@ async def test_closing_the_pool_while_it_replaces_a_child_leaves_no_pipe_open() 
     whatever step it is at, every pipe of the pool is closed."""
     before = open_fds()
     for turns in range(12):
-        pool = Pool(1)
+        pool = Pool(1, DEMO)
         await pool.start()
         child = await pool.acquire()
         child.discard()

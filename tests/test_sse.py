@@ -155,7 +155,8 @@ def test_a_gateway_opening_thousands_of_streams_runs_no_full_garbage_collection(
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, 2 * streams + 500)), hard))
     stack: Stack = make_stack()
-    gateway = stack.gateway()  # inherits the limit; no worker: the task stays queued
+    gateway = stack.gateway()  # inherits the limit
+    stack.busy_worker("echo")  # the task stays queued
     with stack.client() as c:
         task_id = c.post("/v1/tasks/echo", json={"payload": 1}).json()["id"]
         before = full_collections(c)

@@ -1,20 +1,14 @@
-"""The demo task functions against independent reference computations."""
+"""The demo task functions against independent reference computations, called as
+plain functions, as a user's own tests would call them."""
 
 import random
 
 import pytest
 
-from compute.context import TaskContext
-from compute.tasks import align_dna, burn_cpu, count_primes, echo, process_text
+from contracts.context import TaskContext
 from contracts.deadline import Deadline
-from contracts.specs import (
-    SPECS,
-    AlignDnaInput,
-    BurnCpuInput,
-    CountPrimesInput,
-    EchoInput,
-    ProcessTextInput,
-)
+from contracts.tasks import load_tasks
+from examples.tasks import align_dna, burn_cpu, count_primes, echo, process_text
 
 
 def ctx(reports: list[float] | None = None) -> TaskContext:
@@ -37,7 +31,7 @@ def sieve_count(n: int) -> int:
 @pytest.mark.parametrize("n", [2, 3, 4, 10, 11, 100, 7919, 7920, 100_000])
 def test_count_primes_matches_a_sieve(n: int) -> None:
     reports: list[float] = []
-    assert count_primes(CountPrimesInput(n=n), ctx(reports)).count == sieve_count(n)
+    assert count_primes(ctx(reports), n).count == sieve_count(n)
 
 
 def reference_alignment(a: str, b: str) -> int:
@@ -67,7 +61,7 @@ def reference_alignment(a: str, b: str) -> int:
     ],
 )
 def test_align_dna_known_scores(a: str, b: str, score: int) -> None:
-    assert align_dna(AlignDnaInput(a=a, b=b), ctx()).score == score == reference_alignment(a, b)
+    assert align_dna(ctx(), a, b).score == score == reference_alignment(a, b)
 
 
 def test_align_dna_matches_the_reference_on_random_sequences() -> None:
@@ -75,29 +69,34 @@ def test_align_dna_matches_the_reference_on_random_sequences() -> None:
     for _ in range(20):
         a = "".join(rng.choice("ACGT") for _ in range(rng.randint(0, 60)))
         b = "".join(rng.choice("ACGT") for _ in range(rng.randint(0, 60)))
-        assert align_dna(AlignDnaInput(a=a, b=b), ctx()).score == reference_alignment(a, b)
+        assert align_dna(ctx(), a, b).score == reference_alignment(a, b)
 
 
 def test_process_text_normalises_words() -> None:
-    out = process_text(ProcessTextInput(text="  The Quick\tbrown\n\nFOX  "), ctx())
+    out = process_text(ctx(), "  The Quick\tbrown\n\nFOX  ")
     assert (out.text, out.words) == ("the quick brown fox", 4)
 
 
 def test_echo_returns_its_payload() -> None:
-    assert echo(EchoInput(payload={"a": [1, None]}), ctx()).payload == {"a": [1, None]}
+    assert echo({"a": [1, None]}).payload == {"a": [1, None]}
 
 
 @pytest.mark.parametrize("hold_gil", [False, True])
 def test_burn_cpu_spends_about_the_cpu_asked(hold_gil: bool) -> None:
     reports: list[float] = []
-    out = burn_cpu(BurnCpuInput(seconds=0.2, hold_gil=hold_gil), ctx(reports))
+    out = burn_cpu(ctx(reports), 0.2, hold_gil)
     assert 0.1 <= out.seconds <= 0.6
     assert hold_gil or reports
 
 
-def test_every_spec_has_a_function_and_a_valid_example() -> None:
-    from compute.tasks import FUNCTIONS
-
-    assert set(SPECS) == set(FUNCTIONS)
-    for spec in SPECS.values():
-        spec.input_model.model_validate(spec.example)
+def test_every_demo_task_runs_its_example_as_a_worker_would() -> None:
+    tasks = load_tasks(["examples.tasks"])
+    assert set(tasks) == {"echo", "burn_cpu", "count_primes", "process_text", "align_dna"}
+    for task in tasks.values():
+        assert task.example is not None
+        assert task.description
+        example = dict(task.example)
+        if task.name == "burn_cpu":
+            example["seconds"] = 0.01
+        output = task.run(task.parse(example), ctx())
+        assert task.output.validate_python(output) is not None
