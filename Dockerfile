@@ -2,6 +2,7 @@ FROM python:3.11-slim
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY contracts contracts
+COPY runtime runtime
 COPY gateway gateway
 COPY compute compute
 COPY timebox timebox

@@ -15,8 +15,8 @@ from pydantic import ValidationError
 
 from compute.settings import WorkerSettings
 from compute.worker import CannotStart, Worker
-from contracts.logs import configure_logging
 from contracts.tasks import module_names
+from runtime.logs import configure_logging
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -28,7 +28,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--concurrency", type=int, default=None, help="child processes (default: cores)"
     )
     parser.add_argument("--burst", action="store_true", help="drain the queues, then exit")
-    parser.add_argument("--tasks", default=None, help="comma-separated task types (default: all)")
+    parser.add_argument(
+        "--queues", default=None, help="comma-separated queues to consume (default: all)"
+    )
     parser.add_argument("--metrics-port", type=int, default=None)
     parser.add_argument(
         "--app-dir", default=".", help="where the modules are found first (default: .)"
@@ -53,9 +55,9 @@ def main(argv: list[str] | None = None) -> None:
             "timebox-worker: no task modules: name them (timebox-worker my.tasks) "
             "or set TIMEBOX_TASK_MODULES"
         )
-    tasks = module_names(args.tasks) if args.tasks else None
+    queues = module_names(args.queues) if args.queues else None
     configure_logging(settings.log_format)
-    worker = Worker(settings, modules, app_dir=args.app_dir, burst=args.burst, tasks=tasks)
+    worker = Worker(settings, modules, app_dir=args.app_dir, burst=args.burst, queues=queues)
     try:
         run(_serve(worker))
     except CannotStart as exc:

@@ -6,7 +6,7 @@ killed at its deadline needs a new child: a fork costs a few milliseconds.
 The worker talks to it over a Unix socket (SOCK_SEQPACKET: one message per send):
 `fork` carries the child's two pipe ends as file descriptors; the server answers
 nothing to it (the child says `ready` on its pipe). It sends `up <json>` once it has
-loaded the task modules (each task type's digest and maximum timeout: the worker
+loaded the task modules (each task type's queue, digest and maximum timeout: the worker
 itself never imports them), or `error <text>` if they do not load, and
 `exit <pid> <code> <cpu seconds>` whenever it reaps a child. It
 ends with the worker (PR_SET_PDEATHSIG, even a SIGKILLed one), and its children and
@@ -108,7 +108,10 @@ def serve(sock: socket.socket, nice: int, app_dir: str, modules: list[str]) -> N
             sock.send(ERROR + b" " + traceback.format_exc()[-MESSAGE_SIZE + 16 :].encode())
         os._exit(1)
     me = os.getpid()
-    report = {name: {"digest": t.digest, "max_timeout": t.max_timeout} for name, t in tasks.items()}
+    report = {
+        name: {"queue": t.queue, "digest": t.digest, "max_timeout": t.max_timeout}
+        for name, t in tasks.items()
+    }
     with contextlib.suppress(OSError):  # the worker is gone: recv below says so
         sock.send(UP + b" " + json.dumps(report).encode())
 

@@ -12,7 +12,7 @@ import signal
 from typing import Any
 
 from compute.forkserver import CannotLoad, Forked, ForkServer
-from contracts.background import Background
+from runtime.background import Background
 
 log = logging.getLogger("timebox.worker.pool")
 

@@ -6,19 +6,21 @@ from __future__ import annotations
 import asyncio
 import time
 from asyncio import FIRST_COMPLETED
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from compute.outcome import Kind, Outcome
 from compute.pool import Child
+from compute.presence import Tie
 from contracts.context import PROGRESS_INTERVAL
 from contracts.deadline import Deadline
 from contracts.events import ErrorInfo
 
-OnProgress = Callable[[float, str | None], Awaitable[None]]
+OnProgress = Callable[[float, str | None], None]  # never waits: the deadline must not
 
 CRASHED = "worker process crashed"
+CLIENT_GONE = "its client is gone: no gateway has heard from it for a grace"
 
 
 @dataclass
@@ -37,6 +39,7 @@ class Job:
     finished: asyncio.Event = field(default_factory=asyncio.Event)
     announced: asyncio.Future[None] | None = None  # the `running` event, being confirmed
     progress_interval: float = PROGRESS_INTERVAL
+    client: Tie | None = None  # its client's presence, a second deadline, if tied to one
 
     def cancel(self) -> None:
         if not self.cancelled.done():
@@ -59,52 +62,74 @@ async def run(child: Child, job: Job, on_progress: OnProgress, kill_grace: float
     try:
         while True:
             receive = asyncio.ensure_future(child.receive())
-            waits: set[asyncio.Future[Any]] = {receive, job.cancelled}
-            timeout = max(0.0, job.stop_at - time.time())
-            done, _ = await asyncio.wait(waits, timeout=timeout, return_when=FIRST_COMPLETED)
-            if receive not in done:
+            stop = await _until_stop(job, receive)
+            if stop is not None:
                 receive.cancel()
-                kind = Kind.CANCELLED if job.cancelled in done else Kind.ABORTED
                 ended = True
-                return await _kill(child, job, kind, started, cpu0, kill_grace)
+                return await _kill(child, job, *stop, started, cpu0, kill_grace)
             message = receive.result()
-            if message is None or message["kind"] != "progress":
-                ended = True
-            if message is None:
-                await child.proc.wait()
-                return Outcome(
-                    Kind.CRASHED,
-                    error=ErrorInfo(
-                        type="WorkerCrash",
-                        message=f"{CRASHED} (exit status {child.proc.returncode})",
-                    ),
-                    reason=CRASHED,
-                    cpu_seconds=max(0.0, child.cpu() - cpu0),
-                    ran=time.time() - started,
-                )
-            if message["kind"] == "progress":
-                await on_progress(message["fraction"], message.get("message"))
+            if message is not None and message["kind"] == "progress":
+                on_progress(message["fraction"], message.get("message"))
                 continue
-            ran = time.time() - started
-            cpu = float(message.get("cpu", 0.0))
-            if message["ok"]:
-                return Outcome(Kind.SUCCEEDED, output=message["output"], cpu_seconds=cpu, ran=ran)
-            error = ErrorInfo(**message["error"])
-            if message.get("invalid"):
-                return Outcome(Kind.INVALID, error=error, reason=error.message, ran=ran)
-            return Outcome(Kind.FAILED, error=error, cpu_seconds=cpu, ran=ran)
+            ended = True
+            return await _outcome(child, message, started, cpu0)
     finally:
         if not ended:
             child.discard()  # interrupted mid-task: its answer would reach the next one
 
 
+async def _until_stop(
+    job: Job, receive: asyncio.Future[dict[str, Any] | None]
+) -> tuple[Kind, str] | None:
+    """Waits for the child's next word; or, if the job must stop first (cancelled, its
+    stop time, its client gone), says why."""
+    while True:
+        until = job.stop_at if job.client is None else min(job.stop_at, job.client.lapses_at())
+        waits: set[asyncio.Future[Any]] = {receive, job.cancelled}
+        timeout = max(0.0, until - time.time())
+        done, _ = await asyncio.wait(waits, timeout=timeout, return_when=FIRST_COMPLETED)
+        if receive in done:
+            return None
+        if job.cancelled in done:
+            return Kind.CANCELLED, "cancelled while running"
+        if time.time() >= job.stop_at:
+            return Kind.ABORTED, "deadline"
+        if job.client is not None and await job.client.gone():
+            return Kind.CANCELLED, CLIENT_GONE
+        # its client was heard from meanwhile: wait on
+
+
+async def _outcome(
+    child: Child, message: dict[str, Any] | None, started: float, cpu0: float
+) -> Outcome:
+    """How the task ended, from its child's answer (None: the child died)."""
+    ran = time.time() - started
+    if message is None:
+        await child.proc.wait()
+        return Outcome(
+            Kind.CRASHED,
+            error=ErrorInfo(
+                type="WorkerCrash", message=f"{CRASHED} (exit status {child.proc.returncode})"
+            ),
+            reason=CRASHED,
+            cpu_seconds=max(0.0, child.cpu() - cpu0),
+            ran=ran,
+        )
+    cpu = float(message.get("cpu", 0.0))
+    if message["ok"]:
+        return Outcome(Kind.SUCCEEDED, output=message["output"], cpu_seconds=cpu, ran=ran)
+    error = ErrorInfo(**message["error"])
+    if message.get("invalid"):
+        return Outcome(Kind.INVALID, error=error, reason=error.message, ran=ran)
+    return Outcome(Kind.FAILED, error=error, cpu_seconds=cpu, ran=ran)
+
+
 async def _kill(
-    child: Child, job: Job, kind: Kind, started: float, cpu0: float, grace: float
+    child: Child, job: Job, kind: Kind, reason: str, started: float, cpu0: float, grace: float
 ) -> Outcome:
     cpu = await child.stop(grace)
     killed_at = time.time()
     late_by = killed_at - job.deadline.epoch
-    reason = "deadline" if kind is Kind.ABORTED else "cancelled while running"
     return Outcome(
         kind,
         reason=reason,

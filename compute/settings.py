@@ -42,22 +42,6 @@ class WorkerSettings(CommonSettings):
         "and its first comes no sooner after its start: each report is an event every "
         "gateway reads, and a task shorter than this reports none",
     )
-    poll_interval: float = Field(
-        default=1.0,
-        gt=0,
-        le=60,
-        description="a worker of several task types pulls one message per free slot; it "
-        "looks at a queue when a gateway announces a message there, and at every queue "
-        "this often (messages nobody announced: redeliveries after a worker died)",
-    )
-
-    lease_slots: bool = Field(
-        default=True,
-        description="while only one of its queues has work and every slot is free, a "
-        "worker of several task types lends its slots to a consumer on that queue "
-        "(prefetch = the slots), which saves a notice and a get round trip per task; "
-        "work in another queue ends the lease",
-    )
 
     @model_validator(mode="after")
     def _below_consumer_timeout(self) -> Self:

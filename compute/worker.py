@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import os
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,31 +25,32 @@ from aio_pika.abc import (
 
 from compute import metrics, runner
 from compute.cancels import Remembered
-from compute.dispatch import Credit, Puller
 from compute.forkserver import CannotLoad
-from compute.leasing import Notices, QueueConsumers
 from compute.outcome import Disposition, Kind, Outcome, settle
 from compute.pool import Child, Pool
+from compute.presence import Presences
 from compute.settings import WorkerSettings
-from contracts.amqp import TRANSIENT, connect, parked_copy, publish, publish_event, until_confirmed
-from contracts.background import Background
 from contracts.deadline import DEADLINE_HEADER, Deadline
-from contracts.declare import counts, declare
 from contracts.errors import InvalidTimeout
-from contracts.estimates import LIKELY, RunTimes
+from contracts.estimates import RunTimes, start_bar
 from contracts.events import EventType, TaskEvent
 from contracts.messages import (
     ANNOUNCE_EVERY,
+    CLIENT_GRACE_HEADER,
+    CLIENT_UNTIL_HEADER,
     CONTENT_TYPE,
     COST_HEADER,
     DELIVERY_COUNT_HEADER,
     OWNER_HEADER,
-    WORK_TYPE,
+    PRESENCE_TYPE,
     WORKER_TYPE,
     CancelRequest,
+    Presence,
     WorkerAnnouncement,
-    WorkNotice,
 )
+from runtime.amqp import TRANSIENT, connect, parked_copy, publish, publish_event, until_confirmed
+from runtime.background import Background
+from runtime.declare import counts, declare
 
 log = logging.getLogger("timebox.worker")
 
@@ -73,37 +73,62 @@ class Delivery:
     owner: str | None
     cost: float | None
     published_at: float | None
+    client: tuple[float, float] | None  # tied to its client: (presence until, grace)
 
 
-def decode(task: str, message: AbstractIncomingMessage) -> Delivery:
-    if not message.message_id:
-        raise InvalidMessage("no message_id (task id)")
-    if message.type and message.type != task:
-        raise InvalidMessage(f"message type {message.type!r} does not match queue task {task!r}")
+def decode(message: AbstractIncomingMessage, served: Collection[str]) -> Delivery:
+    task, task_id = message.type, message.message_id
+    if not task_id or not task:
+        raise InvalidMessage("no message_id (task id) or type (task type)")
+    if task not in served:
+        raise InvalidMessage(f"task type {task!r} is not served by the workers of this queue")
     headers = message.headers or {}
-    if DEADLINE_HEADER not in headers:
-        raise InvalidMessage(f"no {DEADLINE_HEADER} header")
     try:
-        deadline = Deadline.from_header(headers[DEADLINE_HEADER])
-    except InvalidTimeout as exc:
-        raise InvalidMessage(str(exc)) from None
-    try:
+        deadline = Deadline.from_header(headers.get(DEADLINE_HEADER))
         body = message.body.decode("utf-8")
+    except InvalidTimeout as exc:
+        raise InvalidMessage(f"{DEADLINE_HEADER}: {exc}") from None
     except UnicodeDecodeError:
         raise InvalidMessage("body is not UTF-8 JSON") from None
-    count = headers.get(DELIVERY_COUNT_HEADER, 0)
     owner = headers.get(OWNER_HEADER)
-    cost = headers.get(COST_HEADER)
     return Delivery(
         task=task,
-        task_id=message.message_id,
+        task_id=task_id,
         deadline=deadline,
         input_json=body,
-        attempt=(int(count) if isinstance(count, int) else 0) + 1,
+        attempt=int(_number(headers, DELIVERY_COUNT_HEADER) or 0) + 1,
         owner=owner if isinstance(owner, str) else None,
-        cost=float(cost) if isinstance(cost, int | float) and not isinstance(cost, bool) else None,
+        cost=_number(headers, COST_HEADER),
         published_at=message.timestamp.timestamp() if message.timestamp else None,
+        client=_client(headers),
     )
+
+
+def _client(headers: Mapping[str, object]) -> tuple[float, float] | None:
+    """A tied task's presence at publish (epoch seconds) and grace; None if untied."""
+    until, grace = _number(headers, CLIENT_UNTIL_HEADER), _number(headers, CLIENT_GRACE_HEADER)
+    return (until / 1000, grace) if until and grace else None
+
+
+def _number(headers: Mapping[str, object], name: str) -> float | None:
+    value = headers.get(name)
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def share(slots: int, queues: list[str], only: list[str] | None) -> dict[str, int]:
+    """The slots shared out among the queues (those of `only`, if given): a queue can
+    hold no more messages than its own, and needs one."""
+    unknown = sorted(set(only or ()) - set(queues))
+    if unknown:
+        raise CannotStart(f"unknown queues {unknown}; the modules route to {queues}")
+    queues = only or queues
+    if len(queues) > slots:
+        raise CannotStart(
+            f"{len(queues)} queues ({', '.join(queues)}) and {slots} slots: each queue "
+            "needs a slot; name the ones to serve with --queues, or raise --concurrency"
+        )
+    each, more = divmod(slots, len(queues))
+    return {queue: each + (i < more) for i, queue in enumerate(queues)}
 
 
 class Worker:
@@ -114,13 +139,14 @@ class Worker:
         *,
         app_dir: str = ".",
         burst: bool = False,
-        tasks: list[str] | None = None,
+        queues: list[str] | None = None,
     ) -> None:
         self.settings = settings
         self.topology = settings.topology()
         self.burst = burst
-        self.only = tasks  # the task types to serve, of those the modules declare
+        self.only = queues  # the queues to consume, of those the modules route to
         self.tasks: list[str] = []
+        self.routes: dict[str, str] = {}  # task type: queue
         self.digests: dict[str, str] = {}
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self.pool = Pool(settings.concurrency, modules, nice=settings.child_nice, app_dir=app_dir)
@@ -128,6 +154,9 @@ class Worker:
         self.finished: Remembered[bool] = Remembered()
         self._handlers = Background()
         self._announcing = Background()
+        # the round trip that says the worker can hear (compute/presence.py): a publish
+        # on the connection that hears the gateways, confirmed, as any of theirs must be
+        self.presences = Presences(self._announce, settings.clock_skew)
         self.runtimes: dict[str, RunTimes] = {}
         self.jobs: dict[str, runner.Job] = {}
         self.in_flight = 0
@@ -136,11 +165,9 @@ class Worker:
         self._idle.set()
         self._connection: AbstractRobustConnection | None = None
         self._events: AbstractChannel | None = None
+        self.queues: dict[str, int] = {}  # the queues it consumes, with the slots of each
         self._consumers: list[tuple[AbstractQueue, str]] = []
-        self.puller: Puller | None = None
-        self._notices: Notices | None = None
-        self._pulling: asyncio.Task[None] | None = None
-        self.waiting: Callable[[str], Awaitable[int]] | None = None  # ready in a task's queue
+        self.waiting: Callable[[str], Awaitable[int]] | None = None  # ready in a queue
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -159,27 +186,27 @@ class Worker:
             log.info("worker %s stopped", self.name)
 
     async def _load(self) -> None:
-        """Loads the task modules in the fork server, which says what they declare."""
+        """Loads the task modules in the fork server, which says what they declare, and
+        shares the slots among the queues to consume."""
         try:
             await self.pool.start()
         except CannotLoad as exc:
             raise CannotStart(f"the task modules did not load:\n{exc}") from None
         declared = self.pool.tasks
-        unknown = sorted(set(self.only or ()) - set(declared))
-        if unknown:
-            raise CannotStart(
-                f"unknown task types {unknown}; the modules declare {sorted(declared)}"
-            )
-        self.tasks = self.only or list(declared)
+        routes = {name: task["queue"] for name, task in declared.items()}
+        self.queues = share(self.pool.size, sorted(set(routes.values())), self.only)
+        self.routes = {name: queue for name, queue in routes.items() if queue in self.queues}
+        self.tasks = list(self.routes)
         limit = self.settings.broker_consumer_timeout
-        for task in self.tasks:
-            maximum = declared[task]["max_timeout"] or self.settings.max_timeout
-            if maximum >= limit:
-                raise CannotStart(
-                    f"task {task!r} allows a timeout of {maximum:g} s, not below the broker's "
-                    f"consumer timeout ({limit:g} s): RabbitMQ would close the channel of a "
-                    "worker running it that long, and the task would run twice"
-                )
+        longest = max(
+            declared[task]["max_timeout"] or self.settings.max_timeout for task in self.tasks
+        )
+        if longest >= limit:
+            raise CannotStart(
+                f"a task allows a timeout of {longest:g} s, not below the broker's consumer "
+                f"timeout ({limit:g} s): RabbitMQ would close the channel of a worker running "
+                "it that long, and the task would run twice"
+            )
         self.digests = {task: declared[task]["digest"] for task in self.tasks}
         min_samples = self.settings.estimate_min_samples
         self.runtimes = {task: RunTimes(min_samples=min_samples) for task in self.tasks}
@@ -189,23 +216,19 @@ class Worker:
         assert self._connection is not None
         try:
             self._events = await self._connection.channel(publisher_confirms=True)
-            await declare(self._events, self.topology, self.tasks)
+            await declare(self._events, self.topology, self.routes)
             await self._consume_control()
             await self._consume_tasks()
         except Exception as exc:  # the broker away is waited for: this is something else
             log.exception("cannot start")
             raise CannotStart(repr(exc)) from exc
-        if self.puller is not None:  # "ready" once it has looked at every queue
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.puller.looked.wait(), 5)
         await self._announce()  # before "ready": a gateway may send it work at once
         self._announcing.spawn(self._keep_announcing())
         log.info(
-            "worker %s ready: %d slots, %s %s",
+            "worker %s ready: %d slots, consuming %s",
             self.name,
             self.settings.concurrency,
-            "pulling from" if self.puller else "consuming",
-            ", ".join(self.topology.task_queue(t) for t in self.tasks),
+            ", ".join(f"{self.topology.task_queue(q)} ({n})" for q, n in self.queues.items()),
         )
         if self.burst:
             await self._drain()
@@ -271,74 +294,33 @@ class Worker:
             f"{self.topology.control_exchange}.{self.name}", exclusive=True, auto_delete=True
         )
         await queue.bind(exchange)
-        if self.pulls:  # work notices of the types it pulls; a consumer needs none
-            self._notices = Notices(queue, self.topology.work_exchange)
-            for task in self.tasks:
-                await self._notices.hear(task)
         await queue.consume(self._on_control, no_ack=True)
 
-    @property
-    def pulls(self) -> bool:
-        """A worker of several task types pulls them (compute/dispatch.py)."""
-        return len(self.tasks) > 1
+        self._connection.reconnect_callbacks.add(lambda *_: self.presences.resumed())
 
     async def _consume_tasks(self) -> None:
-        """One task queue: a consumer whose prefetch is the slot count, so the broker
-        never hands over more than the free slots. Several: a puller (compute/dispatch.py)
-        takes one message per free slot. Either way the worker consumes the task's
-        workers queue, where the gateways count it."""
+        """A consumer on each of its queues, whose prefetch is the slots given to that
+        queue: the broker never hands over more messages than there are slots, so the
+        work waits in RabbitMQ (where its TTL applies and any worker can take it)."""
         assert self._connection is not None
         channel = await self._connection.channel()
-        # per-consumer prefetch: quorum queues refuse a channel-wide (global) one
-        await channel.set_qos(prefetch_count=self.settings.concurrency)
-        queues: dict[str, AbstractQueue] = {}
 
-        async def count(task: str) -> int:
-            async with asyncio.timeout(5):  # as a get: a broker that does not answer
-                return (await counts(channel, self.topology.task_queue(task)))[0]
+        async def count(queue: str) -> int:
+            async with asyncio.timeout(5):  # a broker that does not answer
+                return (await counts(channel, self.topology.task_queue(queue)))[0]
 
         self.waiting = count
-        for task in self.tasks:
-            queues[task] = await channel.declare_queue(
-                self.topology.task_queue(task),
+        for name, slots in self.queues.items():
+            # per consumer: quorum queues refuse a channel-wide (global) prefetch
+            await channel.set_qos(prefetch_count=slots)
+            queue = await channel.declare_queue(
+                self.topology.task_queue(name),
                 durable=True,
                 arguments=self.topology.task_queue_arguments(),
             )
-            presence = await channel.declare_queue(self.topology.workers_queue(task), passive=True)
-            self._consumers.append((presence, await presence.consume(_ignore, no_ack=True)))
-        if not self.pulls:
-            [(task, queue)] = queues.items()
-            tag = await queue.consume(functools.partial(self._on_task, task))
-            self._consumers.append((queue, tag))
-            return
-
-        async def get(task: str) -> AbstractIncomingMessage | None:
-            return await queues[task].get(no_ack=False, fail=False, timeout=5)
-
-        leases = None
-        if self.settings.lease_slots:
-            assert self._notices is not None
-            leases = QueueConsumers(
-                channel, {t: self.topology.task_queue(t) for t in queues}, self._notices
-            )
-        self.puller = Puller(
-            self.tasks,
-            get,
-            self.settings.concurrency,
-            self.settings.poll_interval,
-            count=count,
-            consumers=leases,
-        )
-        self._pulling = asyncio.get_running_loop().create_task(self.puller.run(self._start))
+            self._consumers.append((queue, await queue.consume(self._on_task)))
 
     async def _stop_consuming(self) -> None:
-        if self._pulling is not None:
-            assert self.puller is not None
-            self.puller.close()
-            self._pulling.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._pulling
-            self._pulling = None
         for queue, tag in self._consumers:
             with contextlib.suppress(Exception):
                 await queue.cancel(tag)
@@ -354,17 +336,16 @@ class Worker:
                 idle_checks = 0
                 continue
             waiting = 0
-            for task in self.tasks:
-                waiting += (await counts(self._events, self.topology.task_queue(task)))[0]
+            for queue in self.queues:
+                waiting += (await counts(self._events, self.topology.task_queue(queue)))[0]
             idle_checks = idle_checks + 1 if waiting == 0 else 0
 
     # -- control ---------------------------------------------------------------------
 
     async def _on_control(self, message: AbstractIncomingMessage) -> None:
-        if message.type == WORK_TYPE:
+        if message.type == PRESENCE_TYPE:
             with contextlib.suppress(ValueError):
-                if self.puller is not None:
-                    self.puller.notice(WorkNotice.model_validate_json(message.body).task)
+                self.presences.heard(Presence.model_validate_json(message.body))
             return
         try:
             request = CancelRequest.model_validate_json(message.body)
@@ -378,76 +359,57 @@ class Worker:
 
     # -- tasks -----------------------------------------------------------------------
 
-    async def _on_task(self, task: str, message: AbstractIncomingMessage) -> None:
-        self._start(task, message, None)
-
-    def _start(self, task: str, message: AbstractIncomingMessage, credit: Credit | None) -> None:
+    async def _on_task(self, message: AbstractIncomingMessage) -> None:
         # The handling runs in a task of our own: aio-pika cancels its callback tasks
         # when the channel closes, but the task in the child keeps its worth — its
         # outcome is still published, and the broker's redelivery is recognised.
         self.in_flight += 1
         self._idle.clear()
-        self._handlers.spawn(self._handle_counted(task, message, credit))
+        self._handlers.spawn(self._handle_counted(message))
 
-    async def _handle_counted(
-        self, task: str, message: AbstractIncomingMessage, credit: Credit | None
-    ) -> None:
+    async def _handle_counted(self, message: AbstractIncomingMessage) -> None:
         try:
-            await self._handle(task, message, credit)
+            await self._handle(message)
         except Exception:
-            log.exception("unexpected error handling a %s message; it goes back to the queue", task)
+            log.exception("unexpected error handling a %s message; it goes back", message.type)
             with contextlib.suppress(Exception):
                 await message.nack(requeue=True)
         finally:
-            if credit is not None:
-                credit.release()
             self.in_flight -= 1
             if not self.in_flight:
                 self._idle.set()
 
-    @property
-    def _stop_margin(self) -> float:
-        """How long before its deadline a task must have stopped: the time for its answer
-        to reach the client, and the clocks' disagreement."""
-        return self.settings.reply_margin + self.settings.clock_skew
-
-    def _time_left(self, delivery: Delivery) -> float:
-        return delivery.deadline.remaining() - self._stop_margin
-
-    def _stop_reason(self, delivery: Delivery) -> Outcome | None:
-        """Why a delivered task must not start now, if it must not."""
-        cancel = self.cancels.get(delivery.task_id)
-        if cancel is not None:
+    async def _why_not_start(self, delivery: Delivery, job: runner.Job) -> Outcome | None:
+        """Why a delivered task must not start now, if it must not: the start rule."""
+        if delivery.task_id in self.cancels:
             return Outcome(Kind.CANCELLED, reason="cancelled before start")
-        left = self._time_left(delivery)
+        left = delivery.deadline.remaining() - self.settings.stop_margin
         if left <= 0:
             return Outcome(Kind.EXPIRED, reason="deadline passed before start")
-        # the 99th percentile: a task started with less time left than it likely needs
-        # would more often than not burn CPU until its abort; not starting it costs none
-        expected = self.runtimes[delivery.task].expect(delivery.cost, q=LIKELY)
-        if self.settings.start_only_if_finishable and expected is not None and left < expected:
-            return Outcome(
-                Kind.EXPIRED,
-                reason=f"unmeetable: needs about {expected:.2f} s, {left:.2f} s left",
-            )
-        return None
+        if job.client is not None and await job.client.gone():
+            return Outcome(Kind.CANCELLED, reason=f"{runner.CLIENT_GONE}; not started")
+        if not self.settings.start_only_if_finishable:
+            return None
+        return await self._cannot_finish(delivery, left)
 
-    async def _behind_a_backlog(self, delivery: Delivery) -> Outcome | None:
-        """A stricter start rule where it costs nothing: a task whose time left covers the
-        99th percentile of recent run times but not the slowest is not started while more
-        of its type wait in the queue. Its slot runs the next, which has more time left,
-        instead of one start in a hundred at the edge running past its stop time and
-        being killed, its CPU wasted. Without a backlog it starts: it would finish 99
-        times in 100, and nothing else would use the slot."""
-        if not self.settings.start_only_if_finishable or self.waiting is None:
+    async def _cannot_finish(self, delivery: Delivery, left: float) -> Outcome | None:
+        """A task that likely cannot finish in the time it has left is not started: run,
+        it would burn CPU until its abort; not started, it costs none (the rule
+        admission judges by too, contracts/estimates.py). Whether others wait behind it
+        is asked of the broker only when it matters."""
+        runtimes = self.runtimes[delivery.task]
+        alone = start_bar(runtimes, delivery.cost, backlog=False)
+        slowest = start_bar(runtimes, delivery.cost, backlog=True)
+        if alone is None or slowest is None or left >= slowest:
             return None
-        slowest = self.runtimes[delivery.task].expect(delivery.cost, q=1.0)
-        left = self._time_left(delivery)
-        if slowest is None or left >= slowest:
-            return None
+        if left < alone:
+            return Outcome(
+                Kind.EXPIRED, reason=f"unmeetable: needs about {alone:.2f} s, {left:.2f} s left"
+            )
         try:
-            waiting = await self.waiting(delivery.task)
-        except Exception as exc:  # the broker did not say: the usual rule decides
+            assert self.waiting is not None
+            waiting = await self.waiting(self.routes[delivery.task])
+        except Exception as exc:  # the broker did not say: it starts, as without a backlog
             log.debug("no count of the %s queue: %r", delivery.task, exc)
             return None
         if not waiting:
@@ -458,35 +420,35 @@ class Worker:
             f"{left:.2f} s left, {waiting} more waiting",
         )
 
-    async def _handle(
-        self, task: str, message: AbstractIncomingMessage, credit: Credit | None = None
-    ) -> None:
+    async def _handle(self, message: AbstractIncomingMessage) -> None:
         try:
-            delivery = decode(task, message)
+            delivery = decode(message, self.tasks)
         except InvalidMessage as exc:
             await self._park(message, str(exc))
-            log.warning("parked a %s message: %s", task, exc)
+            log.warning("parked a %s message: %s", message.type, exc)
             await message.ack()
             return
         if await self._seen_before(delivery):
             with contextlib.suppress(Exception):
                 await message.ack()
             return
+        client = delivery.client
         job = runner.Job(
             task=delivery.task,
             task_id=delivery.task_id,
             input_json=delivery.input_json,
             deadline=delivery.deadline,
-            stop_at=delivery.deadline.epoch - self._stop_margin,
+            stop_at=delivery.deadline.epoch - self.settings.stop_margin,
             progress_interval=self.settings.progress_interval,
+            client=None if client is None else self.presences.tie(delivery.task_id, *client),
         )
         self.jobs[job.task_id] = job  # from here on a cancel reaches it
         try:
-            outcome = self._stop_reason(delivery) or await self._behind_a_backlog(delivery)
+            outcome = await self._why_not_start(delivery, job)
             if outcome is None:
                 child = await self._slot_for(job)
                 if child is None:
-                    outcome = self._stop_reason(delivery) or Outcome(
+                    outcome = await self._why_not_start(delivery, job) or Outcome(
                         Kind.EXPIRED, reason="deadline passed while waiting for a free slot"
                     )
                 else:
@@ -494,16 +456,14 @@ class Worker:
                         if self.stopping.is_set():
                             await message.nack(requeue=True)  # hand it back to another worker
                             return
-                        outcome = self._stop_reason(delivery) or await self._run(
+                        outcome = await self._why_not_start(delivery, job) or await self._run(
                             delivery, job, child
                         )
                     finally:
                         self.pool.release(child)
-                        if credit is not None:
-                            credit.release()  # the next message may come while this one settles
-            await self._settle(message, delivery, outcome)
-            if job.announced is not None:
+            if job.announced is not None:  # `running` and the progress reports first
                 await job.announced
+            await self._settle(message, delivery, outcome)
             self.finished.add(job.task_id, delivery.deadline.epoch_ms, True)
         finally:
             self.jobs.pop(job.task_id, None)
@@ -555,21 +515,27 @@ class Worker:
             metrics.SLOTS_BUSY.dec()
 
     async def _run_in(self, delivery: Delivery, job: runner.Job, child: Child) -> Outcome:
-        # The task starts while `running` is being confirmed. Its frames go out first on
-        # the channel, so the stream keeps the order; progress waits for its confirm, the
-        # outcome does not (should a reconnect reorder them, a gateway ignores a
-        # `running` after the terminal event).
-        running = asyncio.ensure_future(
-            self._emit(delivery, EventType.RUNNING, attempt=delivery.attempt)
-        )
-        job.announced = running
-        await asyncio.sleep(0)  # let it write its frames before anything else
+        # The task starts while `running` is being confirmed, and its progress reports
+        # follow it out in order, never holding the runner up (a broker that blocks
+        # publishers must not keep it from stopping the task at its deadline). The
+        # outcome goes out after them (_handle), as the gateways ignore what follows it.
+        reports: asyncio.Queue[tuple[float, str | None] | None] = asyncio.Queue()
 
-        async def on_progress(fraction: float, text: str | None) -> None:
-            await running
-            await self._emit(delivery, EventType.PROGRESS, progress=fraction, message=text)
+        async def announce() -> None:
+            await self._emit(delivery, EventType.RUNNING, attempt=delivery.attempt)
+            while (report := await reports.get()) is not None:
+                await self._emit(
+                    delivery, EventType.PROGRESS, progress=report[0], message=report[1]
+                )
 
-        outcome = await runner.run(child, job, on_progress, self.settings.kill_grace)
+        job.announced = asyncio.ensure_future(announce())
+        await asyncio.sleep(0)  # let `running` write its frames before anything else
+        try:
+            outcome = await runner.run(
+                child, job, lambda *report: reports.put_nowait(report), self.settings.kill_grace
+            )
+        finally:
+            reports.put_nowait(None)  # the announcer ends once the reports are out
         if outcome.kind is Kind.SUCCEEDED and outcome.ran is not None:
             self.runtimes[delivery.task].add(outcome.ran, delivery.cost)
         return outcome
@@ -644,6 +610,7 @@ class Worker:
         announcement = WorkerAnnouncement(
             worker=self.name,
             tasks=self.digests,
+            queues=self.queues,
             slots=self.pool.size,
             busy=min(len(self.jobs), self.pool.size),
             stopping=stopping,
@@ -694,7 +661,3 @@ class Worker:
             f"a parked copy of {message.message_id}",
             log,
         )
-
-
-async def _ignore(message: AbstractIncomingMessage) -> None:
-    """Nothing is ever published to a workers queue."""

@@ -67,10 +67,9 @@ class TaskEvent(BaseModel):
     input_digest: str | None = Field(
         default=None, description="of the task type and input (queued, with a key)"
     )
-    streamed: bool | None = Field(
-        default=None, description="submitted as an event stream: its client's (queued)"
+    tied: bool | None = Field(
+        default=None, description="an RPC's or a stream's: held to its client (queued)"
     )
-    slots: int | None = Field(default=None, description="the worker's slots (running)")
     worker: str | None = None
     attempt: int | None = None
     progress: Annotated[float, Field(ge=0.0, le=1.0)] | None = None

@@ -1,5 +1,5 @@
-"""Messages other than events: the task message's headers, cancel requests, workers'
-announcements, work notices and watch notices."""
+"""Messages other than events: the task message's headers, workers' announcements, and
+what gateways tell workers on the control exchange (cancels, clients' presence)."""
 
 from __future__ import annotations
 
@@ -16,16 +16,20 @@ DELIVERY_COUNT_HEADER = "x-delivery-count"  # set by quorum queues on redelivery
 PARK_REASON_HEADER = "x-park-reason"
 SYNC_TYPE = "timebox.sync"  # a gateway's own marker in the event stream
 EVENT_TYPE = "timebox.event"
-WORK_TYPE = "timebox.work"  # on the work exchange: a task message was just queued
-WATCH_TYPE = "timebox.watch"  # on the gateways exchange: a task's events are followed
 WORKER_TYPE = "timebox.worker"  # in the event stream: a worker's announcement
+PRESENCE_TYPE = "timebox.presence"  # on the control exchange: clients a gateway holds
+# a task tied to its client (an RPC, a stream) carries its presence as a second deadline:
+# the instant it lapses unless a gateway says the client is there, and the grace each
+# such word gives it
+CLIENT_UNTIL_HEADER = "x-client-until"  # epoch milliseconds
+CLIENT_GRACE_HEADER = "x-client-grace"  # seconds
 
 # seconds between a worker's announcements; a worker not heard for three is gone
 ANNOUNCE_EVERY = 2.0
 
 
 class CancelRequest(BaseModel):
-    """Sent on the control exchange to every worker."""
+    """Sent on the control exchange to every worker: the task must not run (on)."""
 
     model_config = READER
 
@@ -44,6 +48,7 @@ class WorkerAnnouncement(BaseModel):
 
     worker: str
     tasks: dict[str, str]  # task type: the digest of its input schema
+    queues: dict[str, int] = {}  # the queues it consumes: the slots of each
     slots: int
     busy: int = 0
     stopping: bool = False
@@ -53,29 +58,16 @@ class WorkerAnnouncement(BaseModel):
         return not self.stopping and now - self.at < 3 * ANNOUNCE_EVERY + skew
 
 
-class WorkNotice(BaseModel):
-    """Sent on the work exchange (routing key: the task type) once a task message is
-    confirmed in its queue, so that idle workers that pull that type (see
-    compute/dispatch.py) look there at once."""
+class Presence(BaseModel):
+    """Sent on the control exchange by every gateway every half grace (an empty one too)
+    and within 0.1 s of a client starting to follow a tied task there: the tied tasks
+    whose client is there now, and those it untied (answered `202`) that have not
+    ended, with their deadlines. A worker holds each tied task to the earlier of its
+    deadline and a grace after the last word of its client (compute/presence.py)."""
 
     model_config = READER
 
-    task: str
-
-
-class WatchNotice(BaseModel):
-    """Sent on the gateways exchange by a gateway that serves tasks that have not ended
-    to a client (their event streams, or RPCs retried with their Idempotency-Key): at
-    once when it starts, then every half grace for those a client may abandon. A
-    client that lost its connection to another gateway may have come back here, and
-    that gateway must not cancel its task as abandoned. Every half grace (and within
-    0.1 s of a new wait) it also lists the RPCs waiting there, and those it answered
-    `202` while they run on: should it die, the other gateways cancel the tasks of the
-    RPCs it had (gateway/watches.py)."""
-
-    model_config = READER
-
-    task_ids: list[str]
-    # RPCs waiting on that gateway, and those it no longer waits for (they run on)
-    awaited: list[str] = []
-    released: list[str] = []
+    gateway: str
+    grace: float
+    tasks: list[str] = []
+    released: dict[str, int] = {}  # task id: its deadline (epoch ms)

@@ -67,6 +67,12 @@ class CommonSettings(BaseSettings):
             )
         return self
 
+    @property
+    def stop_margin(self) -> float:
+        """How long before its deadline a task must have stopped: the time for its answer
+        to reach the client, and the clocks' disagreement."""
+        return self.reply_margin + self.clock_skew
+
     def timeouts(self, task: Task[..., Any]) -> tuple[float, float]:
         """(default, maximum) Request-Timeout of a task type: its own, else these."""
         maximum = task.max_timeout or self.max_timeout

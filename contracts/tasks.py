@@ -9,6 +9,7 @@ import hashlib
 import importlib
 import inspect
 import json
+import math
 import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Generic, ParamSpec, TypeVar, get_type_hints, overload
@@ -21,6 +22,8 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,99}$")
+# the queue of every task type that names none: one fleet of workers serves them all
+DEFAULT_QUEUE = "default"
 # the JSON schema keywords that bound a value: what /v1/task-types lists as limits
 CONSTRAINTS = (
     "minimum",
@@ -46,31 +49,23 @@ class Task(Generic[P, R]):
         fn: Callable[P, R],
         *,
         name: str | None = None,
+        queue: str = DEFAULT_QUEUE,
         cost: Callable[..., float] | None = None,
         timeout: float | None = None,
         max_timeout: float | None = None,
         example: Mapping[str, Any] | None = None,
     ) -> None:
         where = f"@timebox.task {getattr(fn, '__qualname__', fn)!r}"
-        if inspect.iscoroutinefunction(fn):
-            raise TypeError(f"{where}: a task runs in a process of its own; write a plain def")
         self.fn = fn
         self.name = name or fn.__name__
-        if not NAME.match(self.name):
-            raise TypeError(f"{where}: {self.name!r} is not a task name (letters, digits, _ . -)")
+        self.queue = queue
+        _check(where, fn, self.name, queue, cost, timeout, max_timeout)
         self.description = inspect.getdoc(fn) or ""
         hints = get_type_hints(fn, include_extras=True)
         self.input_model, self._model_parameter, self._context = _input_of(fn, hints, where)
         self.output: TypeAdapter[R] = TypeAdapter(hints.get("return", Any))
-        if cost is not None and not callable(cost):
-            raise TypeError(f"{where}: cost must be a function of the input")
         self.cost = cost
         self._cost_takes = _parameters(cost) if cost is not None else None
-        for value, what in ((timeout, "timeout"), (max_timeout, "max_timeout")):
-            if value is not None and not 0 < value < float("inf"):
-                raise TypeError(f"{where}: {what} must be a positive number of seconds")
-        if timeout is not None and max_timeout is not None and timeout > max_timeout:
-            raise TypeError(f"{where}: timeout {timeout:g} s is over max_timeout {max_timeout:g} s")
         self.timeout = timeout
         self.max_timeout = max_timeout
         self.example = dict(example) if example is not None else None
@@ -145,6 +140,7 @@ def task(fn: Callable[P, R], /) -> Task[P, R]: ...
 def task(
     *,
     name: str | None = None,
+    queue: str = DEFAULT_QUEUE,
     cost: Callable[..., float] | None = None,
     timeout: float | None = None,
     max_timeout: float | None = None,
@@ -157,6 +153,7 @@ def task(
     /,
     *,
     name: str | None = None,
+    queue: str = DEFAULT_QUEUE,
     cost: Callable[..., float] | None = None,
     timeout: float | None = None,
     max_timeout: float | None = None,
@@ -165,13 +162,20 @@ def task(
     """Declares a task type. The input is either one pydantic model parameter or plain
     typed parameters (defaults and `Annotated` constraints allowed); a parameter
     annotated `TaskContext` gets the context. Options: `name` (default: the function's),
+    `queue` (the workers that consume it serve every type in it; default: one for all),
     `cost` (called with the input as the function is, or with the fields it names: the
     admission's hint of how long a run takes), `timeout` (seconds, when a request names
     none) and `max_timeout`, and an `example` input. The description is the docstring."""
 
     def declare(fn: Callable[P, R]) -> Task[P, R]:
         return Task(
-            fn, name=name, cost=cost, timeout=timeout, max_timeout=max_timeout, example=example
+            fn,
+            name=name,
+            queue=queue,
+            cost=cost,
+            timeout=timeout,
+            max_timeout=max_timeout,
+            example=example,
         )
 
     return declare if fn is None else declare(fn)
@@ -195,8 +199,37 @@ def load_tasks(modules: Iterable[str]) -> dict[str, Task[..., Any]]:
     return tasks
 
 
+def routes(tasks: Iterable[Task[..., Any]]) -> dict[str, str]:
+    """Each task type's queue, by type."""
+    return {task.name: task.queue for task in tasks}
+
+
 def module_names(raw: str) -> list[str]:
     return [part.strip() for part in raw.split(",") if part.strip()]
+
+
+def _check(
+    where: str,
+    fn: Callable[..., Any],
+    name: str,
+    queue: str,
+    cost: Callable[..., float] | None,
+    timeout: float | None,
+    max_timeout: float | None,
+) -> None:
+    """Refuses, where the task is declared, what cannot be a task."""
+    if inspect.iscoroutinefunction(fn):
+        raise TypeError(f"{where}: a task runs in a process of its own; write a plain def")
+    for text, what in ((name, "task name"), (queue, "queue name")):
+        if not NAME.match(text):
+            raise TypeError(f"{where}: {text!r} is not a {what} (letters, digits, _ . -)")
+    if cost is not None and not callable(cost):
+        raise TypeError(f"{where}: cost must be a function of the input")
+    for seconds, what in ((timeout, "timeout"), (max_timeout, "max_timeout")):
+        if seconds is not None and not 0 < seconds < math.inf:
+            raise TypeError(f"{where}: {what} must be a positive number of seconds")
+    if (timeout or 0) > (max_timeout or math.inf):
+        raise TypeError(f"{where}: timeout {timeout:g} s is over max_timeout {max_timeout:g} s")
 
 
 def _input_of(

@@ -4,7 +4,7 @@ Pure data: the gateway and the workers declare what `declarations()` lists."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -31,10 +31,6 @@ class BindingDecl:
 
 
 Declaration = ExchangeDecl | QueueDecl | BindingDecl
-
-# replicated like the task queues: a classic queue would be unreachable, and every
-# client's reconnect would fail, while its home node is down
-WORKERS_QUEUE_ARGUMENTS: dict[str, Any] = {"x-queue-type": "quorum"}
 
 
 @dataclass(frozen=True)
@@ -69,27 +65,10 @@ class Topology:
     def control_exchange(self) -> str:
         return f"{self.namespace}.control"
 
-    @property
-    def work_exchange(self) -> str:
-        """Work notices (a task message was just queued), routed by task type to the
-        workers that pull that type: a worker binds its control queue once per type it
-        pulls, and not the type whose queue it is consuming."""
-        return f"{self.namespace}.work"
-
-    @property
-    def gateways_exchange(self) -> str:
-        """Watch notices between gateways: one gateway serves the event stream of a task
-        that another streams to a client that went away (it reconnected here)."""
-        return f"{self.namespace}.gateways"
-
-    def task_queue(self, task: str) -> str:
-        return f"{self.namespace}.tasks.{task}"
-
-    def workers_queue(self, task: str) -> str:
-        """Never holds a message: its consumers are the workers serving `task`, for
-        the gateways (and the management UI) to count — workers that pull their tasks
-        do not show as consumers of the task queue."""
-        return f"{self.namespace}.workers.{task}"
+    def task_queue(self, queue: str) -> str:
+        """A queue of task messages: every task type routed there (by its `queue`) is
+        served by each worker that consumes it."""
+        return f"{self.namespace}.tasks.{queue}"
 
     def task_queue_arguments(self) -> dict[str, Any]:
         args: dict[str, Any] = {
@@ -105,13 +84,13 @@ class Topology:
             args["x-max-length"] = self.queue_max_length
         return args
 
-    def declarations(self, tasks: Iterable[str]) -> list[Declaration]:
+    def declarations(self, routes: Mapping[str, str]) -> list[Declaration]:
+        """Everything, with a task queue for each queue of `routes` (task type: queue)
+        bound to the tasks exchange by the types routed there."""
         decls: list[Declaration] = [
             ExchangeDecl(self.tasks_exchange, "direct"),
             ExchangeDecl(self.dead_exchange, "fanout"),
             ExchangeDecl(self.control_exchange, "fanout"),
-            ExchangeDecl(self.work_exchange, "direct"),
-            ExchangeDecl(self.gateways_exchange, "fanout"),
             QueueDecl(self.dead_queue, {"x-queue-type": "quorum"}),
             BindingDecl(self.dead_queue, self.dead_exchange),
             QueueDecl(self.parked_queue, {"x-queue-type": "quorum"}),
@@ -124,16 +103,15 @@ class Topology:
                 },
             ),
         ]
-        for task in tasks:
-            queue = self.task_queue(task)
-            decls.append(QueueDecl(queue, self.task_queue_arguments()))
-            decls.append(BindingDecl(queue, self.tasks_exchange, task))
-            decls.append(QueueDecl(self.workers_queue(task), WORKERS_QUEUE_ARGUMENTS))
+        for queue in sorted(set(routes.values())):
+            decls.append(QueueDecl(self.task_queue(queue), self.task_queue_arguments()))
+        for task, queue in routes.items():
+            decls.append(BindingDecl(self.task_queue(queue), self.tasks_exchange, task))
         return decls
 
-    def owned_names(self, tasks: Iterable[str]) -> tuple[list[str], list[str]]:
+    def owned_names(self, routes: Mapping[str, str]) -> tuple[list[str], list[str]]:
         """(exchanges, queues) this namespace owns: what a teardown deletes."""
-        decls = self.declarations(tasks)
+        decls = self.declarations(routes)
         return (
             [d.name for d in decls if isinstance(d, ExchangeDecl)],
             [d.name for d in decls if isinstance(d, QueueDecl)],

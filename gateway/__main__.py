@@ -13,11 +13,11 @@ from types import FrameType
 import uvicorn
 from pydantic import ValidationError
 
-from contracts.logs import configure_logging
 from contracts.tasks import load_tasks, module_names
 from gateway.app import create_app
 from gateway.gateway import Gateway
 from gateway.settings import GatewaySettings
+from runtime.logs import configure_logging
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -14,7 +14,6 @@ from fastapi import APIRouter, Body, Depends, Header, Query, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from sse_starlette import EventSourceResponse
-from starlette.types import Message
 
 from contracts.deadline import Deadline
 from contracts.errors import HistoryNotRead, IdempotencyKeyReused, UnknownTaskType, ending
@@ -24,7 +23,7 @@ from gateway.gateway import Gateway
 from gateway.problems import PROBLEM_JSON, ProblemRoute, from_error
 from gateway.services import Services, log
 from gateway.sse import parse_last_event_id, task_events
-from gateway.submission import Waited, cancel_if_abandoned, deadline_of, submit, wait
+from gateway.submission import Waited, deadline_of, submit, wait
 from gateway.tasktable import Record
 
 RECONNECT = b"retry: 1000\r\n\r\n"  # an event stream's answer: come back in 1 s
@@ -109,21 +108,13 @@ def build_router(gateway: Gateway) -> APIRouter:
     def event_stream(
         svc: Services, record: Record, after: int, headers: dict[str, str] | None = None
     ) -> EventSourceResponse:
-        """The task's events after offset `after`. A client of a task submitted as a
-        stream that goes away has `stream_grace` to come back before it is cancelled."""
-
-        async def on_close(message: Message) -> None:
-            if record.streamed:
-                why = "the streaming client disconnected"
-                svc.spawn(cancel_if_abandoned(svc, record, why))
-
+        """The task's events after offset `after`."""
         return EventSourceResponse(
-            task_events(record, after, svc.settings.subscriber_buffer),
+            task_events(svc.fanout, svc.clients, record, after, svc.settings.subscriber_buffer),
             ping=svc.settings.sse_heartbeat,
             send_timeout=svc.settings.sse_send_timeout,
             shutdown_event=svc.shutting_down,
             shutdown_grace_period=2.0,
-            client_close_handler_callable=on_close,
             headers=headers,
         )
 
@@ -133,7 +124,6 @@ def build_router(gateway: Gateway) -> APIRouter:
         """Answers in the mode the client asked for: stream, RPC wait (for up to `bound`
         seconds), or 202."""
         if _wants_stream(request):
-            svc.watches.follow(record, tell=False)  # said at once by submit, if a retry
             location = gateway.path(f"/v1/tasks/{record.status.id}")
             return event_stream(svc, record, -1, headers={"Location": location})
         if bound is None:
@@ -179,7 +169,6 @@ def build_router(gateway: Gateway) -> APIRouter:
                             task_id=earlier.status.id,
                         )
                     log.info("idempotent retry of %s %s", task.name, earlier.status.id)
-                    svc.watches.follow(earlier)  # its first request may have left another gateway
                     return await respond(svc, request, earlier, earlier.deadline or deadline, bound)
             record = await submit(
                 svc,
@@ -189,7 +178,7 @@ def build_router(gateway: Gateway) -> APIRouter:
                 owner=owner,
                 idempotency_key=idempotency_key or None,
                 input_digest=digest,
-                streamed=_wants_stream(request),
+                tied=bound is not None or _wants_stream(request),
             )
             return await respond(svc, request, record, deadline, bound)
 
@@ -268,7 +257,6 @@ def build_router(gateway: Gateway) -> APIRouter:
         end = record.terminal_offset
         if end is not None and after >= end:
             return Response(status_code=204)
-        svc.watches.follow(record)
         return event_stream(svc, record, after)
 
     @router.delete(
@@ -303,22 +291,26 @@ def build_router(gateway: Gateway) -> APIRouter:
 
     @router.get("/v1/queues", tags=["operations"])
     async def queues(owner: Caller) -> list[dict[str, Any]]:
-        """Per task type: the broker's figures (at most a second old), the workers that
-        serve it, observed run times, and the estimated wait for a request made now."""
+        """Per task type: its queue, with the broker's figures (at most a second old) and
+        the slots the live workers give it, the workers that serve the type, observed
+        run times, and the estimated wait for a request made now."""
         svc = gateway.services
         admission = svc.admission
+        now = time.time()
         out = []
-        for name in tasks:
-            figures = admission.figures[name]
-            estimate = admission.estimate(name)
-            run_time = admission.summary(name)
+        for task in tasks.values():
+            figures = admission.figures[task.queue]
+            estimate = admission.estimate(task)
+            run_time = admission.summary(task.name)
             out.append(
                 {
-                    "task": name,
+                    "task": task.name,
+                    "queue": task.queue,
                     "messages_ready": figures.ready,
                     "messages_unacked": figures.unacked,
                     "consumers": figures.consumers,
-                    "workers": len(svc.fleet.serving(name)),
+                    "workers": len(svc.fleet.serving(task.name)),
+                    "queued": estimate.ready,
                     "running": estimate.running,
                     "parallel_slots": estimate.parallelism,
                     "run_time": {
@@ -326,11 +318,9 @@ def build_router(gateway: Gateway) -> APIRouter:
                         "mean": run_time.mean,
                         "p90": run_time.p90,
                     },
-                    "drained_per_s": admission.drain[name].per_second(time.time()),
+                    "work_drained_per_s": admission.backlogs[task.queue].drain.per_second(now),
                     "estimated_wait": estimate.wait,
-                    "figures_age": round(max(0.0, time.time() - figures.at), 3)
-                    if figures.at
-                    else None,
+                    "figures_age": round(max(0.0, now - figures.at), 3) if figures.at else None,
                 }
             )
         return out

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
+import time
 import uuid
 from collections.abc import Awaitable
 from datetime import UTC, datetime
@@ -18,33 +18,31 @@ from aio_pika.abc import (
 )
 from aiormq.exceptions import DeliveryError, PublishError
 
-from contracts.amqp import (
+from contracts.deadline import Deadline
+from contracts.errors import BrokerUnavailable, ConfirmLost, Overloaded
+from contracts.events import TaskEvent
+from contracts.messages import (
+    CLIENT_GRACE_HEADER,
+    CLIENT_UNTIL_HEADER,
+    CONTENT_TYPE,
+    COST_HEADER,
+    OWNER_HEADER,
+    PRESENCE_TYPE,
+    SYNC_TYPE,
+    CancelRequest,
+    Presence,
+)
+from contracts.topology import Topology
+from gateway.settings import GatewaySettings
+from runtime.amqp import (
     PERSISTENT,
-    TRANSIENT,
     connect,
     parked_copy,
     publish,
     publish_event,
     until_confirmed,
 )
-from contracts.background import Background
-from contracts.deadline import Deadline
-from contracts.declare import declare
-from contracts.errors import BrokerUnavailable, ConfirmLost, Overloaded
-from contracts.events import TaskEvent
-from contracts.messages import (
-    CONTENT_TYPE,
-    COST_HEADER,
-    OWNER_HEADER,
-    SYNC_TYPE,
-    WATCH_TYPE,
-    WORK_TYPE,
-    CancelRequest,
-    WatchNotice,
-    WorkNotice,
-)
-from contracts.topology import Topology
-from gateway.settings import GatewaySettings
+from runtime.declare import declare
 
 log = logging.getLogger("timebox.gateway.broker")
 
@@ -54,17 +52,14 @@ def _not_connected() -> BrokerUnavailable:
 
 
 class Broker:
-    def __init__(self, settings: GatewaySettings, tasks: list[str]) -> None:
+    def __init__(self, settings: GatewaySettings, routes: dict[str, str]) -> None:
         self.settings = settings
-        self.tasks = tasks
+        self.routes = routes  # task type: queue
         self.topology: Topology = settings.topology()
         self.instance = uuid.uuid4().hex
         self.connection: AbstractRobustConnection | None = None
         self.channel: AbstractChannel | None = None
         self._control_exchange: AbstractExchange | None = None
-        self._notices: AbstractChannel | None = None
-        self._to_notify: set[str] = set()
-        self._sending = Background()
 
     @property
     def name(self) -> str:
@@ -80,10 +75,8 @@ class Broker:
             log=log,
         )
         self.channel = await self.connection.channel(publisher_confirms=True, on_return_raises=True)
-        await declare(self.channel, self.topology, self.tasks)
+        await declare(self.channel, self.topology, self.routes)
         self._control_exchange = await self.channel.get_exchange(self.topology.control_exchange)
-        # work notices need no confirm: a lost one costs a worker's poll interval
-        self._notices = await self.connection.channel(publisher_confirms=False)
 
     async def close(self) -> None:
         if self.connection is not None:
@@ -156,12 +149,18 @@ class Broker:
         deadline: Deadline,
         owner: str | None,
         cost: float | None = None,
+        client_grace: float | None = None,
     ) -> None:
+        """Publishes a task; one tied to its client carries its presence, a second
+        deadline: a grace from now, renewed by each word of the client."""
         headers: dict[str, aio_pika.abc.FieldValue] = dict(deadline.headers())
         if owner is not None:
             headers[OWNER_HEADER] = owner
         if cost is not None:
             headers[COST_HEADER] = cost
+        if client_grace is not None:
+            headers[CLIENT_UNTIL_HEADER] = round((time.time() + client_grace) * 1000)
+            headers[CLIENT_GRACE_HEADER] = client_grace
         channel = self._live_channel()
         properties = aiormq.spec.Basic.Properties(
             content_type=CONTENT_TYPE,
@@ -184,55 +183,19 @@ class Broker:
             ),
             task,
         )
-        self._notify(task)
 
-    def _notify(self, task: str) -> None:
-        """Tells the workers that pull (compute/dispatch.py) that `task` has a message:
-        after the task's confirm, so that a worker looking finds it. The tasks confirmed
-        in one turn of the loop share one notice per type."""
-        if not self._to_notify:
-            asyncio.get_running_loop().call_soon(self._send_notices)
-        self._to_notify.add(task)
-
-    def _send_notices(self) -> None:
-        tasks, self._to_notify = self._to_notify, set()
-        for task in tasks:
-            self._sending.spawn(self._send_notice(task))
-
-    async def _send_notice(self, task: str) -> None:
-        # not mandatory: no worker may pull this type (they consume it); a lost notice
-        # costs a worker's poll interval
-        await self._notice(WorkNotice(task=task), WORK_TYPE, self.topology.work_exchange, task)
-
-    async def send_watch_notice(self, notice: WatchNotice) -> None:
-        """Tells the other gateways that this one serves these tasks to clients (see
-        gateway/watches.py). Unconfirmed: if one is lost, the next comes half a grace
-        later; a client that came back here within the grace may find its task
-        cancelled only if every notice of a whole grace is lost."""
-        await self._notice(notice, WATCH_TYPE, self.topology.gateways_exchange, "")
-
-    async def _notice(
-        self, notice: WorkNotice | WatchNotice, kind: str, exchange: str, routing_key: str
-    ) -> None:
-        """A notice on the unconfirmed channel; a failure is only logged (debug)."""
-        if self._notices is None:
-            return
-        try:
-            await publish(
-                self._notices,
-                notice.model_dump_json().encode(),
-                aiormq.spec.Basic.Properties(
-                    content_type=CONTENT_TYPE,
-                    message_type=kind,
-                    app_id=self.name,
-                    delivery_mode=TRANSIENT,
-                ),
-                exchange=exchange,
-                routing_key=routing_key,
-                confirm_within=self.settings.publish_timeout,
-            )
-        except Exception as exc:
-            log.debug("%s %s not sent: %r", kind, notice, exc)
+    async def publish_presence(self, presence: Presence) -> None:
+        """Tells every worker which tied tasks have a client here (gateway/presence.py)."""
+        await self._publish(
+            self._control_exchange,
+            aio_pika.Message(
+                presence.model_dump_json().encode(),
+                content_type=CONTENT_TYPE,
+                type=PRESENCE_TYPE,
+                delivery_mode=aio_pika.DeliveryMode.NOT_PERSISTENT,
+            ),
+            "",
+        )
 
     async def publish_cancel(self, request: CancelRequest) -> None:
         await self._publish(

@@ -9,11 +9,11 @@ from typing import Any
 
 from aio_pika.abc import AbstractIncomingMessage
 
-from contracts.amqp import until_confirmed
 from contracts.events import ErrorInfo, EventType, TaskEvent
 from contracts.messages import OWNER_HEADER
 from gateway.broker import Broker
 from gateway.tasktable import TaskTable
+from runtime.amqp import until_confirmed
 
 log = logging.getLogger("timebox.gateway.deadletters")
 
@@ -42,39 +42,35 @@ class DeadLetters:
         await queue.consume(self._on_message)
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
-        headers = dict(message.headers or {})
-        reason = death_reason(headers)
-        task_id, task = message.message_id, message.type
-        owner = headers.get(OWNER_HEADER)
-        event: TaskEvent | None = None
-        if reason == "expired":
-            record = self.table.get(task_id) if task_id else None
-            if task_id and task and (record is None or not record.status.state.terminal):
-                event = TaskEvent(
-                    type=EventType.EXPIRED,
-                    task_id=task_id,
-                    task=task,
-                    owner=owner if isinstance(owner, str) else None,
-                    reason="expired in the queue before a worker could start it",
-                )
-        else:
-            why = f"dead-lettered by the broker ({reason})"
-            await until_confirmed(
-                lambda: self.broker.publish_parked(message, why), f"a parked copy of {task_id}", log
-            )
-            log.warning("parked message %s (%s): %s", task_id, task, why)
-            if task_id and task:
-                event = TaskEvent(
-                    type=EventType.FAILED,
-                    task_id=task_id,
-                    task=task,
-                    owner=owner if isinstance(owner, str) else None,
-                    error=ErrorInfo(type="DeadLettered", message=why),
-                    reason=why,
-                )
+        event = await self._ending(message)
         if event is not None:
             await self.broker.announce(event)  # nobody else will say how it ended
         # acked once its event is confirmed; a channel lost meanwhile redelivers it (to
         # this gateway or another), and a second event after the first is ignored
         with contextlib.suppress(Exception):
             await message.ack()
+
+    async def _ending(self, message: AbstractIncomingMessage) -> TaskEvent | None:
+        """The event that ends the task of a dead letter (parked, if it is not a plain
+        expiry); None when there is none to tell."""
+        headers = dict(message.headers or {})
+        reason = death_reason(headers)
+        why = f"dead-lettered by the broker ({reason})"
+        if reason != "expired":
+            await until_confirmed(
+                lambda: self.broker.publish_parked(message, why), f"a parked copy of {why}", log
+            )
+            log.warning("parked message %s (%s): %s", message.message_id, message.type, why)
+        task_id, task = message.message_id, message.type
+        if not task_id or not task:
+            return None
+        owner = headers.get(OWNER_HEADER)
+        ids = {"task_id": task_id, "task": task, "owner": owner if isinstance(owner, str) else None}
+        if reason != "expired":
+            error = ErrorInfo(type="DeadLettered", message=why)
+            return TaskEvent(type=EventType.FAILED, error=error, reason=why, **ids)
+        record = self.table.get(task_id)
+        if record is not None and record.status.state.terminal:
+            return None
+        why = "expired in the queue before a worker could start it"
+        return TaskEvent(type=EventType.EXPIRED, reason=why, **ids)

@@ -40,13 +40,13 @@ from aiormq.abc import AbstractChannel, AbstractConnection, DeliveredMessage
 from pydantic import ValidationError
 from yarl import URL
 
-from contracts.background import Background
 from contracts.events import TaskEvent
 from contracts.messages import SYNC_TYPE, WORKER_TYPE, WorkerAnnouncement
 from gateway import metrics
 from gateway.broker import Broker
 from gateway.fleet import Fleet
 from gateway.tasktable import TaskTable
+from runtime.background import Background
 
 log = logging.getLogger("timebox.gateway.events")
 

@@ -55,5 +55,6 @@ class Fleet:
         """The live workers that serve `task`."""
         return [a for a in self.live() if task in a.tasks]
 
-    def slots(self, task: str) -> int:
-        return sum(a.slots for a in self.serving(task))
+    def slots(self, queue: str) -> int:
+        """The slots the live workers give `queue`."""
+        return sum(a.queues.get(queue, 0) for a in self.live())

@@ -16,18 +16,19 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from contracts.errors import BrokerUnavailable, TimeboxError
-from contracts.tasks import Task, load_tasks
+from contracts.tasks import Task, load_tasks, routes
 from gateway import metrics, problems
 from gateway.admission import Admission, stop
 from gateway.auth import Auth
 from gateway.broker import Broker
+from gateway.clients import Clients
 from gateway.deadletters import DeadLetters
 from gateway.eventlog import EventLog
 from gateway.fleet import Fleet
 from gateway.services import Services
 from gateway.settings import GatewaySettings
+from gateway.sse import Fanout
 from gateway.tasktable import TaskTable
-from gateway.watches import Watches
 
 log = logging.getLogger("timebox.gateway")
 
@@ -73,7 +74,7 @@ class Gateway:
         for another reason than the broker being away, `on_failure` is told why (by
         default the process gets SIGTERM: whatever serves the app stops)."""
         settings = self.settings
-        broker = Broker(settings, list(self.tasks))
+        broker = Broker(settings, routes(self.tasks.values()))
         table = TaskTable(settings.task_table_size)
         table.listeners.append(metrics.observe)
         fleet = Fleet(self.tasks, settings.clock_skew)
@@ -81,12 +82,20 @@ class Gateway:
         metrics.BROKER_CONNECTED.set_function(lambda: float(broker.connected and eventlog.reading))
         metrics.TASKS_KNOWN.set_function(lambda: float(len(table)))
         admission = Admission(settings, broker, table, fleet)
-        watches = Watches(broker, table, settings.stream_grace)
-        table.listeners.append(watches.observe)
-        metrics.TIED_TASKS.labels("stream").set_function(lambda: float(watches.tied[0]))
-        metrics.TIED_TASKS.labels("rpc-elsewhere").set_function(lambda: float(watches.tied[1]))
+        clients = Clients(broker, settings.stream_grace)
+        metrics.CLIENTS.set_function(lambda: float(clients.followed))
+        table.fanout = fanout = Fanout()
         services = Services(
-            settings, self.tasks, fleet, broker, table, eventlog, admission, Auth(settings), watches
+            settings,
+            self.tasks,
+            fleet,
+            broker,
+            table,
+            eventlog,
+            admission,
+            Auth(settings),
+            clients,
+            fanout,
         )
         self._services = services
         self._loop = asyncio.get_running_loop()
@@ -98,11 +107,7 @@ class Gateway:
                 await broker.start()
                 await eventlog.start()
                 await DeadLetters(broker, table).start()
-                await watches.start(
-                    services.cancel_quietly,
-                    # a stopping gateway's clients are on their way to another one
-                    lambda: broker.connected and eventlog.reading and not services.stopping.done(),
-                )
+                clients.start()
                 log.info("%s ready on namespace %r", broker.name, settings.namespace)
                 await admission.run()
             except Exception as exc:  # not the broker away (that is waited for): give up
@@ -117,7 +122,7 @@ class Gateway:
             await stop(running)
             await stop(streams)
             await services.background.cancel()
-            await watches.close()
+            await clients.close()
             await eventlog.close()
             await broker.close()
             self._services = None

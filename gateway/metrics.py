@@ -36,12 +36,9 @@ BROKER_CONNECTED = Gauge(
     "timebox_broker_connected",
     "1 while connected to RabbitMQ, both to publish and to read the event stream",
 )
-TIED_TASKS = Gauge(
-    "timebox_gateway_tied_tasks",
-    "Unended tasks this gateway cancels as orphaned once no client has followed them "
-    "through any gateway for two graces: submitted as a stream, or RPCs another gateway "
-    "said it waits for (as of its last look, every half grace)",
-    ["tie"],
+CLIENTS = Gauge(
+    "timebox_gateway_clients",
+    "Tasks tied to their client (RPCs, streams) that a client follows on this gateway now",
 )
 TASKS_KNOWN = Gauge("timebox_tasks_known", "Tasks in this gateway's table")
 EVENTS_READ = Counter(

@@ -12,8 +12,6 @@ from typing import Any
 
 import anyio
 
-from contracts.amqp import until_confirmed
-from contracts.background import Background
 from contracts.errors import (
     BrokerUnavailable,
     ConfirmLost,
@@ -29,11 +27,14 @@ from gateway import metrics
 from gateway.admission import Admission
 from gateway.auth import Auth
 from gateway.broker import Broker
+from gateway.clients import Clients
 from gateway.eventlog import EventLog
 from gateway.fleet import Fleet
 from gateway.settings import GatewaySettings
+from gateway.sse import Fanout
 from gateway.tasktable import Record, TaskTable
-from gateway.watches import Watches
+from runtime.amqp import until_confirmed
+from runtime.background import Background
 
 log = logging.getLogger("timebox.gateway")
 
@@ -48,7 +49,8 @@ class Services:
     eventlog: EventLog
     admission: Admission
     auth: Auth
-    watches: Watches
+    clients: Clients
+    fanout: Fanout
     background: Background = field(default_factory=Background)
     # set when the server is asked to stop: at the signal under `python -m gateway`
     # (gateway/__main__.py), else by sse-starlette once it notices
@@ -65,7 +67,7 @@ class Services:
 
     async def end_streams_on_shutdown(self) -> None:
         await self.shutting_down.wait()
-        closed = self.table.close_subscriptions()
+        closed = self.fanout.close_all()
         log.info("shutting down: ended %d event streams", closed)
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:

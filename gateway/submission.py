@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import enum
-import time
 import uuid
 from typing import Any
 
@@ -45,9 +44,10 @@ async def submit(
     owner: str | None,
     idempotency_key: str | None = None,
     input_digest: str | None = None,
-    streamed: bool = False,
+    tied: bool = True,
 ) -> Record:
-    """Admits and publishes a task; raises the refusal (503, 422) otherwise."""
+    """Admits and publishes a task; raises the refusal (503, 422) otherwise. A `tied`
+    task (an RPC's, a stream's) is held to its client's presence (gateway/clients.py)."""
     cost = task.cost_of(task_input)
     try:
         svc.broker.require_connected()  # refused before anything is sent or to be undone
@@ -68,7 +68,7 @@ async def submit(
         owner=owner,
         idempotency_key=idempotency_key,
         input_digest=input_digest,
-        streamed=streamed or None,
+        tied=tied or None,
     )
     # Both go out back to back on one channel and are confirmed together: `queued`
     # reaches the stream long before a worker can receive the task and say `running`
@@ -78,7 +78,8 @@ async def submit(
     task_sent = False
     body = task_input.model_dump_json().encode()
     try:
-        await svc.broker.publish_task(task.name, task_id, body, deadline, owner, cost)
+        grace = svc.settings.stream_grace if tied else None
+        await svc.broker.publish_task(task.name, task_id, body, deadline, owner, cost, grace)
         task_sent = True
         await event_sent
     except TimeboxError as exc:
@@ -124,29 +125,25 @@ async def wait(
     waits: set[asyncio.Future[Any]] = {ended, gone}
     if release_on_stop:
         waits.add(svc.stopping)  # shared: not to be cancelled here
-    record.waiting += 1
-    svc.watches.await_(record)
-    if record.idempotency_key is not None:
-        svc.watches.follow(record, tell=False)  # said at once by submit, if a retry
+    svc.clients.follow(record)
     try:
         done, _ = await asyncio.wait(
             waits, timeout=min(remaining, bound), return_when=asyncio.FIRST_COMPLETED
         )
     finally:
-        record.waiting -= 1
+        svc.clients.unfollow(record)
         ended.cancel()
         gone.cancel()
     if record.done.is_set():
         return Waited.ENDED
     if gone in done:
-        why = "the waiting client disconnected"
+        # one with an Idempotency-Key may ask again: as a streaming client, it has the
+        # grace its task is held to (its workers cancel it once that lapses)
         if record.idempotency_key is None:
-            await svc.cancel_quietly(record, why)
-        else:  # the key says it will ask again: as a streaming client, it has a grace
-            svc.spawn(cancel_if_abandoned(svc, record, why))
+            await svc.cancel_quietly(record, "the waiting client disconnected")
         return Waited.GONE
     if svc.stopping in done or bound < remaining:
-        svc.watches.release(record)  # the task runs on; its Location can be followed
+        await svc.clients.release(record)  # it runs on; its Location can be followed
         return Waited.RELEASED
     return Waited.ENDED
 
@@ -156,37 +153,3 @@ async def _until_disconnect(request: Request) -> None:
         message: Message = await request.receive()
         if message["type"] == "http.disconnect":
             return
-
-
-async def cancel_if_abandoned(svc: Services, record: Record, why: str) -> None:
-    """A streaming client that went away, or an RPC's with an Idempotency-Key, has
-    `stream_grace` seconds to come back, here or through another gateway
-    (gateway/watches.py): to its events, or with the same key. Its task is cancelled
-    after a whole grace in which no client followed it, here or elsewhere. One check
-    runs per task: a client that leaves again moves the end of the grace on."""
-    record.left_at = time.monotonic()
-    if record.abandon_check:
-        return
-    record.abandon_check = True
-    grace = svc.settings.stream_grace
-    said = False
-    try:
-        while not record.status.state.terminal:
-            if (wait := record.left_at + grace - time.monotonic()) > 0:
-                await asyncio.sleep(wait)
-            elif record.subscribers or record.waiting:
-                return  # back here: when it leaves again, a new check starts
-            elif svc.watches.followed_elsewhere(record):
-                if not said:
-                    log.info(
-                        "%s %s followed through another gateway",
-                        record.status.task,
-                        record.status.id,
-                    )
-                    said = True
-                await asyncio.sleep(grace)  # watched for as long as notices come
-            else:
-                await svc.cancel_quietly(record, why)
-                return
-    finally:
-        record.abandon_check = False

@@ -8,7 +8,6 @@ any in the live window, and are forgotten first when the table is full."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
 from collections import OrderedDict
 from collections.abc import Callable
@@ -16,48 +15,6 @@ from dataclasses import dataclass, field
 
 from contracts.deadline import Deadline
 from contracts.events import EventType, TaskEvent, TaskStatus
-
-
-class SubscriberTooSlow(Exception):
-    """The subscriber's buffer filled up: it is cut off so it slows nobody else."""
-
-
-class SubscriptionClosed(Exception):
-    """The gateway is shutting down: the stream ends, and the client reconnects."""
-
-
-@dataclass(eq=False)
-class Subscriber:
-    queue: asyncio.Queue[Stored | None]
-    overflowed: bool = False
-    closed: bool = False
-
-    def push(self, item: Stored) -> None:
-        try:
-            self.queue.put_nowait(item)
-        except asyncio.QueueFull:
-            self.overflowed = True
-
-    @property
-    def waiting(self) -> bool:
-        """Whether events wait to be taken."""
-        return not self.queue.empty()
-
-    def close(self) -> None:
-        self.closed = True
-        with contextlib.suppress(asyncio.QueueFull):
-            self.queue.put_nowait(None)
-
-    async def get(self) -> Stored:
-        if self.queue.empty():
-            if self.closed:
-                raise SubscriptionClosed()
-            if self.overflowed:
-                raise SubscriberTooSlow()
-        item = await self.queue.get()
-        if item is None:
-            raise SubscriptionClosed()
-        return item
 
 
 @dataclass(slots=True, frozen=True)
@@ -101,20 +58,10 @@ class Record:
     local: bool = False  # submitted through this gateway
     idempotency_key: str | None = None
     input_digest: str | None = None  # of its type and input, with an idempotency key
-    streamed: bool = False  # submitted as an event stream: abandoned once none follows it
+    tied: bool = False  # an RPC's or a stream's: held to its client's presence
     refused: bool = False  # the broker refused it: the 503 told the client so
     events: list[Stored] = field(default_factory=list)
-    subscribers: set[Subscriber] = field(default_factory=set)
     _done: asyncio.Event | None = None  # made when first asked for: most never are
-    # time.monotonic() of the last watch notice of it from another gateway, and of the
-    # last one this gateway sent (gateway/watches.py)
-    watched_elsewhere: float = -math.inf
-    told_watched: float = -math.inf
-    waiting: int = 0  # RPCs waiting for its end on this gateway
-    # time.monotonic() when a client that may abandon it last left this gateway, and
-    # whether a check for its abandonment runs (api.py: _cancel_if_abandoned)
-    left_at: float = -math.inf
-    abandon_check: bool = False
 
     @property
     def done(self) -> asyncio.Event:
@@ -150,14 +97,6 @@ class Record:
                 kept.append(item)
         self.status, self.events = status, kept
 
-    def subscribe(self, buffer: int) -> Subscriber:
-        sub = Subscriber(asyncio.Queue(maxsize=buffer))
-        self.subscribers.add(sub)
-        return sub
-
-    def unsubscribe(self, sub: Subscriber) -> None:
-        self.subscribers.discard(sub)
-
 
 class TaskTable:
     def __init__(self, max_tasks: int) -> None:
@@ -170,6 +109,8 @@ class TaskTable:
         # (infinite until it is read)
         self._idempotent: dict[tuple[str | None, str], tuple[str, float]] = {}
         self._arrivals: dict[str, list[asyncio.Future[Record]]] = {}
+        # each event kept, as it is read: its live subscribers get it (gateway/sse.py)
+        self.fanout: Callable[[Record, Stored], None] = lambda record, stored: None
 
     def __len__(self) -> int:
         return len(self._tasks) + len(self._history)
@@ -227,8 +168,7 @@ class TaskTable:
             self._learn(record, event, offset)  # e.g. the `queued` of a task queued here
         stored = Stored.of(offset, event, body)
         record.events.append(stored)
-        for sub in record.subscribers:
-            sub.push(stored)
+        self.fanout(record, stored)
         if event.terminal:
             record.ended()
         self._tell(record, event)
@@ -251,8 +191,7 @@ class TaskTable:
                 return
             stored = Stored.of(offset, event, body)
             record.events.append(stored)
-            for sub in record.subscribers:
-                sub.push(stored)
+            self.fanout(record, stored)
         elif all(known.offset != offset for known in record.events):
             # a task of both: the live window has its end
             record.refold(Stored.of(offset, event, body), event)
@@ -278,14 +217,6 @@ class TaskTable:
         for listener in self.listeners:
             listener(record, event)
 
-    def close_subscriptions(self) -> int:
-        closed = 0
-        for record in [*self._history.values(), *self._tasks.values()]:
-            for sub in record.subscribers:
-                sub.close()
-                closed += 1
-        return closed
-
     def _insert(
         self,
         event: TaskEvent,
@@ -309,7 +240,7 @@ class TaskTable:
         if event.deadline_ms is not None:
             record.deadline = Deadline(event.deadline_ms)
         record.input_digest = event.input_digest
-        record.streamed = bool(event.streamed)
+        record.tied = bool(event.tied)
         key = event.idempotency_key
         if key is None:
             return

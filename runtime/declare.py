@@ -4,7 +4,7 @@ either may start first)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Mapping
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
@@ -21,10 +21,11 @@ async def counts(channel: AbstractChannel, queue: str) -> tuple[int, int]:
     return result.message_count or 0, result.consumer_count or 0
 
 
-async def declare(channel: AbstractChannel, topology: Topology, tasks: Iterable[str]) -> None:
+async def declare(channel: AbstractChannel, topology: Topology, routes: Mapping[str, str]) -> None:
+    """Declares everything, with the task queues of `routes` (task type: queue)."""
     queues: dict[str, AbstractQueue] = {}
     exchanges: dict[str, AbstractExchange] = {}
-    for decl in topology.declarations(tasks):
+    for decl in topology.declarations(routes):
         if isinstance(decl, ExchangeDecl):
             exchanges[decl.name] = await channel.declare_exchange(
                 decl.name, aio_pika.ExchangeType(decl.kind), durable=True

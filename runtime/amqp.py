@@ -27,8 +27,8 @@ from aiormq.exceptions import AMQPConnectionError, ChannelInvalidStateError
 from yarl import URL
 
 from contracts.events import TaskEvent
-from contracts.logs import log_reconnects
 from contracts.messages import CONTENT_TYPE, EVENT_TYPE, PARK_REASON_HEADER
+from runtime.logs import log_reconnects
 
 PERSISTENT = int(aio_pika.DeliveryMode.PERSISTENT)
 TRANSIENT = int(aio_pika.DeliveryMode.NOT_PERSISTENT)
