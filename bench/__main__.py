@@ -164,14 +164,6 @@ def report(results: dict[str, Any]) -> str:
                     cpu_bound(t["echo_rpc"]["cpu_ms_per_call"], results["machine"]["cores"]),
                 ],
                 [
-                    "echo RPC, the same, a worker that only pulls",
-                    f"{t['echo_rpc_pulling']['calls_per_s']}/s",
-                ],
-                [
-                    "echo end to end, a worker of that one type",
-                    f"{t['echo_202_worker_of_one_type']['end_to_end_per_s']}/s",
-                ],
-                [
                     "ceiling: FastAPI hello-world GET, same load generator",
                     f"{t['ceiling_fastapi_hello_get']['calls_per_s']}/s",
                 ],

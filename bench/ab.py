@@ -2,19 +2,22 @@
 minute: both stacks run at once and blocks of calls alternate between them, so that a
 slow moment falls on both. Not part of `make bench`.
 
-    python -m bench.ab A B [--mode rpc|load] [--blocks N]
+    python -m bench.ab A B [--mode rpc|load|overload] [--blocks N]
 
 A variant is a git revision (its gateway and worker run from a temporary worktree of
 it), environment settings for its gateway and worker, or both, joined by commas:
 
     python -m bench.ab HEAD~1 HEAD
-    python -m bench.ab TIMEBOX_LEASE_SLOTS=false TIMEBOX_LEASE_SLOTS=true
-    python -m bench.ab d576ac9,TIMEBOX_POLL_INTERVAL=10 .
+    python -m bench.ab TIMEBOX_CHILD_NICE=0 TIMEBOX_CHILD_NICE=10
+    python -m bench.ab d576ac9,TIMEBOX_CHILD_NICE=0 .
 
 `rpc`: blocks of sequential `echo` RPCs (httpx), a worker with 2 slots. `load`: blocks
-of 4 s with 64 `echo` RPCs in flight (aiohttp), a worker with 4 slots. Each side is
-reported on its own, and the two by the median of the ratios B / A of paired blocks
-(with their quartiles), which is what drift spoils least.
+of 4 s with 64 `echo` RPCs in flight (aiohttp), a worker with 4 slots. `overload`:
+windows of bench/overload.py's load (`burn_cpu` 0.2 s, 2 s deadline), 2x and 4x in
+turn, against two workers of one slot each (the same capacity), with how evenly the
+two shared the answers. Each side is reported on its own, and the two by the median
+of the ratios B / A of paired blocks (with their quartiles), which is what drift
+spoils least.
 """
 
 from __future__ import annotations
@@ -26,17 +29,21 @@ import shutil
 import statistics
 import subprocess
 import tempfile
+import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 
+from bench import overload
 from bench.__main__ import machine
 from bench.latency import _timed, percentiles
 from bench.stack import CpuMeter, Stack
 from bench.throughput import IN_FLIGHT, _calls_per_s
-from tests.harness import Gateway, Worker
+from tests.harness import Gateway, Worker, tree_cpu
 
 RPC_PER_BLOCK = 50
 LOAD_SECONDS = 4.0
@@ -72,6 +79,8 @@ class Side:
     latencies: list[float] = field(default_factory=list)
     cpu_ms: dict[str, float] = field(default_factory=dict)  # summed over blocks
     calls: int = 0
+    others: list[Worker] = field(default_factory=list)  # the overload mode's second worker
+    windows: list[dict[str, Any]] = field(default_factory=list)
 
 
 @contextlib.contextmanager
@@ -117,6 +126,34 @@ def load_block(side: Side) -> None:
     side.blocks.append(out["calls_per_s"])
 
 
+OVERLOAD_WINDOW = 10.0
+
+
+def overload_block(side: Side, multiple: int) -> None:
+    """One window of open-loop load at `multiple` x capacity; the block's figure is
+    its goodput (% of capacity)."""
+    workers = [side.worker, *side.others]
+    before = sum(tree_cpu(w.pid) for w in workers)
+    target = overload.Target(
+        side.gateway.url,
+        "/v1/tasks/burn_cpu",
+        side.worker.pid,
+        include_root=True,
+        beside=CpuMeter({}),
+        body={"seconds": overload.TASK_SECONDS},
+        headers={"Prefer": "wait", "Request-Timeout": str(overload.DEADLINE)},
+    )
+    results = asyncio.run(overload.open_loop(target, overload.CAPACITY * multiple, OVERLOAD_WINDOW))
+    time.sleep(1.0)  # the last answers' CPU, as the main benchmark's drain does
+    cpu = sum(tree_cpu(w.pid) for w in workers) - before
+    window = overload.summarize(results, OVERLOAD_WINDOW, cpu)
+    on_time = [r for r in results if r.status == 200 and r.latency <= overload.DEADLINE]
+    window["split"] = sorted(Counter(r.worker for r in on_time).values())
+    window["load"] = f"{multiple}x"
+    side.windows.append(window)
+    side.blocks.append(window["goodput_pct"])
+
+
 def quartiles(values: list[float]) -> tuple[float, float, float]:
     if len(values) < 2:
         return values[0], values[0], values[0]
@@ -126,6 +163,15 @@ def quartiles(values: list[float]) -> tuple[float, float, float]:
 
 def report(mode: str, a: Side, b: Side) -> None:
     for side in (a, b):
+        if mode == "overload":
+            print(f"{side.variant.spec:>24s}:")
+            for w in side.windows:
+                print(
+                    f"    {w['load']}: goodput {w['goodput_pct']}%, 2nd half "
+                    f"{w['goodput_second_half_pct']}%, 503 {w['refused_503']}, wasted CPU "
+                    f"{w['wasted_cpu_pct']}%, answers per worker {w['split']}"
+                )
+            continue
         cpu = {k: round(v / side.calls, 2) for k, v in side.cpu_ms.items()}
         if mode == "rpc":
             p = percentiles(side.latencies)
@@ -135,7 +181,7 @@ def report(mode: str, a: Side, b: Side) -> None:
         print(f"{side.variant.spec:>24s}: {what}; CPU ms per call {cpu}")
     ratios = [y / x for x, y in zip(a.blocks, b.blocks, strict=True)]
     q1, q2, q3 = quartiles(ratios)
-    measure = "block p50 latency" if mode == "rpc" else "calls/s"
+    measure = {"rpc": "block p50 latency", "load": "calls/s", "overload": "goodput"}[mode]
     print(
         f"B / A, {measure}, paired blocks: median {q2:.3f} (quartiles {q1:.3f}-{q3:.3f}, "
         f"{len(ratios)} pairs)"
@@ -146,21 +192,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("a")
     parser.add_argument("b")
-    parser.add_argument("--mode", choices=("rpc", "load"), default="rpc")
+    parser.add_argument("--mode", choices=("rpc", "load", "overload"), default="rpc")
     parser.add_argument("--blocks", type=int, default=20, help="blocks per side")
     args = parser.parse_args()
     variants = [Variant.parse(args.a), Variant.parse(args.b)]
-    slots = 2 if args.mode == "rpc" else 4
+    slots = {"rpc": 2, "load": 4, "overload": 1}[args.mode]
     info = machine()
     print(
         f"{info['when']}: {info['cpu']}, {info['cores']} cores, Python {info['python']}, "
         f"RabbitMQ {info['rabbitmq']}; mode {args.mode}, {args.blocks} blocks per side of "
-        + (
-            f"{RPC_PER_BLOCK} sequential RPCs"
-            if args.mode == "rpc"
-            else f"{LOAD_SECONDS} s, {IN_FLIGHT} in flight"
-        )
-        + f", worker with {slots} slots; A = {args.a!r}, B = {args.b!r}"
+        + {
+            "rpc": f"{RPC_PER_BLOCK} sequential RPCs",
+            "load": f"{LOAD_SECONDS} s, {IN_FLIGHT} in flight",
+            "overload": f"{OVERLOAD_WINDOW:g} s at 2x and 4x in turn, two workers",
+        }[args.mode]
+        + f", workers with {slots} slots; A = {args.a!r}, B = {args.b!r}"
     )
     with contextlib.ExitStack() as stack:
         sides, clients = [], []
@@ -169,17 +215,24 @@ def main() -> None:
             s = stack.enter_context(Stack())
             s.cwd = tree
             side = Side(variant, s.gateway(**variant.env), s.worker(slots, **variant.env))
+            if args.mode == "overload":
+                side.others.append(s.worker(slots, **variant.env))
             client = stack.enter_context(httpx.Client(base_url=side.gateway.url, timeout=30))
             for _ in range(50):  # warm-up: imports, connections, the run-time estimates
                 client.post(ECHO_RPC, json={"payload": 0})
+            for _ in range(10 if args.mode == "overload" else 0):  # the run time, learned
+                body = {"seconds": overload.TASK_SECONDS}
+                client.post("/v1/tasks/burn_cpu", params={"wait": "true"}, json=body)
             sides.append(side)
             clients.append(client)
         for i in range(args.blocks):
             for k in (0, 1) if i % 2 == 0 else (1, 0):
                 if args.mode == "rpc":
                     rpc_block(sides[k], clients[k])
-                else:
+                elif args.mode == "load":
                     load_block(sides[k])
+                else:
+                    overload_block(sides[k], 2 if i % 4 < 2 else 4)
     report(args.mode, sides[0], sides[1])
 
 

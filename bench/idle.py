@@ -1,9 +1,9 @@
 """What idle workers cost (not part of `make bench`): `python -m bench.idle [workers]`.
 
-Starts idle workers of every task type (they pull: compute/dispatch.py) and, over a
-window with no traffic, reads from /proc the CPU of the workers (their own loops) and
-of the local RabbitMQ, and from `rabbitmq-queues quorum_status` how far the task
-queues' Raft logs grew: each entry is written to disk and, in a cluster, replicated."""
+Starts idle workers of the demo tasks and, over a window with no traffic, reads from
+/proc the CPU of the workers (their own loops: announcements) and of the local
+RabbitMQ, and from `rabbitmq-queues quorum_status` how far the task queue's Raft log
+grew: each entry is written to disk and, in a cluster, replicated."""
 
 from __future__ import annotations
 
@@ -24,10 +24,9 @@ def main(workers: int = 1) -> None:
     with Stack() as stack:
         stack.gateway()
         procs = [stack.worker(2) for _ in range(workers)]
-        queues = [
-            Topology(namespace=stack.namespace).task_queue(t)
-            for t in load_tasks(["examples.tasks"])
-        ]
+        topology = Topology(namespace=stack.namespace)
+        names = {task.queue for task in load_tasks(["examples.tasks"]).values()}
+        queues = [topology.task_queue(name) for name in sorted(names)]
         time.sleep(3)  # past the start's sweep
         readers: dict[str, Callable[[], float | None] | None] = {
             f"worker {i}": functools.partial(cpu_seconds_of, p.pid) for i, p in enumerate(procs)

@@ -124,15 +124,12 @@ def run(n: int) -> dict[str, Any]:
             "calls": n,
             "sequential": True,
             "client": "httpx",
-            "worker": "2 slots; every task type (leases the one queue with work), the same "
-            "with TIMEBOX_LEASE_SLOTS=false (pulls), or --tasks echo (consumes)",
+            "worker": "2 slots, consuming the demo tasks' queue",
         }
     }
     default = rpc_and_submit(n)
     out["rpc_echo"] = default["rpc"]
     out["submit_202"] = default["submit"]
-    out["rpc_echo_worker_pulling"] = rpc_and_submit(n, TIMEBOX_LEASE_SLOTS="false")["rpc"]
-    out["rpc_echo_worker_of_one_type"] = rpc_and_submit(n, "--tasks", "echo")["rpc"]
     out.update(refusals(max(100, n // 4)))
     quorum = asyncio.run(_amqp_round_trips(n, "quorum"))
     stream = asyncio.run(_amqp_round_trips(n, "stream"))

@@ -30,6 +30,7 @@ class Result:
     status: int | str
     latency: float
     cpu: float | None
+    worker: str | None = None  # which worker ran it, when the answer says
 
 
 @dataclass(frozen=True)
@@ -59,21 +60,22 @@ async def open_loop(target: Target, rate: float, window: float) -> list[Result]:
         async def one(sent_at: float) -> None:
             t = time.perf_counter()
             status: int | str
-            cpu = None
+            cpu = worker = None
             try:
                 async with client.post(
                     target.path, json=target.body, params=target.params, headers=target.headers
                 ) as r:
                     status = r.status
                     if r.status == 200:
-                        cpu = (await r.json(content_type=None)).get("cpu_seconds")
+                        answer = await r.json(content_type=None)
+                        cpu, worker = answer.get("cpu_seconds"), answer.get("worker")
                     else:
                         await r.read()
             except TimeoutError:
                 status = "gave up"
             except aiohttp.ClientError as exc:
                 status = type(exc).__name__
-            results.append(Result(sent_at, status, time.perf_counter() - t, cpu))
+            results.append(Result(sent_at, status, time.perf_counter() - t, cpu, worker))
 
         start = time.perf_counter()
         tasks = []

@@ -163,8 +163,7 @@ def run(n: int, rpc_seconds: float) -> dict[str, Any]:
         "parameters": {
             "worker_slots": 4,
             "in_flight": IN_FLIGHT,
-            "worker": "every task type (leases the one queue with work); echo_rpc_pulling: "
-            "the same with TIMEBOX_LEASE_SLOTS=false; the last line: --tasks echo (consumes)",
+            "worker": "consuming the demo tasks' queue",
         }
     }
     rpc_path = "/v1/tasks/echo?wait=true"
@@ -175,18 +174,6 @@ def run(n: int, rpc_seconds: float) -> dict[str, Any]:
         meter = CpuMeter.of_stack(gateway, worker)
         out["echo_rpc"] = asyncio.run(
             _calls_per_s(gateway.url, rpc_seconds, "POST", rpc_path, meter)
-        )
-    with Stack() as stack:
-        gateway = stack.gateway()
-        stack.worker(4, TIMEBOX_LEASE_SLOTS="false")
-        out["echo_rpc_pulling"] = asyncio.run(
-            _calls_per_s(gateway.url, rpc_seconds, "POST", rpc_path)
-        )
-    with Stack() as stack:
-        gateway = stack.gateway()
-        stack.worker(4, "--tasks", "echo")
-        out["echo_202_worker_of_one_type"] = asyncio.run(
-            _end_to_end(gateway.url, stack.namespace, n)
         )
     with Baseline(None) as app:
         out["ceiling_fastapi_hello_get"] = asyncio.run(

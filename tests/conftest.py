@@ -14,7 +14,7 @@ import aio_pika
 import httpx
 import pytest
 
-from contracts.tasks import load_tasks, module_names
+from contracts.tasks import load_tasks, module_names, routes
 from contracts.topology import Topology
 from tests.harness import Announcer, Gateway, Worker
 
@@ -64,7 +64,8 @@ def amqp_url() -> Iterator[str]:
 
 
 async def delete_namespace(url: str, namespace: str) -> None:
-    exchanges, queues = Topology(namespace=namespace).owned_names(load_tasks(module_names(MODULES)))
+    tasks = load_tasks(module_names(MODULES)).values()
+    exchanges, queues = Topology(namespace=namespace).owned_names(routes(tasks))
     connection = await aio_pika.connect(url)
     async with connection:
         for name in queues:

@@ -17,15 +17,14 @@ from pathlib import Path
 
 import aio_pika
 import httpx
-from pamqp.commands import Basic
 
 from compute.child import die_with_parent
-from contracts.amqp import publish_event
-from contracts.declare import counts, declare
 from contracts.events import EventType, TaskEvent
 from contracts.messages import WORKER_TYPE, WorkerAnnouncement
 from contracts.tasks import load_tasks
 from contracts.topology import Topology
+from runtime.amqp import publish_event
+from runtime.declare import counts, declare
 
 
 def free_port() -> int:
@@ -367,19 +366,49 @@ def queue_counts(amqp_url: str, queue: str) -> tuple[int, int]:
     return asyncio.run(count())
 
 
-def notice_heard(amqp_url: str, namespace: str, task: str) -> bool:
-    """Whether a work notice for `task` would reach some worker: one that nobody hears
-    comes back to a mandatory publish. (The probe is itself a notice to those who do.)"""
+def queued_task(amqp_url: str, namespace: str, task: str, timeout: float = 10) -> str:
+    """The id of the first task of type `task` queued in the namespace (read from its
+    event stream, as a gateway reads it)."""
 
-    async def probe() -> bool:
+    async def read() -> str:
         connection = await aio_pika.connect(amqp_url)
         async with connection:
-            channel = await connection.channel(publisher_confirms=True)
-            exchange = await channel.get_exchange(Topology(namespace=namespace).work_exchange)
-            result = await exchange.publish(aio_pika.Message(b"{}"), task, mandatory=True)
-            return isinstance(result, Basic.Ack)
+            channel = await connection.channel()
+            await channel.set_qos(prefetch_count=100)
+            stream = await channel.get_queue(Topology(namespace=namespace).events_stream)
+            arguments = {"x-stream-offset": "first"}
+            async with asyncio.timeout(timeout), stream.iterator(arguments=arguments) as events:
+                async for message in events:
+                    await message.ack()
+                    with contextlib.suppress(ValueError):
+                        event = TaskEvent.model_validate_json(message.body)
+                        if event.type is EventType.QUEUED and event.task == task:
+                            return event.task_id
+        raise AssertionError(f"no {task} task queued")
 
-    return asyncio.run(probe())
+    return asyncio.run(read())
+
+
+def presence_told(amqp_url: str, namespace: str, tasks: int, timeout: float = 10) -> None:
+    """Waits until a gateway tells the workers that clients follow `tasks` tied tasks
+    there (a word on the control exchange, as a worker hears it)."""
+    from contracts.messages import PRESENCE_TYPE, Presence
+
+    async def listen() -> None:
+        connection = await aio_pika.connect(amqp_url)
+        async with connection:
+            channel = await connection.channel()
+            queue = await channel.declare_queue(exclusive=True)
+            await queue.bind(Topology(namespace=namespace).control_exchange)
+            async with asyncio.timeout(timeout), queue.iterator(no_ack=True) as messages:
+                async for message in messages:
+                    told = message.type == PRESENCE_TYPE and Presence.model_validate_json(
+                        message.body
+                    )
+                    if told and len(told.tasks) >= tasks:
+                        return
+
+    asyncio.run(listen())
 
 
 def messages_ready(amqp_url: str, queue: str) -> int:
@@ -405,7 +434,7 @@ async def fill_stream(
     connection = await aio_pika.connect(amqp_url)
     async with connection:
         channel = await connection.channel(publisher_confirms=True)
-        await declare(channel, topology, [])
+        await declare(channel, topology, {})
         for i in range(0, len(events), batch):
             await asyncio.gather(
                 *(

@@ -188,7 +188,7 @@ def test_hostile_messages_on_a_task_queue_are_parked_and_the_worker_serves_on(
             for message_id, body, headers, kind in hostile:
                 await channel.default_exchange.publish(
                     aio_pika.Message(body, message_id=message_id, headers=headers, type=kind),
-                    f"{stack.namespace}.tasks.burn_cpu",
+                    f"{stack.namespace}.tasks.default",
                 )
             parked = await channel.get_queue(f"{stack.namespace}.parked", ensure=False)
             reasons: dict[str, str] = {}

@@ -4,11 +4,14 @@ import asyncio
 import collections
 import itertools
 import time
+import uuid
 from datetime import datetime
 
+import aio_pika
 import httpx
 import pytest
 
+from compute import runner
 from compute.outcome import Kind
 from compute.settings import WorkerSettings
 from compute.worker import Delivery, Worker
@@ -17,6 +20,7 @@ from contracts.estimates import RunTimes
 from contracts.events import EventType, TaskEvent
 from contracts.messages import WorkerAnnouncement
 from contracts.tasks import load_tasks
+from contracts.topology import Topology
 from gateway.admission import Admission
 from gateway.fleet import Fleet
 from gateway.settings import GatewaySettings
@@ -24,14 +28,15 @@ from gateway.tasktable import TaskTable
 from tests.conftest import Stack
 from tests.harness import (
     messages_ready,
-    notice_heard,
-    queue_counts,
     task_events,
     wait_for_event,
     wait_until,
 )
 
 pytestmark = pytest.mark.timeout(90)
+
+
+SMALL_INPUTS = {"burn_cpu": {"seconds": 0.05}, "echo": {"payload": "x"}}
 
 
 def learn(client: httpx.Client, seconds: float, times: int = 5) -> None:
@@ -49,7 +54,10 @@ def fleet_of(task: str, slots: int = 1) -> Fleet:
     """The demo task `task` and one live worker of `slots` serving it."""
     tasks = {task: load_tasks(["examples.tasks"])[task]}
     fleet = Fleet(tasks, clock_skew=0.05)
-    fleet.heard(WorkerAnnouncement(worker="w", tasks={task: tasks[task].digest}, slots=slots))
+    digests = {task: tasks[task].digest}
+    fleet.heard(
+        WorkerAnnouncement(worker="w", tasks=digests, queues={"default": slots}, slots=slots)
+    )
     return fleet
 
 
@@ -84,101 +92,70 @@ def test_fair_dispatch_spreads_equal_tasks_evenly_over_workers(make_stack) -> No
     assert together > 0.5 * batch, (spans, batch)
 
 
-@pytest.mark.parametrize(
-    ("tasks", "extra"),
-    [
-        (["burn_cpu", "echo"], ()),
-        (["burn_cpu"], ()),
-        (["burn_cpu"], ("--tasks", "burn_cpu")),
-    ],
-    ids=[
-        "several-task-types-pull",
-        "one-task-type-to-a-worker-of-several-leases",
-        "one-task-type-consumes",
-    ],
-)
 def test_messages_wait_in_the_broker_for_any_free_slot_not_in_a_busy_worker(
-    make_stack, amqp_url, tasks, extra
+    make_stack, amqp_url
 ) -> None:
     """Prefetch never exceeds the free slots: while a 1-slot worker runs a long task,
     the tasks queued behind it (of its own type and of others) stay ready in RabbitMQ,
     and a worker started later runs all of them while the first is still busy."""
     stack: Stack = make_stack()
     stack.gateway()
-    busy = stack.worker(1, *extra)
+    busy = stack.worker(1)
     with stack.client() as client:
         long = client.post("/v1/tasks/burn_cpu", json={"seconds": 6}).json()["id"]
         wait_for_event(client, long, "running")
-        waiting = {
-            task: [
-                client.post(f"/v1/tasks/{task}", json=SMALL_INPUTS[task]).json()["id"]
-                for _ in range(2)
-            ]
-            for task in tasks
-        }
-        for task in tasks:
-            queue = f"{stack.namespace}.tasks.{task}"
-            wait_until(lambda q=queue: messages_ready(amqp_url, q) == 2, 5, f"2 ready in {queue}")
-        idle = stack.worker(1, *extra)
-        for ids in waiting.values():
-            for task_id in ids:
-                assert task_events(client, task_id)[-1][0] == "succeeded"
-        ran_on = {
-            client.get(f"/v1/tasks/{i}").json()["worker"] for ids in waiting.values() for i in ids
-        }
+        waiting = [
+            client.post(f"/v1/tasks/{task}", json=SMALL_INPUTS[task]).json()["id"]
+            for task in ("burn_cpu", "echo", "burn_cpu", "echo")
+        ]
+        queue = f"{stack.namespace}.tasks.default"
+        wait_until(lambda: messages_ready(amqp_url, queue) == 4, 5, f"4 ready in {queue}")
+        idle = stack.worker(1)
+        for task_id in waiting:
+            assert task_events(client, task_id)[-1][0] == "succeeded"
+        ran_on = {client.get(f"/v1/tasks/{i}").json()["worker"] for i in waiting}
         assert client.get(f"/v1/tasks/{long}").json()["state"] == "running"
         client.delete(f"/v1/tasks/{long}")  # not waited for at teardown
     assert ran_on == {idle.status_name}, (ran_on, busy.status_name)
 
 
-def test_an_idle_worker_of_several_types_consumes_the_only_queue_with_work(
+def test_a_message_any_publisher_sends_starts_at_once_on_an_idle_worker(
     make_stack, amqp_url
 ) -> None:
-    """A lease: while every slot is free and one queue has work, the worker consumes it
-    (no work notice and basic.get per task); work of another type ends the lease, and
-    no lease starts on a notice right after one for another type."""
+    """A worker consumes its queue: a task published by another AMQP client, with the
+    properties the README lists, starts within 50 ms (no notice, no poll)."""
     stack: Stack = make_stack()
     stack.gateway()
-    stack.worker(2)
-    echo = f"{stack.namespace}.tasks.echo"
+    stack.worker(1)
+    topology = Topology(namespace=stack.namespace)
+
+    async def publish(task_id: str) -> float:
+        connection = await aio_pika.connect(amqp_url)
+        async with connection:
+            channel = await connection.channel(publisher_confirms=True)
+            exchange = await channel.get_exchange(topology.tasks_exchange)
+            deadline = Deadline.after(10, maximum=60)
+            message = aio_pika.Message(
+                b'{"payload": "from elsewhere"}',
+                content_type="application/json",
+                message_id=task_id,
+                type="echo",
+                headers=dict(deadline.headers()),
+                expiration=deadline.ttl_ms() / 1000,
+            )
+            sent = time.time()
+            await exchange.publish(message, "echo")
+            return sent
+
+    delays = []
     with stack.client() as client:
-
-        def rpc(task: str) -> None:
-            r = client.post(f"/v1/tasks/{task}", params={"wait": "true"}, json=SMALL_INPUTS[task])
-            assert r.status_code == 200, r.text
-
-        assert notice_heard(amqp_url, stack.namespace, "echo")  # pulling: it hears them
-        rpc("echo")
-        # idle, nothing in hand: a consumer is there only if the slots are lent to it
-        wait_until(lambda: queue_counts(amqp_url, echo) == (0, 1), 5, "a consumer on echo")
-        # its consumer gets every echo message: their notices would cost it CPU for nothing
-        wait_until(
-            lambda: not notice_heard(amqp_url, stack.namespace, "echo"), 5, "echo notices muted"
-        )
-        rpc("echo")
-        rpc("burn_cpu")  # another queue: the lease ends, burn_cpu is pulled
-        wait_until(lambda: queue_counts(amqp_url, echo) == (0, 0), 5, "the echo lease ended")
-        assert notice_heard(amqp_url, stack.namespace, "echo")
-        rpc("echo")  # right after burn_cpu's: pulled, no lease for one message
-        assert queue_counts(amqp_url, echo) == (0, 0)
-        rpc("echo")  # the second in a row
-        wait_until(lambda: queue_counts(amqp_url, echo) == (0, 1), 5, "a new lease on echo")
-
-
-def test_work_notices_reach_only_the_workers_that_pull_that_type(make_stack, amqp_url) -> None:
-    """A worker of one type consumes its queue: it is told of no message; a worker of
-    several hears each of its types."""
-    stack: Stack = make_stack()
-    stack.gateway()
-    stack.worker(1, "--tasks", "echo")
-    assert not notice_heard(amqp_url, stack.namespace, "echo")
-    stack.worker(1, "--tasks", "echo,burn_cpu")
-    assert notice_heard(amqp_url, stack.namespace, "echo")
-    assert notice_heard(amqp_url, stack.namespace, "burn_cpu")
-    assert not notice_heard(amqp_url, stack.namespace, "count_primes")
-
-
-SMALL_INPUTS = {"burn_cpu": {"seconds": 0.05}, "echo": {"payload": "x"}}
+        for _ in range(5):
+            task_id = str(uuid.uuid4())
+            sent = asyncio.run(publish(task_id))
+            started = wait_for_event(client, task_id, "running")["at"]
+            assert isinstance(started, float)
+            delays.append(started - sent)
+    assert sorted(delays)[2] < 0.05, delays
 
 
 def test_queues_show_backlog_run_times_and_estimated_wait(make_stack) -> None:
@@ -198,14 +175,14 @@ def test_queues_show_backlog_run_times_and_estimated_wait(make_stack) -> None:
         wait_until(lambda: burn_figures()["messages_ready"] >= 2, 5, "the backlog to show")
         figures = burn_figures()
         assert figures["workers"] == 1
-        assert figures["consumers"] <= 1  # a pulling worker counts while it holds a message
+        assert figures["consumers"] == 1
         assert figures["running"] == 1
         assert figures["parallel_slots"] == 1
         assert figures["run_time"]["samples"] >= 5
         assert 0.15 < figures["run_time"]["mean"] < 0.6
         assert figures["run_time"]["p90"] >= figures["run_time"]["mean"]
         assert figures["estimated_wait"] > 0
-        assert figures["drained_per_s"] is None  # fewer than 10 ends behind a backlog yet
+        assert figures["work_drained_per_s"] is None  # fewer than 10 ends behind a backlog yet
         assert figures["figures_age"] <= 1.5
         # cached, not a broker round trip per request: over 0.3 s of back-to-back
         # requests some answer from figures at least 0.1 s old
@@ -214,9 +191,11 @@ def test_queues_show_backlog_run_times_and_estimated_wait(make_stack) -> None:
             ages.append(burn_figures()["figures_age"])
         assert 0.1 < max(ages) <= 1.5, ages
         assert figures["messages_unacked"] in (None, 0, 1)  # management API: may lag
-        echo = next(q for q in client.get("/v1/queues").json() if q["task"] == "echo")
-        assert echo["messages_ready"] == 0
-        assert echo["estimated_wait"] is None  # no data yet
+        # echo shares the queue: it would wait behind the same backlog
+        both = {q["task"]: q for q in client.get("/v1/queues").json()}
+        assert both["echo"]["queue"] == both["burn_cpu"]["queue"] == "default"
+        assert both["echo"]["queued"] == both["burn_cpu"]["queued"]
+        assert both["echo"]["estimated_wait"] == both["burn_cpu"]["estimated_wait"]
 
 
 def test_a_backlog_too_long_for_the_deadline_is_refused_at_once_with_503(make_stack) -> None:
@@ -374,34 +353,34 @@ def test_behind_a_backlog_a_task_only_the_slowest_recent_run_would_miss_is_not_s
     while more wait (the next one has more time left)."""
 
     async def scenario() -> None:
-        worker = Worker(WorkerSettings(), ["examples.tasks"], tasks=["echo"])
+        worker = Worker(WorkerSettings(), ["examples.tasks"])
         worker.runtimes["echo"] = RunTimes()
+        worker.routes["echo"] = "default"
         for _ in range(199):
             worker.runtimes["echo"].add(0.1)
         worker.runtimes["echo"].add(1.0)
         waiting = 0
 
-        async def count(task: str) -> int:
-            assert task == "echo"
+        async def count(queue: str) -> int:
+            assert queue == "default"
             return waiting
 
         worker.waiting = count
-        margin = worker.settings.reply_margin + worker.settings.clock_skew
 
-        def delivery(left: float) -> Delivery:
-            deadline = Deadline(int((time.time() + margin + left) * 1000))
-            return Delivery("echo", "t1", deadline, "{}", 1, None, None, None)
+        def delivery(left: float) -> tuple[Delivery, runner.Job]:
+            deadline = Deadline(int((time.time() + worker.settings.stop_margin + left) * 1000))
+            job = runner.Job("echo", "t1", "{}", deadline, deadline.epoch)
+            return Delivery("echo", "t1", deadline, "{}", 1, None, None, None, None), job
 
         edge = delivery(0.5)
-        assert worker._stop_reason(edge) is None  # the usual rule starts it
-        assert await worker._behind_a_backlog(edge) is None
+        assert await worker._why_not_start(*edge) is None  # nothing waits: it starts
         waiting = 3
-        outcome = await worker._behind_a_backlog(edge)
+        outcome = await worker._why_not_start(*edge)
         assert outcome is not None
         assert outcome.kind is Kind.EXPIRED
         assert outcome.reason is not None
         assert outcome.reason.startswith("unmeetable behind a backlog")
-        assert await worker._behind_a_backlog(delivery(1.5)) is None  # covers the slowest
+        assert await worker._why_not_start(*delivery(1.5)) is None  # covers the slowest
 
     asyncio.run(scenario())
 
@@ -423,7 +402,8 @@ def test_without_start_only_if_finishable_the_task_starts_and_is_aborted(make_st
 def test_the_wait_behind_a_backlog_comes_from_how_fast_it_really_drains() -> None:
     """One slot; each task runs 0.1 s but the slot takes 0.125 s per task (the worker's
     dispatch gap): the wait is estimated from the 8 tasks/s measured while a backlog
-    drained, not from the 10/s the run times alone would say."""
+    drained, not from the 10/s the run times alone would say. The tasks were queued
+    before any had run: their work counts by the run times learned since."""
     table = TaskTable(1000)
     admission = Admission(GatewaySettings(), None, table, fleet_of("burn_cpu"))  # type: ignore[arg-type]
     offsets = itertools.count()
@@ -442,10 +422,11 @@ def test_the_wait_behind_a_backlog_comes_from_how_fast_it_really_drains() -> Non
         began = start + 0.125 * i
         event(EventType.RUNNING, f"t{i}", began, worker="w")
         event(EventType.SUCCEEDED, f"t{i}", began + 0.1, ran=0.1)
-    assert admission.drain["burn_cpu"].per_second(time.time()) == pytest.approx(8.0)
+    # 0.1 s of work every 0.125 s
+    assert admission.backlogs["default"].drain.per_second(time.time()) == pytest.approx(0.8)
     assert admission.runtimes["burn_cpu"].mean() == pytest.approx(0.1)
     event(EventType.RUNNING, "t20", start + 2.5, worker="w")
-    estimate = admission.estimate("burn_cpu")
+    estimate = admission.estimate(admission.tasks["burn_cpu"])
     assert (estimate.ready, estimate.running, estimate.parallelism) == (backlog - 21, 1, 1)
     # 9 queued ahead of a new task, the running one half done on average, 8 a second
     assert estimate.wait == pytest.approx((backlog - 21 + 0.5) / 8.0)
@@ -459,26 +440,27 @@ def test_tasks_this_gateway_queues_count_before_the_stream_brings_their_events_b
     queued = [TaskEvent(type=EventType.QUEUED, task_id=f"t{i}", task="echo") for i in range(3)]
     for event in queued:
         table.expect(event)
-    assert admission.estimate("echo").ready == 3
+    echo = admission.tasks["echo"]
+    assert admission.estimate(echo).ready == 3
     for offset, event in enumerate(queued):  # the stream's copies change nothing
         table.apply(offset, event)
-    assert admission.estimate("echo").ready == 3
+    assert admission.estimate(echo).ready == 3
     table.get("t0").refused = True  # type: ignore[union-attr]  # the broker refused it
     admission._prune(time.time())
-    assert admission.estimate("echo").ready == 2
+    assert admission.estimate(echo).ready == 2
 
 
 def test_the_drain_rate_counts_only_the_time_the_slots_were_busy() -> None:
-    """Bursts of work with idle seconds between them: 10 ends a second inside each
-    burst is the rate, not the ends spread over the whole window."""
-    from gateway.admission import DrainRate
+    """Bursts of work with idle seconds between them: 10 seconds of work a second inside
+    each burst is the rate, not the work spread over the whole window."""
+    from gateway.backlog import DrainRate
 
     rate = DrainRate(window=30, min_intervals=10)
     now = time.time()
     for burst in range(4):
         start = now - 20 + 5 * burst
         for i in range(5):
-            rate.add(start + 0.1 * i, waiting=i < 4)  # the burst's last end: queue empty
+            rate.add(start + 0.1 * i, 1.0, waiting=i < 4)  # the burst's last end: queue empty
     assert rate.per_second(now) == pytest.approx(10.0)
     assert rate.per_second(now + 60) is None  # nothing recent
 
@@ -486,20 +468,20 @@ def test_the_drain_rate_counts_only_the_time_the_slots_were_busy() -> None:
 def test_the_drain_rate_follows_a_change_of_pace_and_keeps_a_bounded_history() -> None:
     """Asked on every request: it forgets the ends that left its window (and the
     oldest beyond what it keeps) as it goes, and its figure is the recent pace."""
-    from gateway.admission import DrainRate
+    from gateway.backlog import DrainRate
 
     rate = DrainRate(window=10, min_intervals=10, keep=50)
     at = 1000.0
     for _ in range(600):  # 20 ends a second for 30 s: more than it keeps
         at += 0.05
-        rate.add(at, waiting=True)
+        rate.add(at, 1.0, waiting=True)
         assert rate.per_second(at) in (None, pytest.approx(20.0))
     assert rate.per_second(at) == pytest.approx(20.0)
     for _ in range(60):  # then 4 a second for 15 s: the window holds only those
         at += 0.25
-        rate.add(at, waiting=True)
+        rate.add(at, 1.0, waiting=True)
         rate.per_second(at)
     assert rate.per_second(at) == pytest.approx(4.0)
     assert rate.per_second(at + 11) is None  # nothing recent
-    rate.add(at + 11, waiting=True)
+    rate.add(at + 11, 1.0, waiting=True)
     assert rate.per_second(at + 11) is None  # one end after a gap says nothing yet

@@ -8,9 +8,9 @@ import aio_pika
 import pytest
 from aiormq.exceptions import ChannelInvalidStateError, DeliveryError
 
-from contracts.amqp import CoalescingWriter, connect, publish_event
 from contracts.events import EventType, TaskEvent
 from contracts.messages import CONTENT_TYPE, EVENT_TYPE
+from runtime.amqp import CoalescingWriter, connect, publish_event
 
 pytestmark = pytest.mark.timeout(30)
 

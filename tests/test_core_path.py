@@ -218,7 +218,7 @@ def test_a_task_message_carries_the_properties_the_design_lists(make_stack) -> N
         connection = await aio_pika.connect(stack.amqp_url)
         async with connection:
             channel = await connection.channel()
-            queue = await channel.get_queue(f"{stack.namespace}.tasks.echo", ensure=False)
+            queue = await channel.get_queue(f"{stack.namespace}.tasks.default", ensure=False)
             message = await queue.get(timeout=5)
             await message.nack(requeue=True)
             return message
@@ -239,3 +239,4 @@ def test_a_task_message_carries_the_properties_the_design_lists(make_stack) -> N
     assert 25 < message.expiration <= 30  # seconds left when it was published
     assert message.timestamp is not None
     assert before - 1 <= message.timestamp.timestamp() <= time.time()
+    assert "x-client-until" not in message.headers  # a 202's task is tied to no client

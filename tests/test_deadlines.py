@@ -10,8 +10,6 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from types import SimpleNamespace
-from typing import Any
 
 import aio_pika
 import httpx
@@ -22,7 +20,7 @@ from tests.conftest import Stack
 from tests.harness import (
     alive,
     messages_ready,
-    metric,
+    presence_told,
     process_tree,
     task_events,
     tree_cpu,
@@ -129,7 +127,7 @@ def test_a_delivered_message_past_its_deadline_is_acked_unstarted(make_stack) ->
         events = task_events(client, task_id)
         assert [e[0] for e in events] == ["expired"]  # never `running`
     assert worker.stop() == 0  # an unacked message would be ready again once it is gone
-    assert messages_ready(stack.amqp_url, f"{stack.namespace}.tasks.echo") == 0
+    assert messages_ready(stack.amqp_url, f"{stack.namespace}.tasks.default") == 0
 
 
 def test_delete_kills_a_running_task(make_stack) -> None:
@@ -233,17 +231,17 @@ def _streamed(
 
 def test_a_streaming_client_back_through_another_gateway_keeps_its_task(make_stack) -> None:
     """Behind a load balancer, a streaming client that lost its connection comes back
-    (with Last-Event-ID) to another gateway: the first one hears of it and does not
-    cancel the task when the grace ends."""
+    (with Last-Event-ID) to another gateway within the grace: that gateway speaks for
+    it, and the task runs to its end."""
     stack: Stack = make_stack(TIMEBOX_STREAM_GRACE="1")
     first, second = stack.gateway(), stack.gateway()
-    stack.worker(1)
+    worker = stack.worker(1)
     with _streamed(first.url, 3) as (task_id, running, _):
         pass  # the connection drops
     with httpx.Client(base_url=second.url, timeout=30) as client:
         rest = task_events(client, task_id, last_event_id=running.id)
     assert rest[-1][0] == "succeeded", rest[-1]
-    assert first.count(rf"burn_cpu {task_id} followed through another gateway") == 1
+    assert worker.count(rf"cancelled burn_cpu {task_id}") == 0
 
 
 @pytest.mark.parametrize("back_on", ["same-gateway", "other-gateway"])
@@ -253,7 +251,7 @@ def test_a_streaming_client_that_comes_back_and_leaves_again_cancels_after_the_g
     """The tie between a streamed task and its client survives a reconnect: a client
     back to its events (with Last-Event-ID), on the same gateway or another, that then
     goes away for good has its task cancelled one grace later, as if it had never
-    left. Before, the tie was lost at the first reconnect and the task ran on."""
+    left."""
     from httpx_sse import connect_sse
 
     stack: Stack = make_stack(TIMEBOX_STREAM_GRACE="1")
@@ -266,20 +264,19 @@ def test_a_streaming_client_that_comes_back_and_leaves_again_cancels_after_the_g
         resumed = {"Last-Event-ID": running.id}
         url = f"/v1/tasks/{task_id}/events"
         with connect_sse(client, "GET", url, headers=resumed) as source:
-            # followed here for over two graces: the first gateway's check lets it be
+            # followed there for over two graces: kept all along
             until = time.monotonic() + 2.5
             for event in source.iter_sse():
                 assert not event.event or event.event == "progress", event
                 if time.monotonic() > until:
                     break
-    if again is second:
-        assert first.count(rf"burn_cpu {task_id} followed through another gateway") == 1
-    worker.wait_for_line(rf"cancelled burn_cpu {task_id}", 15)
+        left = time.monotonic()
+    line = worker.wait_for_line(rf"cancelled burn_cpu {task_id}", 15)
+    assert "its client is gone" in line
+    assert time.monotonic() - left < 3  # a grace, and the half grace of the last word
     with stack.client() as client:
         status = client.get(f"/v1/tasks/{task_id}").json()
     assert status["state"] == "cancelled", status
-    why = rf"cancel burn_cpu {task_id}: the streaming client disconnected"
-    wait_until(lambda: first.count(why) + second.count(why) >= 1, 5, "the gateway's cancel")
 
 
 def test_a_streamed_task_watched_and_left_elsewhere_stays_with_its_client(make_stack) -> None:
@@ -293,165 +290,6 @@ def test_a_streamed_task_watched_and_left_elsewhere_stays_with_its_client(make_s
             assert wait_for_event(other, task_id, "progress")["type"] == "progress"
         kinds = [event.event for event in events if event.data]
     assert kinds[-1] == "succeeded", kinds
-    assert second.count(rf"burn_cpu {task_id} followed through another gateway") == 1
-
-
-@pytest.mark.parametrize("read_by", ["other-gateway", "restarted-gateway"])
-def test_a_streamed_task_whose_gateway_was_killed_is_cancelled_once_nobody_came_back(
-    make_stack, read_by: str
-) -> None:
-    """A gateway killed outright says nothing more, and its streaming clients, cut off,
-    may come back through another gateway or not. The task of one that does not is
-    cancelled two graces later by a gateway that reads the event stream, the only
-    gateway restarted included; the task of one that does is served to its end.
-    Before, the first ran on to its deadline."""
-    stack: Stack = make_stack(TIMEBOX_STREAM_GRACE="1")
-    first = stack.gateway()
-    other = stack.gateway() if read_by == "other-gateway" else None
-    worker = stack.worker(2)
-    with (
-        _streamed(first.url, 40) as (task_id, _, _),
-        _streamed(first.url, 4) as (back_id, running, _),
-    ):
-        first.signal(signal.SIGKILL)
-        first.popen.wait(5)
-    killed_at = time.monotonic()
-    other = other or stack.gateway()
-    with httpx.Client(base_url=other.url, timeout=30) as client:
-        # followed to its end there, longer than two graces: not taken for an orphan
-        rest = task_events(client, back_id, last_event_id=running.id)
-        assert rest[-1][0] == "succeeded", rest[-1]
-        worker.wait_for_line(rf"cancelled burn_cpu {task_id}", 20)
-        assert time.monotonic() - killed_at < 15  # not its deadline, 60 s on
-        wait_until(
-            lambda: client.get(f"/v1/tasks/{task_id}").json()["state"] == "cancelled",
-            5,
-            "the cancelled event",
-        )
-    why = rf"cancel burn_cpu {task_id}: orphaned: no client followed its event stream"
-    assert other.count(why) == 1
-    assert other.count(rf"cancel burn_cpu {back_id}") == 0
-
-
-def _watches_on_a_fake_clock(
-    monkeypatch: pytest.MonkeyPatch, streamed: dict[str, bool | None]
-) -> tuple[Any, Any, list[float]]:
-    """A gateway's watches (grace 1 s, named "gateway me", no broker) on a clock that
-    reads `now[0]` (from 1000.0), and its table with a queued `burn_cpu` task for each
-    id of `streamed`, submitted as a stream or not."""
-    from contracts.events import EventType, TaskEvent
-    from gateway import watches as module
-    from gateway.tasktable import TaskTable
-
-    now = [1000.0]
-    monkeypatch.setattr(module.time, "monotonic", lambda: now[0])
-    table = TaskTable(10)
-    watches = module.Watches(SimpleNamespace(name="gateway me"), table, grace=1.0)  # type: ignore[arg-type]
-    table.listeners.append(watches.observe)
-    deadline_ms = int((time.time() + 60) * 1000)
-    for task_id, is_streamed in streamed.items():
-        queued = TaskEvent(
-            type=EventType.QUEUED,
-            task_id=task_id,
-            task="burn_cpu",
-            deadline_ms=deadline_ms,
-            streamed=is_streamed,
-        )
-        table.apply(len(table), queued)
-    return watches, table, now
-
-
-def _deliver(watches: Any, sender: str, body: bytes) -> None:
-    """A watch notice as it comes off the gateways exchange."""
-    message = SimpleNamespace(app_id=sender, body=body)
-    asyncio.run(watches._on_message(message))
-
-
-def test_the_orphan_rule_counts_every_follower_and_only_time_spent_listening(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """A streamed task is an orphan after two graces with no client here, no notice of
-    one elsewhere, and no check of a client that left here; time not spent listening
-    for notices (the broker away, or its own notices not coming back) does not count.
-    Another task is one only once a
-    notice said that an RPC waits for it elsewhere, and not after one said the RPC
-    let it run on, or after a time not listening in which that could have been said."""
-    watches, table, now = _watches_on_a_fake_clock(monkeypatch, {"s": True, "plain": None})
-    record = table.get("s")
-    assert record is not None
-
-    def orphans_at(t: float, listening: bool = True, own_back: bool = True) -> list[str]:
-        now[0] = 1000.0 + t
-        if own_back:  # its own notice has just come back: notices get through
-            _deliver(watches, "gateway me", b"{}")
-        return [orphan.status.id for orphan in watches.orphans(listening)]
-
-    assert orphans_at(0) == []
-    assert orphans_at(1.9) == []
-    record.watched_elsewhere = 1001.5  # another gateway's notice
-    assert orphans_at(3.4) == []
-    record.waiting = 1  # an RPC waits here
-    assert orphans_at(3.6) == []
-    record.waiting = 0
-    assert orphans_at(5.5) == []
-    assert orphans_at(5.7, listening=False) == []  # the broker away: the wait starts again
-    assert orphans_at(6.0) == []
-    # connected, but its own notices not back for a grace (a broker alarm holds every
-    # gateway's): the wait starts again
-    assert orphans_at(7.5, own_back=False) == []
-    assert orphans_at(8.0) == []
-    record.abandon_check = True  # its client left here: that check decides
-    assert orphans_at(10.1) == []
-    record.abandon_check = False
-    assert orphans_at(10.1) == ["s"]  # and once only
-    assert orphans_at(20) == []
-
-    # An RPC's task: only after word that a client waits for it on another gateway
-    from contracts.messages import WatchNotice
-
-    def hear(t: float, **lists: list[str]) -> None:
-        now[0] = 1000.0 + t
-        _deliver(
-            watches, "gateway other", WatchNotice(task_ids=[], **lists).model_dump_json().encode()
-        )
-
-    assert orphans_at(30) == []  # "plain": never said to be awaited
-    hear(30, awaited=["plain"])
-    assert orphans_at(31.9) == []
-    assert orphans_at(32.0) == ["plain"]
-    hear(40, awaited=["plain"])
-    hear(40.5, released=["plain"])  # it answered 202: the task runs on
-    assert orphans_at(50) == []
-    hear(51, awaited=["plain"])
-    assert orphans_at(51.5, listening=False) == []  # a `released` may have been missed
-    assert orphans_at(60) == []
-
-
-def test_word_of_an_awaited_rpc_heard_before_a_new_gateway_first_hears_itself_is_kept(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """A gateway just started sweeps before its first notice can have come back: that
-    is not a spell of notices lost, and what it heard meanwhile (an RPC awaited on a
-    gateway that then dies) still counts once it hears itself. Before, that first sweep
-    forgot it, and the RPC ran on to its deadline."""
-    from contracts.messages import WatchNotice
-
-    watches, _, now = _watches_on_a_fake_clock(monkeypatch, {"rpc": None})
-
-    def hear(t: float, sender: str, notice: WatchNotice) -> None:
-        now[0] = 1000.0 + t
-        _deliver(watches, sender, notice.model_dump_json().encode())
-
-    hear(0.2, "gateway other", WatchNotice(task_ids=[], awaited=["rpc"]))
-    now[0] = 1000.5
-    assert watches.orphans(True) == []  # its own first notice is not back yet
-    assert watches.tied == (0, 1)
-    for t in (0.51, 1.5, 2.5):  # its own notices come back: it listens from 1.0 on
-        hear(t, "gateway me", WatchNotice(task_ids=[]))
-        now[0] = 1000.0 + t + 0.49
-        assert watches.orphans(True) == []
-    now[0] = 1003.0  # two graces listening, no word of it since 0.2
-    assert [record.status.id for record in watches.orphans(True)] == ["rpc"]
 
 
 def _rpc_in_background(url: str, seconds: float, **headers: str) -> list[httpx.Response]:
@@ -474,79 +312,58 @@ def _rpc_in_background(url: str, seconds: float, **headers: str) -> list[httpx.R
     return answers
 
 
-def _awaited_elsewhere(client: httpx.Client) -> float:
-    return metric(client.get("/metrics").text, "timebox_gateway_tied_tasks", tie="rpc-elsewhere")
-
-
-def test_an_rpc_whose_gateway_was_killed_is_cancelled_by_a_gateway_told_it_was_awaited(
+def test_the_only_gateway_killed_mid_rpc_stops_its_running_tasks_and_its_queued_never_start(
     make_stack,
 ) -> None:
-    """An RPC's client cut off by its gateway's death cannot come back (it does not
-    know the task's id): another gateway, told by the notices that the RPC was waited
-    for, cancels it two graces after the word stopped. Before, it ran to its deadline."""
+    """With one gateway (as compose runs it) killed outright, nobody is left to cancel
+    anything: the workers hold each RPC's and stream's task to its client's presence,
+    which its gateway no longer vouches for. The running ones are stopped within two
+    graces; the queued ones never start. A task answered `202` is no client's: it
+    runs on."""
     stack: Stack = make_stack(TIMEBOX_STREAM_GRACE="1")
-    first, second = stack.gateway(), stack.gateway()
+    gateway = stack.gateway()
     worker = stack.worker(1)
-    _rpc_in_background(first.url, 40)
-    with httpx.Client(base_url=second.url, timeout=10) as client:
-        wait_until(lambda: _awaited_elsewhere(client) == 1, 10, "word of the waiting RPC")
-        first.signal(signal.SIGKILL)
-        first.popen.wait(5)
-        killed_at = time.monotonic()
-        line = worker.wait_for_line(r"cancelled burn_cpu [0-9a-f-]{36}", 20)
-        assert time.monotonic() - killed_at < 15  # not its deadline, 60 s on
-        task_id = line.split("cancelled burn_cpu ")[1][:36]
-        wait_until(
-            lambda: client.get(f"/v1/tasks/{task_id}").json()["state"] == "cancelled",
-            5,
-            "the cancelled event",
-        )
-    why = rf"cancel burn_cpu {task_id}: orphaned: no client followed its RPC"
-    assert second.count(why) == 1
-
-
-def test_word_of_a_new_rpc_reaches_the_other_gateways_at_once_not_at_the_next_renewal(
-    make_stack,
-) -> None:
-    """A gateway killed by a burst of requests dies soon after they came: the other
-    gateways hear of each new wait within a tenth of a second, so that they can cancel
-    its task. Before, word came with the next renewal, up to half a grace later (here
-    10 s), and an RPC whose gateway died sooner ran to its deadline."""
-    stack: Stack = make_stack(TIMEBOX_STREAM_GRACE="20")
-    first, second = stack.gateway(), stack.gateway()
-    stack.worker(1)
-    with httpx.Client(base_url=second.url, timeout=10) as client:
-        assert _awaited_elsewhere(client) == 0
-        answers = _rpc_in_background(first.url, 3)
-        wait_until(lambda: _awaited_elsewhere(client) == 1, 3, "word of the waiting RPC")
-        assert not answers
+    with stack.client() as client:
+        plain = client.post("/v1/tasks/burn_cpu", json={"seconds": 2.5}).json()["id"]
+    # the stream starts once the 202 task has run; two RPCs queue behind it
+    with _streamed(gateway.url, 40) as (streamed, _, _):
+        _rpc_in_background(gateway.url, 40)
+        _rpc_in_background(gateway.url, 40)
+        presence_told(stack.amqp_url, stack.namespace, tasks=3)  # the last word of them
+        gateway.signal(signal.SIGKILL)
+        gateway.popen.wait(5)
+    killed_at = time.monotonic()
+    assert "succeeded burn_cpu " + plain in worker.wait_for_line(rf"burn_cpu {plain}", 15)
+    worker.wait_for_line(rf"cancelled burn_cpu {streamed}: its client is gone", 10)
+    assert time.monotonic() - killed_at < 2 * 1 + 1  # two graces, and a second of slack
+    wait_until(
+        lambda: worker.count(r"cancelled burn_cpu \S+: its client is gone.*not started") == 2,
+        10,
+        "the queued RPCs dropped",
+    )
+    # nothing of theirs ran after: the only ones started were the 202 task and the stream
+    assert worker.count(r"(succeeded|aborted) burn_cpu") == 1
 
 
 def test_rpcs_answered_202_run_on_after_their_gateway_is_gone(make_stack) -> None:
     """An RPC that stopped waiting and got a `202` (its `Prefer: wait=N` bound passed,
-    or its gateway was told to stop) is no longer tied to its client: the other
-    gateways hear that it was released, and do not take it for an orphan once its
-    gateway is gone."""
+    or its gateway was told to stop) is no longer tied to its client: the workers were
+    told before the client was, and do not cancel it once its gateway is gone."""
     stack: Stack = make_stack(TIMEBOX_STREAM_GRACE="1")
-    first, second = stack.gateway(), stack.gateway()
+    first = stack.gateway()
     worker = stack.worker(2)
-    bounded = _rpc_in_background(first.url, 6, Prefer="wait=2")
+    bounded = _rpc_in_background(first.url, 6, Prefer="wait=1")
     waiting = _rpc_in_background(first.url, 6)
-    with httpx.Client(base_url=second.url, timeout=10) as client:
-        wait_until(lambda: _awaited_elsewhere(client) == 2, 10, "word of the waiting RPCs")
-        wait_until(lambda: bounded, 10, "the 202 at the wait's bound")
-        first.signal(signal.SIGTERM)
-        wait_until(lambda: waiting, 10, "the 202 of a stopping gateway")
-        wait_until(lambda: _awaited_elsewhere(client) == 0, 10, "word of the releases")
-        first.signal(signal.SIGKILL)
-        first.popen.wait(5)
-        for answer in (bounded[0], waiting[0]):
-            assert answer.status_code == 202, answer.text
-            task_id = answer.json()["id"]
-            # watched through the worker: a client following it here would keep it anyway
-            line = worker.wait_for_line(rf"(succeeded|cancelled) burn_cpu {task_id}", 30)
-            assert f"succeeded burn_cpu {task_id}" in line, line
-    assert second.count("orphaned: ") == 0
+    wait_until(lambda: bounded, 10, "the 202 at the wait's bound")
+    first.signal(signal.SIGTERM)
+    wait_until(lambda: waiting, 10, "the 202 of a stopping gateway")
+    first.signal(signal.SIGKILL)
+    first.popen.wait(5)
+    for answer in (bounded[0], waiting[0]):
+        assert answer.status_code == 202, answer.text
+        task_id = answer.json()["id"]
+        line = worker.wait_for_line(rf"(succeeded|cancelled) burn_cpu {task_id}", 30)
+        assert f"succeeded burn_cpu {task_id}" in line, line
 
 
 def test_an_rpc_with_an_idempotency_key_whose_client_drops_may_ask_again(make_stack) -> None:
@@ -579,9 +396,9 @@ def test_an_rpc_with_an_idempotency_key_whose_client_drops_may_ask_again(make_st
             )
         assert answer.status_code == 200, (key, answer.text)
         assert answer.json()["state"] == "succeeded"
-    assert first.count("followed through another gateway") == 1
     dropped("gone")
     line = worker.wait_for_line(r"cancelled burn_cpu [0-9a-f-]{36}", 10)
+    assert "its client is gone" in line
     task_id = line.split("cancelled burn_cpu ")[1][:36]
     with stack.client() as client:
         status = client.get(f"/v1/tasks/{task_id}").json()
@@ -736,7 +553,7 @@ def test_a_message_dead_lettered_for_another_reason_fails_and_is_parked(make_sta
             connection = await aio_pika.connect(stack.amqp_url)
             async with connection:
                 channel = await connection.channel()
-                queue = await channel.get_queue(f"{stack.namespace}.tasks.echo", ensure=False)
+                queue = await channel.get_queue(f"{stack.namespace}.tasks.default", ensure=False)
                 message = await queue.get(timeout=5)
                 assert message is not None
                 await message.reject(requeue=False)

@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 from contracts.events import EventType, TaskEvent, TaskState
+from gateway.sse import Fanout
 from gateway.tasktable import TaskTable
 from tests.conftest import Stack
 from tests.harness import echo_lifecycle, events_read, fill_stream, wait_until
@@ -67,12 +68,13 @@ def test_the_history_never_pushes_a_task_of_the_live_window_out_of_a_full_table(
 def test_a_subscriber_to_a_task_of_the_history_is_sent_what_the_history_brings_next() -> None:
     async def scenario() -> None:
         table = TaskTable(10)
+        table.fanout = fanout = Fanout()
         waiting = asyncio.ensure_future(table.arrival("t1", 5.0))
         queued, running, succeeded = echo_lifecycle("t1")
         table.recall(10, queued)
         record = await waiting  # an arrival is told of a task of the history too
         assert record is table.get("t1")
-        sub = record.subscribe(10)
+        sub = fanout.subscribe(record, 10)
         table.recall(20, running)
         table.recall(30, succeeded)
         assert [(await sub.get()).offset for _ in range(2)] == [20, 30]

@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from contracts.logs import _FailedAttempts
+from runtime.logs import _FailedAttempts
 from tests.conftest import Stack
 from tests.harness import Gateway, free_port, metric, task_events, wait_until
 from tests.proxy import Proxy, url_to_port

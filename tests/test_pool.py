@@ -248,7 +248,7 @@ def job(task: str, input_json: str, stop_in: float) -> runner.Job:
     )
 
 
-async def nothing(fraction: float, text: str | None) -> None:
+def nothing(fraction: float, text: str | None) -> None:
     pass
 
 

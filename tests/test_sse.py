@@ -14,8 +14,9 @@ import httpx
 import pytest
 
 from contracts.events import EventType, TaskEvent
-from gateway.sse import task_events
-from gateway.tasktable import TaskTable
+from gateway.clients import Clients
+from gateway.sse import Fanout, task_events
+from gateway.tasktable import Record, TaskTable
 from tests.conftest import Stack
 
 pytestmark = pytest.mark.timeout(10)
@@ -31,6 +32,14 @@ def sent(frame: bytes) -> tuple[int, str]:
     return int(found[1]), found[2].decode()
 
 
+def events_of(table: TaskTable, record: Record, after: int) -> AsyncIterator[bytes]:
+    """The SSE frames of `record` after offset `after`, as the gateway streams them."""
+    if not isinstance(table.fanout, Fanout):
+        table.fanout = Fanout()
+    clients = Clients(None, grace=1.0)  # type: ignore[arg-type]  # its tasks are tied to none
+    return task_events(table.fanout, clients, record, after, 100)
+
+
 async def rest(stream: AsyncIterator[bytes]) -> list[tuple[int, str]]:
     return [sent(frame) async for frame in stream]
 
@@ -44,7 +53,7 @@ async def subscribed_after_running(
     table.apply(0, event(EventType.QUEUED))
     record = table.get("t1")
     assert record is not None
-    stream = task_events(record, -1, 100)
+    stream = events_of(table, record, -1)
     got = [sent(await anext(stream))]  # the replay; it is subscribed from here on
     table.apply(1, event(EventType.RUNNING, worker="w:1", attempt=1))
     return stream, got
@@ -110,7 +119,7 @@ def test_the_replay_of_a_finished_task_leaves_no_event_out() -> None:
         table.apply(5, event(EventType.SUCCEEDED, result={"seconds": 1}))
         record = table.get("t1")
         assert record is not None
-        return await rest(task_events(record, 2, 100))  # Last-Event-ID: 2
+        return await rest(events_of(table, record, 2))  # Last-Event-ID: 2
 
     assert asyncio.run(scenario()) == [(3, "progress"), (4, "progress"), (5, "succeeded")]
 
@@ -127,7 +136,7 @@ def test_a_subscriber_that_already_has_the_terminal_event_is_sent_nothing_and_le
         table.apply(1, event(EventType.RUNNING, worker="w:1", attempt=1))
         record = table.get("t1")
         assert record is not None
-        stream = task_events(record, 5, 100)  # Last-Event-ID: 5, the end not read yet
+        stream = events_of(table, record, 5)  # Last-Event-ID: 5, the end not read yet
         ending = asyncio.ensure_future(rest(stream))
         await asyncio.sleep(0)  # subscribed, the replay skipped
         table.apply(5, event(EventType.SUCCEEDED, result={"seconds": 1}))

@@ -75,7 +75,7 @@ SHOP = """
         return Price(cents=round(total * (1 - discount)), ran_in=os.getpid())
 
 
-    @timebox.task
+    @timebox.task(queue="elsewhere")
     def unserved(n: int) -> int:
         return n
 """
@@ -113,7 +113,7 @@ def test_a_module_of_your_own_is_served_by_the_two_programs_started_as_you_would
     from timebox_client import Client, NoWorker
 
     stack: Stack = make_stack()
-    url, gateway, worker = programs(stack, shop, shop, "--tasks", "price")
+    url, gateway, worker = programs(stack, shop, shop, "--queues", "default")
     try:
         worker_name = worker.wait_for_line(r"worker \S+ ready", 30).split("worker ")[1].split()[0]
 
@@ -171,7 +171,7 @@ def test_a_worker_running_other_code_for_a_task_type_is_told_once(
     other = tmp_path / "other"
     write(other, "shop_tasks", SHOP.replace("le=1)]", "le=0.5)]"))
     stack: Stack = make_stack()
-    url, gateway, worker = programs(stack, shop, other)
+    url, gateway, worker = programs(stack, shop, other, "--queues", "default")
     try:
         line = gateway.wait_for_line(r"serves price with another input schema", 30)
         assert "different code" in line
