@@ -168,7 +168,8 @@ def report(mode: str, a: Side, b: Side) -> None:
             for w in side.windows:
                 print(
                     f"    {w['load']}: goodput {w['goodput_pct']}%, 2nd half "
-                    f"{w['goodput_second_half_pct']}%, 503 {w['refused_503']}, wasted CPU "
+                    f"{w['goodput_second_half_pct']}%, 503 {w['refused_503']}, admitted then "
+                    f"unmeetable {w['admitted_then_unmeetable_pct']}%, wasted CPU "
                     f"{w['wasted_cpu_pct']}%, answers per worker {w['split']}"
                 )
             continue

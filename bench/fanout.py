@@ -12,7 +12,8 @@ from typing import Any
 import httpx
 
 from bench.latency import percentiles
-from bench.stack import Stack, rss_bytes
+from bench.stack import AMQP_URL, Stack, rss_bytes
+from tests.harness import Announcer
 
 
 async def _subscribe(
@@ -57,8 +58,12 @@ def run(n: int) -> dict[str, Any]:
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, n + 1000)), hard))
     with Stack() as stack:
         gateway = stack.gateway()
+        # a worker that takes nothing: the task stays queued until a real one starts
+        busy = Announcer(AMQP_URL, stack.namespace, ["burn_cpu"])
+        gateway.wait_hears(busy.name)
         with httpx.Client(base_url=gateway.url, timeout=30) as c:
             task_id = c.post("/v1/tasks/burn_cpu", json={"seconds": 2}).json()["id"]
+        busy.stop()
         before = rss_bytes(gateway.pid)
         lags: list[float] = []
         received: list[int] = []  # events each subscriber that saw the end was sent

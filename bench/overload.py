@@ -31,6 +31,7 @@ class Result:
     latency: float
     cpu: float | None
     worker: str | None = None  # which worker ran it, when the answer says
+    unmeetable: bool = False  # admitted, then not started by a worker: it could not finish
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,7 @@ async def open_loop(target: Target, rate: float, window: float) -> list[Result]:
             t = time.perf_counter()
             status: int | str
             cpu = worker = None
+            unmeetable = False
             try:
                 async with client.post(
                     target.path, json=target.body, params=target.params, headers=target.headers
@@ -69,13 +71,16 @@ async def open_loop(target: Target, rate: float, window: float) -> list[Result]:
                     if r.status == 200:
                         answer = await r.json(content_type=None)
                         cpu, worker = answer.get("cpu_seconds"), answer.get("worker")
+                    elif r.status == 504:
+                        unmeetable = b'"reason":"unmeetable' in await r.read()
                     else:
                         await r.read()
             except TimeoutError:
                 status = "gave up"
             except aiohttp.ClientError as exc:
                 status = type(exc).__name__
-            results.append(Result(sent_at, status, time.perf_counter() - t, cpu, worker))
+            latency = time.perf_counter() - t
+            results.append(Result(sent_at, status, latency, cpu, worker, unmeetable))
 
         start = time.perf_counter()
         tasks = []
@@ -117,12 +122,17 @@ def summarize(
     statuses: dict[str, int] = {}
     for r in results:
         statuses[str(r.status)] = statuses.get(str(r.status), 0) + 1
+    refused = statuses.get("503", 0) + statuses.get("422", 0)
     return {
         "sent": len(results),
         "on_time": len(on_time),
         "goodput_pct": round(100 * len(on_time) / window / CAPACITY, 1),
         "goodput_second_half_pct": round(100 * len(late_half) / (window / 2) / CAPACITY, 1),
         "refused_503": statuses.get("503", 0),
+        # admitted, then expired `unmeetable` by a worker: a 504 where a 503 was due
+        "admitted_then_unmeetable_pct": round(
+            100 * sum(r.unmeetable for r in results) / max(1, len(results) - refused), 2
+        ),
         "statuses": statuses,
         "tree_cpu_s": round(cpu, 2),
         "useful_cpu_s": round(useful, 2),

@@ -1,7 +1,6 @@
 """The fork server: one process that imports the task code once, then forks a child
-for each slot the worker fills. A child started with `python -m` spent about a
-quarter of a CPU second importing pydantic and the task modules, and every task
-killed at its deadline needs a new child: a fork costs a few milliseconds.
+for each slot the worker fills, so that replacing a child killed at its deadline costs
+a fork (milliseconds), not an interpreter's start and imports.
 
 The worker talks to it over a Unix socket (SOCK_SEQPACKET: one message per send):
 `fork` carries the child's two pipe ends as file descriptors; the server answers

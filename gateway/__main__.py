@@ -87,16 +87,10 @@ class _Server(uvicorn.Server):
 
 
 def tune_gc() -> None:
-    """Each open SSE stream keeps a few hundred objects alive. With CPython's default
-    thresholds a gateway holding 10,000 streams ran a full collection each time its
-    heap had grown by a quarter, scanning millions of objects that were all still
-    alive: pauses of up to 1.6 s while the streams opened and while their events went
-    out. A larger young generation lets far fewer objects survive into the old ones,
-    and what was loaded at startup is left out of every collection. The middle one is
-    collected every second young collection: at every twentieth, it held up to a
-    million objects that had all survived (a table growing while the history was
-    read) and took 405 ms to scan, in which nothing was answered; now about 70 ms.
-    The full collection is still weighed after the same 200 young ones."""
+    """A gateway holds many long-lived objects (SSE streams, its task table): a larger
+    young generation lets fewer of them survive into the old ones, and what was loaded
+    at startup is left out of every collection, so that no full collection pauses the
+    loop for long (docs/performance.md, SSE fan-out)."""
     gc.collect()
     gc.freeze()
     gc.set_threshold(50_000, 2, 100)

@@ -1,29 +1,12 @@
-"""Reads the `{ns}.events` stream into the task table, and keeps following it, on a
-broker connection of its own.
+"""Reads the `{ns}.events` stream into the task table, and the workers' announcements
+into the fleet, and keeps following it.
 
-The live window first: from the oldest moment a task whose deadline is still ahead
-can have begun (the maximum timeout ago). A gateway is ready once it has read that
-far, whatever the retention: every task that can still run is known. The history
-before that window is read after it, on another connection (`recall`); until it is
-read, an id the table does not know is answered 503 rather than 404. Reading the
-whole retention first kept a gateway unready for 2-3 minutes with an hour of 100
-tasks/s.
-
-A connection of its own: while a memory or disk alarm lasts, RabbitMQ stops reading
-from every connection that publishes. Acks sent on the gateway's publishing connection
-would wait with its publishes, the stream would stop delivering once the prefetch is
-used up, and callers waiting for outcomes the workers still report would wait too.
-
-Through aiormq, not aio-pika's consumer: for each delivery aio-pika builds an
-IncomingMessage (twenty-odd attribute sets) and starts a second task, about a quarter
-of the CPU reading an event costs (measured: 162-169 against 226-237 µs an event).
-Restoring the consumer is then ours to do, and it is done one way for every way it can
-end — the connection lost, the channel closed, the broker cancelling the consumer
-because a stream member moved: close the connection, connect again, and consume from
-the next offset to read, not from the start. From the start, every reconnect would
-re-read up to an hour of events (measured: 150,000 of them kept a gateway's core busy
-for most of a minute).
-"""
+The live window first (the longest timeout: every task that can still run), then the
+history before it, on another connection, while the gateway serves. The stream is read
+on a connection of its own, so that an alarm holding the publishing one does not hold
+back its acks, and through aiormq rather than aio-pika's consumer (a quarter less CPU
+an event). Whatever ends the consumer, it connects again and reads on from the next
+offset, not from the start of the retention."""
 
 from __future__ import annotations
 

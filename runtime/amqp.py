@@ -1,13 +1,7 @@
 """How the gateway and the workers connect to RabbitMQ: a robust aio-pika connection
-whose frames are written to the socket once per event-loop turn.
-
-aiormq writes each AMQP command with its own write(2), and each write can wake the
-broker. Under load profiles showed these writes as a quarter to a third of a gateway's
-and a worker's time — wall time rather than CPU (system time is 10-18 % of theirs):
-the writer loses its core to the process it woke. Gathering what one loop turn writes
-into one write took the gateway's share from 29 % to 17 % of py-spy's samples; it keeps
-the order of frames and adds no wait beyond the end of the current turn.
-"""
+whose frames are written to the socket once per event-loop turn (aiormq writes each
+command on its own, and each write can wake the broker; docs/performance.md), and
+confirmed publishes."""
 
 from __future__ import annotations
 
