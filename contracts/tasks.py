@@ -12,7 +12,16 @@ import json
 import math
 import re
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, Generic, ParamSpec, TypeVar, get_type_hints, overload
+from typing import (
+    Any,
+    Generic,
+    ParamSpec,
+    TypedDict,
+    TypeVar,
+    Unpack,
+    get_type_hints,
+    overload,
+)
 
 from pydantic import BaseModel, ConfigDict, JsonValue, TypeAdapter, create_model
 
@@ -40,26 +49,31 @@ CONSTRAINTS = (
 )
 
 
+class Options(TypedDict, total=False):
+    """The options of `@timebox.task`."""
+
+    name: str  # default: the function's
+    queue: str  # the workers that consume it serve every type in it (DEFAULT_QUEUE)
+    # called with the input as the function is, or with the fields it names: the
+    # admission's hint of how the run time grows with the input
+    cost: Callable[..., float]
+    timeout: float  # seconds, for a request that names none
+    max_timeout: float
+    example: Mapping[str, Any]
+
+
 class Task(Generic[P, R]):
     """A task type: the function, its input model and output type, and the options
     given to the decorator. Calling it calls the function, here, as it is."""
 
-    def __init__(
-        self,
-        fn: Callable[P, R],
-        *,
-        name: str | None = None,
-        queue: str = DEFAULT_QUEUE,
-        cost: Callable[..., float] | None = None,
-        timeout: float | None = None,
-        max_timeout: float | None = None,
-        example: Mapping[str, Any] | None = None,
-    ) -> None:
+    def __init__(self, fn: Callable[P, R], **options: Unpack[Options]) -> None:
         where = f"@timebox.task {getattr(fn, '__qualname__', fn)!r}"
         self.fn = fn
-        self.name = name or fn.__name__
-        self.queue = queue
-        _check(where, fn, self.name, queue, cost, timeout, max_timeout)
+        self.name = options.get("name") or fn.__name__
+        self.queue = options.get("queue", DEFAULT_QUEUE)
+        cost, example = options.get("cost"), options.get("example")
+        timeout, max_timeout = options.get("timeout"), options.get("max_timeout")
+        _check(where, fn, self.name, self.queue, cost, timeout, max_timeout)
         self.description = inspect.getdoc(fn) or ""
         hints = get_type_hints(fn, include_extras=True)
         self.input_model, self._model_parameter, self._context = _input_of(fn, hints, where)
@@ -137,46 +151,19 @@ def task(fn: Callable[P, R], /) -> Task[P, R]: ...
 
 
 @overload
-def task(
-    *,
-    name: str | None = None,
-    queue: str = DEFAULT_QUEUE,
-    cost: Callable[..., float] | None = None,
-    timeout: float | None = None,
-    max_timeout: float | None = None,
-    example: Mapping[str, Any] | None = None,
-) -> Callable[[Callable[P, R]], Task[P, R]]: ...
+def task(**options: Unpack[Options]) -> Callable[[Callable[P, R]], Task[P, R]]: ...
 
 
 def task(
-    fn: Callable[P, R] | None = None,
-    /,
-    *,
-    name: str | None = None,
-    queue: str = DEFAULT_QUEUE,
-    cost: Callable[..., float] | None = None,
-    timeout: float | None = None,
-    max_timeout: float | None = None,
-    example: Mapping[str, Any] | None = None,
+    fn: Callable[P, R] | None = None, /, **options: Unpack[Options]
 ) -> Task[P, R] | Callable[[Callable[P, R]], Task[P, R]]:
     """Declares a task type. The input is either one pydantic model parameter or plain
     typed parameters (defaults and `Annotated` constraints allowed); a parameter
-    annotated `TaskContext` gets the context. Options: `name` (default: the function's),
-    `queue` (the workers that consume it serve every type in it; default: one for all),
-    `cost` (called with the input as the function is, or with the fields it names: the
-    admission's hint of how long a run takes), `timeout` (seconds, when a request names
-    none) and `max_timeout`, and an `example` input. The description is the docstring."""
+    annotated `TaskContext` gets the context. The options are those of `Options`; the
+    description is the docstring."""
 
     def declare(fn: Callable[P, R]) -> Task[P, R]:
-        return Task(
-            fn,
-            name=name,
-            queue=queue,
-            cost=cost,
-            timeout=timeout,
-            max_timeout=max_timeout,
-            example=example,
-        )
+        return Task(fn, **options)
 
     return declare if fn is None else declare(fn)
 
