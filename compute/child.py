@@ -3,10 +3,15 @@ forked by the worker's fork server (compute/forkserver.py) with the task code lo
 
 Protocol: the worker writes one JSON request a line on our stdin; we answer on a
 private copy of the original stdout with JSON lines: `ready` once, then for each
-request any number of `progress` and one `result`. `ready` and every `result` carry
-`used`, the CPU seconds this process has used so far: the worker's baseline for the
-next task's CPU, should it have to kill it. The task's own prints go to stderr so
-they cannot corrupt the protocol.
+request any number of `progress` and one `result` (with `at` and `ran`: when it
+ended and how long it ran).
+`ready` and every `result` carry `used`, the CPU seconds this process has used so
+far: the worker's baseline for the next task's CPU, should it have to kill it. The
+task's own prints go to stderr so they cannot corrupt the protocol.
+
+While a task runs, a timer in the kernel is armed to SIGKILL this process at the
+request's `kill_at` (its stop time and the kill grace): the worker stops it first as a
+rule, but a worker that is frozen, or a task in a C call, cannot keep it from firing.
 """
 
 from __future__ import annotations
@@ -30,6 +35,9 @@ from contracts.tasks import Task, load_tasks
 
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
+CLOCK_REALTIME = 0
+TIMER_ABSTIME = 1
+SIGEV_SIGNAL = 0
 
 _tasks: dict[str, Task[..., Any]] = {}
 
@@ -53,6 +61,46 @@ def become_subreaper() -> None:
         libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
 
 
+class _SigEvent(ctypes.Structure):
+    _fields_ = (
+        ("sigev_value", ctypes.c_void_p),
+        ("sigev_signo", ctypes.c_int),
+        ("sigev_notify", ctypes.c_int),
+        ("_pad", ctypes.c_int * 12),  # the rest of glibc's 64 bytes
+    )
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = (("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long))
+
+
+class _ITimerSpec(ctypes.Structure):
+    _fields_ = (("it_interval", _Timespec), ("it_value", _Timespec))
+
+
+class KillTimer:
+    """A POSIX timer that SIGKILLs this process at a wall-clock instant: the kernel
+    delivers it, whatever the process is doing, with no Python code to run."""
+
+    def __init__(self) -> None:
+        self._libc = ctypes.CDLL(None, use_errno=True)
+        event = _SigEvent(sigev_signo=signal.SIGKILL, sigev_notify=SIGEV_SIGNAL)
+        self._timer = ctypes.c_void_p()
+        if self._libc.timer_create(CLOCK_REALTIME, ctypes.byref(event), ctypes.byref(self._timer)):
+            raise OSError(ctypes.get_errno(), "timer_create")
+
+    def arm(self, at: float) -> None:
+        """Fires at `at` (epoch seconds); 0 disarms it."""
+        seconds = int(at)
+        value = _Timespec(seconds, int((at - seconds) * 1e9))
+        spec = _ITimerSpec(it_value=value)
+        if self._libc.timer_settime(self._timer, TIMER_ABSTIME, ctypes.byref(spec), None):
+            raise OSError(ctypes.get_errno(), "timer_settime")
+
+    def disarm(self) -> None:
+        self.arm(0.0)
+
+
 class Terminated(BaseException):
     """Raised in task code by SIGTERM, so its `finally` blocks run before we exit."""
 
@@ -66,7 +114,7 @@ def _write(out: IO[str], message: dict[str, Any]) -> None:
     out.flush()
 
 
-def _run(request: dict[str, Any], out: IO[str]) -> dict[str, Any]:
+def _run(request: dict[str, Any], out: IO[str], timer: KillTimer) -> dict[str, Any]:
     name = request["task"]
     task = _tasks.get(name)
     if task is None:
@@ -87,18 +135,24 @@ def _run(request: dict[str, Any], out: IO[str]) -> dict[str, Any]:
         sink,
         min_interval=float(request.get("progress_interval", PROGRESS_INTERVAL)),
     )
-    cpu0 = time.process_time()
+    cpu0, start = time.process_time(), time.time()
+
+    def result(ok: bool, **rest: Any) -> dict[str, Any]:
+        # when it ended and how long it ran, as measured here: a worker that reads it
+        # late (frozen, busy) neither misjudges it nor learns a longer run time
+        now = time.time()
+        cpu = time.process_time() - cpu0
+        return {"kind": "result", "ok": ok, "cpu": cpu, "at": now, "ran": now - start, **rest}
+
+    timer.arm(float(request.get("kill_at", 0.0)))  # 0: none (a caller that sets no stop)
     try:
         output = task.run(task_input, ctx)
     except Exception as exc:
         traceback.print_exc(file=sys.stderr)
-        return {
-            "kind": "result",
-            "ok": False,
-            "cpu": time.process_time() - cpu0,
-            "error": {"type": type(exc).__name__, "message": str(exc)},
-        }
-    return {"kind": "result", "ok": True, "cpu": time.process_time() - cpu0, "output": output}
+        return result(False, error={"type": type(exc).__name__, "message": str(exc)})
+    finally:
+        timer.disarm()
+    return result(True, output=output)
 
 
 def load(modules: list[str]) -> dict[str, Task[..., Any]]:
@@ -116,6 +170,7 @@ def serve(parent: int) -> NoReturn:
         os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
         signal.signal(signal.SIGTERM, _on_sigterm)
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the worker, which decides
+        timer = KillTimer()  # not inherited across the fork: each child makes its own
         _write(out, {"kind": "ready", "pid": os.getpid(), "used": time.process_time()})
         for line in sys.stdin:
             try:
@@ -124,7 +179,7 @@ def serve(parent: int) -> NoReturn:
                 error = {"type": "ProtocolError", "message": str(exc)}
                 answer: dict[str, Any] = {"kind": "result", "ok": False, "error": error}
             else:
-                answer = _run(request, out)
+                answer = _run(request, out, timer)
             _write(out, answer | {"used": time.process_time()})
     except Terminated:
         os._exit(143)

@@ -7,7 +7,11 @@ The worker talks to it over a Unix socket (SOCK_SEQPACKET: one message per send)
 nothing to it (the child says `ready` on its pipe). It sends `up <json>` once it has
 loaded the task modules (each task type's queue, digest and maximum timeout: the worker
 itself never imports them), or `error <text>` if they do not load, and
-`exit <pid> <code> <cpu seconds>` whenever it reaps a child. It
+`exit <pid> <code> <cpu seconds> <epoch seconds> <silenced>` whenever it reaps a
+child. The worker sends `tick` every second: a worker that says nothing for
+`silence` seconds (frozen: stopped, or its loop stuck) has its children killed
+(`silenced` 1 in their reports), before RabbitMQ, which gives up on it only after
+about two heartbeats, hands their messages to another worker. It
 ends with the worker (PR_SET_PDEATHSIG, even a SIGKILLed one), and its children and
 what they started end with it, so none outlives the worker.
 
@@ -19,7 +23,8 @@ environment, which every program a child's tasks start inherits, and killed once
 the child has ended. The server is a child subreaper: such processes, orphaned, are
 reaped here. (Only a cgroup would hold a program that also drops its environment.)
 
-`python -m compute.forkserver FD NICE APP_DIR MODULE...` runs the server on socket FD."""
+`python -m compute.forkserver FD NICE SILENCE APP_DIR MODULE...` runs the server on
+socket FD."""
 
 from __future__ import annotations
 
@@ -30,13 +35,16 @@ import os
 import signal
 import socket
 import sys
+import time
 import traceback
+from dataclasses import dataclass
 from types import FrameType
 from typing import Any, NoReturn
 
 from compute import child
 
 FORK = b"fork"
+TICK = b"tick"
 EXIT = b"exit"
 UP = b"up"
 ERROR = b"error"
@@ -80,8 +88,9 @@ def kill_started_by(children: set[int]) -> None:
 # -- the server process ---------------------------------------------------------------
 
 
-def serve(sock: socket.socket, nice: int, app_dir: str, modules: list[str]) -> None:
+def serve(sock: socket.socket, nice: int, silence: float, app_dir: str, modules: list[str]) -> None:
     forked: set[int] = set()
+    silenced: set[int] = set()  # killed because the worker said nothing
 
     def end() -> NoReturn:
         # each child would die with us (its own PR_SET_PDEATHSIG), but what its task
@@ -150,15 +159,34 @@ def serve(sock: socket.socket, nice: int, app_dir: str, modules: list[str]) -> N
         forked.discard(pid)
         code = os.waitstatus_to_exitcode(status)
         cpu = usage.ru_utime + usage.ru_stime
+        report = b"%s %d %d %.6f %.6f %d" % (EXIT, pid, code, cpu, time.time(), pid in silenced)
+        silenced.discard(pid)
         with contextlib.suppress(OSError):
-            sock.send(b"%s %d %d %.6f" % (EXIT, pid, code, cpu))
+            sock.send(report)
         kill_started_by({pid})  # after the report: the worker's slot need not wait
         return True
 
     signal.signal(signal.SIGCHLD, reap)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sock.settimeout(1.0)
+    heard = time.monotonic()
     while True:
-        message, fds, _, _ = socket.recv_fds(sock, 64, 2)
+        try:
+            message, fds, _, _ = socket.recv_fds(sock, 64, 2)
+        except TimeoutError:
+            if time.monotonic() - heard > silence and not silenced.issuperset(forked):
+                print(
+                    f"timebox-forkserver: its worker has said nothing for {silence:g} s: "
+                    "its tasks are stopped, and their messages go back to the queue",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                silenced.update(forked)
+                for pid in forked:
+                    with contextlib.suppress(OSError):
+                        os.killpg(pid, signal.SIGKILL)
+            continue
+        heard = time.monotonic()
         if not message:
             end()  # the worker closed its end
         if message != FORK or len(fds) != 2:
@@ -191,6 +219,19 @@ def serve(sock: socket.socket, nice: int, app_dir: str, modules: list[str]) -> N
 # -- the worker's side ------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Exit:
+    """How a child ended, as the fork server reports it."""
+
+    code: int
+    cpu: float | None = None  # all it used, the grace after SIGTERM included
+    at: float | None = None  # epoch seconds
+    silenced: bool = False  # killed because its worker said nothing for too long
+
+
+GONE = Exit(-signal.SIGKILL)  # died with its fork server: nothing more is known
+
+
 class Forked:
     """A forked child as the worker sees it: the subset of asyncio's Process that
     compute/pool.py uses. Its pid comes from its `ready` line."""
@@ -207,16 +248,17 @@ class Forked:
         self.stdout = stdout
         self._stdout_transport = stdout_transport
         self.pid = 0
-        self._code: int | None = None
-        self.cpu_at_exit: float | None = None
+        self.exit: Exit | None = None
 
     @property
     def returncode(self) -> int | None:
-        if self._code is None and self.pid:
-            known = self.server.exit_if_known(self.pid)
-            if known is not None:
-                self._code, self.cpu_at_exit = known
-        return self._code
+        if self.exit is None and self.pid:
+            self.exit = self.server.exit_if_known(self.pid)
+        return None if self.exit is None else self.exit.code
+
+    @property
+    def cpu_at_exit(self) -> float | None:
+        return None if self.exit is None else self.exit.cpu
 
     def send_signal(self, sig: int) -> None:
         """Signals the child and every process its task started (its process group)."""
@@ -227,12 +269,11 @@ class Forked:
     def kill(self) -> None:
         self.send_signal(signal.SIGKILL)
 
-    async def wait(self) -> int:
-        code = self.returncode
-        if code is None:
-            code, self.cpu_at_exit = await self.server.exit_of(self.pid)
-            self._code = code
-        return code
+    async def wait(self) -> Exit:
+        if self.returncode is None:
+            self.exit = await self.server.exit_of(self.pid)
+        assert self.exit is not None
+        return self.exit
 
     def close(self) -> None:
         """Closes our ends of its pipes (a live child reads EOF and ends)."""
@@ -248,15 +289,21 @@ class ForkServer:
     """One server process, used until it dies; its children are known by pid."""
 
     def __init__(
-        self, nice: int, protocol_limit: int, modules: list[str], app_dir: str = "."
+        self,
+        nice: int,
+        protocol_limit: int,
+        modules: list[str],
+        app_dir: str = ".",
+        silence: float = 10.0,
     ) -> None:
         self.nice = nice
+        self.silence = silence
         self.limit = protocol_limit
         self.modules = modules
         self.app_dir = os.path.abspath(app_dir)
         self._sock: socket.socket | None = None
         self._proc: asyncio.subprocess.Process | None = None
-        self._exits: dict[int, asyncio.Future[tuple[int, float | None]]] = {}
+        self._exits: dict[int, asyncio.Future[Exit]] = {}
         self.up = False  # it has loaded the task code: forks from now on take milliseconds
         # each task type's digest and max_timeout once loaded; None if they did not load
         self.loaded: asyncio.Future[dict[str, dict[str, Any]] | None] | None = None
@@ -275,6 +322,7 @@ class ForkServer:
                 "compute.forkserver",
                 str(theirs.fileno()),
                 str(self.nice),
+                str(self.silence),
                 self.app_dir,
                 *self.modules,
                 pass_fds=(theirs.fileno(),),
@@ -310,11 +358,11 @@ class ForkServer:
             if self.loaded is not None and not self.loaded.done():
                 self.loaded.set_result(json.loads(rest) if kind == UP else None)
             return
-        kind, pid, code, cpu = message.split()
         if kind == EXIT:
+            pid, code, cpu, at, silenced = rest.split()
             future = self._future(int(pid))
             if not future.done():
-                future.set_result((int(code), float(cpu)))
+                future.set_result(Exit(int(code), float(cpu), float(at), silenced == b"1"))
 
     def _lost(self) -> None:
         if self.loaded is not None and not self.loaded.done():
@@ -325,23 +373,29 @@ class ForkServer:
             self._sock = None
         for future in self._exits.values():
             if not future.done():
-                future.set_result((-signal.SIGKILL, None))
+                future.set_result(GONE)
 
-    def _future(self, pid: int) -> asyncio.Future[tuple[int, float | None]]:
+    def tick(self) -> None:
+        """Tells the server that the worker lives (its loop turns)."""
+        if self._sock is not None:
+            with contextlib.suppress(OSError):
+                self._sock.send(TICK)
+
+    def _future(self, pid: int) -> asyncio.Future[Exit]:
         future = self._exits.get(pid)
         if future is None:
             future = self._exits[pid] = asyncio.get_running_loop().create_future()
             if self._sock is None:
-                future.set_result((-signal.SIGKILL, None))
+                future.set_result(GONE)
         return future
 
-    def exit_if_known(self, pid: int) -> tuple[int, float | None] | None:
+    def exit_if_known(self, pid: int) -> Exit | None:
         future = self._exits.get(pid)
         if future is None and self._sock is None:
-            return (-signal.SIGKILL, None)  # died with the server
+            return GONE  # died with the server
         return future.result() if future is not None and future.done() else None
 
-    async def exit_of(self, pid: int) -> tuple[int, float | None]:
+    async def exit_of(self, pid: int) -> Exit:
         # Forgotten only once returned: a wait cancelled in the loop turn in which the
         # report came (a kill's grace running out just then) must leave it for the next
         # wait, which would otherwise never end.
@@ -396,4 +450,10 @@ class ForkServer:
 
 
 if __name__ == "__main__":
-    serve(socket.socket(fileno=int(sys.argv[1])), int(sys.argv[2]), sys.argv[3], sys.argv[4:])
+    serve(
+        socket.socket(fileno=int(sys.argv[1])),
+        int(sys.argv[2]),
+        float(sys.argv[3]),
+        sys.argv[4],
+        sys.argv[5:],
+    )

@@ -36,7 +36,7 @@ SAVED_CPU = Counter(
 SLOTS = Gauge("timebox_slots", "Child processes that run tasks")
 SLOTS_BUSY = Gauge("timebox_slots_busy", "Slots running a task now")
 
-NO_ANSWER = {Kind.ABORTED, Kind.CANCELLED, Kind.CRASHED}
+NO_ANSWER = {Kind.ABORTED, Kind.CANCELLED, Kind.CRASHED, Kind.HANDED_BACK}
 DROPPED = {Kind.EXPIRED, Kind.CANCELLED}
 
 

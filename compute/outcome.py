@@ -18,11 +18,13 @@ class Kind(StrEnum):
     EXPIRED = "expired"  # never started: deadline passed or cannot be met
     CANCELLED = "cancelled"  # killed, or never started, because its caller cancelled
     INVALID = "invalid"  # the message itself is unusable: park it
+    HANDED_BACK = "handed_back"  # its worker lost its message: another runs it
 
 
 class Disposition(Enum):
     ACK = "ack"
     PARK = "park"  # copy to the parked queue with the reason, then ack
+    REQUEUE = "requeue"  # back to its queue (nack), if the channel still can
 
 
 @dataclass(frozen=True)
@@ -36,7 +38,8 @@ class Outcome:
     late_by: float | None = None
 
 
-SETTLE: dict[Kind, tuple[EventType, Disposition]] = {
+# A task handed back has no ending of its own: the run that follows it has.
+SETTLE: dict[Kind, tuple[EventType | None, Disposition]] = {
     Kind.SUCCEEDED: (EventType.SUCCEEDED, Disposition.ACK),
     Kind.FAILED: (EventType.FAILED, Disposition.ACK),
     Kind.ABORTED: (EventType.ABORTED, Disposition.ACK),
@@ -44,9 +47,10 @@ SETTLE: dict[Kind, tuple[EventType, Disposition]] = {
     Kind.EXPIRED: (EventType.EXPIRED, Disposition.ACK),
     Kind.CANCELLED: (EventType.CANCELLED, Disposition.ACK),
     Kind.INVALID: (EventType.FAILED, Disposition.PARK),
+    Kind.HANDED_BACK: (None, Disposition.REQUEUE),
 }
 
 
-def settle(outcome: Outcome) -> tuple[EventType, Disposition]:
+def settle(outcome: Outcome) -> tuple[EventType | None, Disposition]:
     """The event to emit and what to do with the message, for an outcome."""
     return SETTLE[outcome.kind]

@@ -24,6 +24,7 @@ REPORT_WITHIN = 5.0
 # how long a new child may take to say `ready` (a fork takes milliseconds) before a
 # fork server that has loaded the task code counts as hung and is replaced
 READY_WITHIN = 10.0
+TICK_EVERY = 1.0  # seconds between the worker's word to its fork server that it lives
 
 
 class NotReady(RuntimeError):
@@ -104,8 +105,11 @@ class Child:
             self.used = float(used)
         return message
 
-    async def stop(self, grace: float, report_within: float = REPORT_WITHIN) -> float:
-        """SIGTERM, then SIGKILL after `grace`; returns the CPU seconds it had used."""
+    async def stop(
+        self, grace: float, report_within: float = REPORT_WITHIN
+    ) -> tuple[float, list[dict[str, Any]]]:
+        """SIGTERM, then SIGKILL after `grace`. Returns the CPU seconds it had used, and
+        what it had said that was not read yet (a result among it is what it did)."""
         cpu = self.cpu()
         if self.alive:
             with contextlib.suppress(ProcessLookupError):
@@ -126,9 +130,19 @@ class Child:
                         self.pid,
                         report_within,
                     )
+        unread = await self._unread() if not self.broken else []
         self.proc.close()
         # the fork server reaps it and reports all it used, the grace included
-        return max(cpu, self.proc.cpu_at_exit or 0.0)
+        return max(cpu, self.proc.cpu_at_exit or 0.0), unread
+
+    async def _unread(self, within: float = 0.5) -> list[dict[str, Any]]:
+        """What a child that has ended wrote and nobody read: up to the pipe's end."""
+        said: list[dict[str, Any]] = []
+        with contextlib.suppress(TimeoutError, json.JSONDecodeError):
+            async with asyncio.timeout(within):
+                while (message := await self.receive()) is not None:
+                    said.append(message)
+        return said
 
 
 class Pool:
@@ -141,12 +155,15 @@ class Pool:
         *,
         nice: int = 0,
         app_dir: str = ".",
+        silence: float = 10.0,
         ready_within: float = READY_WITHIN,
     ) -> None:
+        """`silence`: how long the worker may say nothing before the fork server
+        takes it for frozen and kills its tasks (compute/forkserver.py)."""
         self.size = size
         self.nice = nice
         self.ready_within = ready_within
-        self._server_args = (nice, PROTOCOL_LIMIT, modules, app_dir)
+        self._server_args = (nice, PROTOCOL_LIMIT, modules, app_dir, silence)
         self.server = ForkServer(*self._server_args)
         self.tasks: dict[str, dict[str, Any]] = {}  # what the fork server loaded
         self._restarting = asyncio.Lock()
@@ -155,6 +172,7 @@ class Pool:
         self._all: set[Child] = set()
         self._waiting = 0  # callers of acquire() not yet given a child
         self._replacing = Background()
+        self._ticking = Background()
 
     async def start(self) -> None:
         """Loads the task modules in the fork server (CannotLoad if they do not
@@ -166,6 +184,7 @@ class Pool:
             await self.server.close()
             raise CannotLoad(self.server.load_error)
         self.tasks = report
+        self._ticking.spawn(self._keep_ticking())
         self._spare = asyncio.create_task(self._spawn())
         children = await asyncio.gather(*(self._spawn() for _ in range(self.size)))
         for child in children:
@@ -211,6 +230,12 @@ class Pool:
             if failures >= 5:
                 raise RuntimeError("cannot start task processes") from failure
             await asyncio.sleep(0.05 * failures)
+
+    async def _keep_ticking(self) -> None:
+        """Tells the fork server, every second, that this worker's loop turns."""
+        while True:
+            self.server.tick()
+            await asyncio.sleep(TICK_EVERY)
 
     async def acquire(self) -> Child:
         self._waiting += 1
@@ -270,6 +295,7 @@ class Pool:
         return pids
 
     async def close(self, grace: float = 0.5) -> None:
+        await self._ticking.cancel()
         await self._replacing.cancel()
         spare = self._spare
         if spare is not None:

@@ -11,7 +11,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Awaitable, Callable, Collection, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +22,7 @@ from aio_pika.abc import (
     AbstractQueue,
     AbstractRobustConnection,
 )
+from aio_pika.exceptions import ChannelInvalidStateError
 
 from compute import metrics, runner
 from compute.cancels import Remembered
@@ -53,6 +54,8 @@ from runtime.background import Background
 from runtime.declare import counts, declare
 
 log = logging.getLogger("timebox.worker")
+# seconds, after the kill grace, for a worker that lost a message to stop its run
+HANDED_BACK_WITHIN = 0.2
 
 
 class CannotStart(Exception):
@@ -149,7 +152,15 @@ class Worker:
         self.routes: dict[str, str] = {}  # task type: queue
         self.digests: dict[str, str] = {}
         self.name = f"{socket.gethostname()}:{os.getpid()}"
-        self.pool = Pool(settings.concurrency, modules, nice=settings.child_nice, app_dir=app_dir)
+        # a worker silent for a heartbeat is taken for frozen: RabbitMQ hands its
+        # messages to another after about two, and its tasks must be gone by then
+        self.pool = Pool(
+            settings.concurrency,
+            modules,
+            nice=settings.child_nice,
+            app_dir=app_dir,
+            silence=settings.heartbeat,
+        )
         self.cancels: Remembered[CancelRequest] = Remembered()
         self.finished: Remembered[bool] = Remembered()
         self._handlers = Background()
@@ -381,6 +392,8 @@ class Worker:
 
     async def _why_not_start(self, delivery: Delivery, job: runner.Job) -> Outcome | None:
         """Why a delivered task must not start now, if it must not: the start rule."""
+        if job.handed_back:
+            return Outcome(Kind.HANDED_BACK, reason=runner.HANDED_BACK)
         if delivery.task_id in self.cancels:
             return Outcome(Kind.CANCELLED, reason="cancelled before start")
         left = delivery.deadline.remaining() - self.settings.stop_margin
@@ -432,18 +445,7 @@ class Worker:
             with contextlib.suppress(Exception):
                 await message.ack()
             return
-        client = delivery.client
-        job = runner.Job(
-            task=delivery.task,
-            task_id=delivery.task_id,
-            input_json=delivery.input_json,
-            deadline=delivery.deadline,
-            stop_at=delivery.deadline.epoch - self.settings.stop_margin,
-            progress_interval=self.settings.progress_interval,
-            client=None if client is None else self.presences.tie(delivery.task_id, *client),
-        )
-        self.jobs[job.task_id] = job  # from here on a cancel reaches it
-        try:
+        async with self._holding(message, delivery) as job:
             outcome = await self._why_not_start(delivery, job)
             if outcome is None:
                 child = await self._slot_for(job)
@@ -464,18 +466,53 @@ class Worker:
             if job.announced is not None:  # `running` and the progress reports first
                 await job.announced
             await self._settle(message, delivery, outcome)
-            self.finished.add(job.task_id, delivery.deadline.epoch_ms, True)
+            if outcome.kind is not Kind.HANDED_BACK:
+                self.finished.add(job.task_id, delivery.deadline.epoch_ms, True)
+
+    @contextlib.asynccontextmanager
+    async def _holding(
+        self, message: AbstractIncomingMessage, delivery: Delivery
+    ) -> AsyncIterator[runner.Job]:
+        """The job of a message this worker holds: found by its task id (by a cancel, and
+        by another delivery of it, which waits), and handed back if the message's channel
+        closes — it can no longer be acked, and RabbitMQ gives it to another worker. A
+        message handed back elsewhere waits for that worker to stop its run."""
+        job = self.jobs[delivery.task_id] = self._job_for(delivery)
+        lost = _closing(message)
+
+        def hand_back(closed: asyncio.Future[Any]) -> None:
+            if not closed.cancelled():  # cancelled: we let go of it first
+                job.hand_back()
+
+        lost.add_done_callback(hand_back)
+        try:
+            if message.redelivered:
+                await asyncio.sleep(self.settings.kill_grace + HANDED_BACK_WITHIN)
+            yield job
         finally:
+            lost.cancel()
             self.jobs.pop(job.task_id, None)
             job.finished.set()
 
+    def _job_for(self, delivery: Delivery) -> runner.Job:
+        client = delivery.client
+        return runner.Job(
+            task=delivery.task,
+            task_id=delivery.task_id,
+            input_json=delivery.input_json,
+            deadline=delivery.deadline,
+            stop_at=delivery.deadline.epoch - self.settings.stop_margin,
+            progress_interval=self.settings.progress_interval,
+            client=None if client is None else self.presences.tie(delivery.task_id, *client),
+            kill_grace=self.settings.kill_grace,
+        )
+
     async def _seen_before(self, delivery: Delivery) -> bool:
-        """A redelivery (after a lost connection) of a task this worker is running or
-        has finished: it waits for the first run instead of running it twice."""
-        running = self.jobs.get(delivery.task_id)
-        if running is not None:
-            await running.finished.wait()
-            return True
+        """A task this worker holds or has finished, delivered again (after its channel
+        closed, say): it waits for the first delivery's end rather than run twice. True
+        if that one finished it: this one is acked, not run."""
+        while (held := self.jobs.get(delivery.task_id)) is not None:
+            await held.finished.wait()
         return delivery.task_id in self.finished
 
     async def _slot_for(self, job: runner.Job) -> Child | None:
@@ -531,9 +568,7 @@ class Worker:
         job.announced = asyncio.ensure_future(announce())
         await asyncio.sleep(0)  # let `running` write its frames before anything else
         try:
-            outcome = await runner.run(
-                child, job, lambda *report: reports.put_nowait(report), self.settings.kill_grace
-            )
+            outcome = await runner.run(child, job, lambda *report: reports.put_nowait(report))
         finally:
             reports.put_nowait(None)  # the announcer ends once the reports are out
         if outcome.kind is Kind.SUCCEEDED and outcome.ran is not None:
@@ -553,7 +588,7 @@ class Worker:
         )
         if disposition is Disposition.PARK:
             await self._park(message, outcome.reason or "invalid")
-        if not already_said:
+        if event_type is not None and not already_said:
             await self._emit(
                 delivery,
                 event_type,
@@ -568,8 +603,11 @@ class Worker:
         expected = self.runtimes[delivery.task].expect(delivery.cost)
         late = outcome.ran is not None and time.time() > delivery.deadline.epoch
         metrics.record(delivery.task, outcome, late, expected)
-        with contextlib.suppress(Exception):
-            await message.ack()
+        with contextlib.suppress(Exception):  # a closed channel: the broker takes it back
+            if disposition is Disposition.REQUEUE:
+                await message.nack(requeue=True)
+            else:
+                await message.ack()
 
     def _log_outcome(self, delivery: Delivery, outcome: Outcome) -> None:
         extra = {
@@ -661,3 +699,13 @@ class Worker:
             f"a parked copy of {message.message_id}",
             log,
         )
+
+
+def _closing(message: AbstractIncomingMessage) -> asyncio.Future[Any]:
+    """Done when the channel the message came on closes (at once if it has)."""
+    try:
+        return message.channel.closing
+    except ChannelInvalidStateError:
+        closed = asyncio.get_running_loop().create_future()
+        closed.set_result(None)
+        return closed

@@ -124,7 +124,9 @@ class TaskStatus(BaseModel):
     deadline: datetime | None = None
     started_at: datetime | None = None
     finished_at: datetime | None = None
-    worker: str | None = None
+    worker: str | None = Field(
+        default=None, description="the worker of its last start; if never started, of its end"
+    )
     attempts: int = Field(default=0, description="how many times a worker started it")
     progress: float | None = None
     progress_message: str | None = None
@@ -180,7 +182,7 @@ class TaskStatus(BaseModel):
             case _:
                 self.state = TaskState(event.type.value)
                 self.finished_at = _instant(event.at)
-                self.worker = event.worker or self.worker
+                self.worker = self.worker or event.worker  # a run is told by its runner
                 self.result = event.result
                 self.error = event.error
                 self.reason = event.reason
