@@ -212,6 +212,33 @@ class Worker(Proc):
         """How a task's status names this worker."""
         return f"{socket.gethostname()}:{self.pid}"
 
+    def drop_connection(self) -> None:
+        """The broker closes this worker's connection (rabbitmqctl: a local broker)."""
+        listed = subprocess.run(
+            [
+                "rabbitmqctl",
+                "list_connections",
+                "-q",
+                "--no-table-headers",
+                "pid",
+                "client_properties",
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        ).stdout
+        mine = f'"worker {self.status_name}"'
+        pids = [line.split("\t")[0] for line in listed.splitlines() if mine in line]
+        assert pids, f"no connection of {self.status_name}"
+        for pid in pids:
+            subprocess.run(
+                ["rabbitmqctl", "close_connection", pid, "timebox fault test"],
+                check=True,
+                capture_output=True,
+                timeout=30,
+            )
+
 
 class Announcer:
     """Announces a worker of `tasks` every second, as a worker does, that takes no
@@ -291,6 +318,23 @@ def tree_cpu(root: int, include_root: bool = True) -> float:
         reaped = int(fields[13]) + int(fields[14])
         total += (reaped + (own if include_root or pid != root else 0)) / TICK
     return total
+
+
+def busy_task_child(worker_pid: int) -> int:
+    """The pid of a worker's child that runs a task: a child of its fork server that
+    is on a CPU (idle children sleep in a read)."""
+    found: list[int] = []
+
+    def burning() -> bool:
+        for pid in process_tree(worker_pid)[1:]:
+            fields = _stat(pid)
+            if fields is not None and int(fields[1]) != worker_pid and fields[0] == b"R":
+                found.append(pid)
+                return True
+        return False
+
+    wait_until(burning, 10, "a task child on a CPU")
+    return found[0]
 
 
 def alive(pid: int) -> bool:

@@ -70,3 +70,18 @@ def spawn(ctx: timebox.TaskContext, ignore_term: bool = False, new_session: bool
         except BaseException:
             if not ignore_term:
                 raise
+
+
+@timebox.task
+def exclusive(key: str, seconds: float) -> None:
+    """Holds the lock named `key` for `seconds`: a second run of it while the first
+    lives (on any worker of this machine) fails, saying so."""
+    import fcntl
+    import tempfile
+
+    with open(os.path.join(tempfile.gettempdir(), f"timebox-exclusive-{key}"), "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RuntimeError(f"{key} runs twice at once") from None
+        time.sleep(seconds)

@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import json
 import os
+import select
 import signal
 import time
 
@@ -21,7 +23,7 @@ from tests.harness import alive
 
 pytestmark = pytest.mark.timeout(30)
 
-DEMO = ["examples.tasks"]
+DEMO = ["examples.tasks", "tests.sample_tasks"]
 
 
 def request(task: str, input_json: str) -> dict[str, object]:
@@ -58,7 +60,7 @@ async def test_a_killed_child_is_reaped_with_its_cpu_and_replaced(pool: Pool) ->
     progress = await child.receive()  # it burns
     assert progress is not None
     assert progress["kind"] == "progress"
-    cpu = await child.stop(0.2)
+    cpu, _ = await child.stop(0.2)
     assert child.proc.returncode == 143  # SIGTERM ended the task code, then the child
     assert 0.05 < cpu < 5  # reported by the fork server, which reaped it
     pool.release(child)
@@ -90,7 +92,7 @@ async def test_an_exit_report_outlives_a_wait_cancelled_as_it_comes(pool: Pool) 
     with contextlib.suppress(asyncio.CancelledError):
         await waiting
     assert waiting.cancelled()
-    assert await asyncio.wait_for(child.proc.wait(), 5) == -signal.SIGKILL
+    assert (await asyncio.wait_for(child.proc.wait(), 5)).code == -signal.SIGKILL
     pool.release(child)
 
 
@@ -187,7 +189,7 @@ async def test_the_fork_server_reports_every_child_of_many_that_end_together() -
             codes = await asyncio.wait_for(
                 asyncio.gather(*(one.proc.wait() for one in children)), 20
             )
-            assert codes == [0] * len(children)
+            assert [one.code for one in codes] == [0] * len(children)
             assert server.alive
     finally:
         await server.close(grace=0.0)
@@ -199,7 +201,7 @@ async def test_children_die_with_the_fork_server_and_the_pool_starts_another(poo
     assert server is not None
     os.kill(server, signal.SIGKILL)
     assert await child.receive() is None  # PR_SET_PDEATHSIG: it died with its parent
-    assert await asyncio.wait_for(child.proc.wait(), 5) == -signal.SIGKILL
+    assert (await asyncio.wait_for(child.proc.wait(), 5)).code == -signal.SIGKILL
     pool.release(child)
     await echo_through(pool)
     assert pool.server.pid not in (None, server)
@@ -243,8 +245,9 @@ def job(task: str, input_json: str, stop_in: float) -> runner.Job:
         task=task,
         task_id="t",
         input_json=input_json,
-        deadline=Deadline(int((time.time() + 30) * 1000)),
+        deadline=Deadline(int((time.time() + stop_in + 0.15) * 1000)),
         stop_at=time.time() + stop_in,
+        kill_grace=0.2,
     )
 
 
@@ -256,10 +259,10 @@ async def test_a_killed_task_is_charged_its_own_cpu_not_its_childs_earlier_tasks
     pool: Pool,
 ) -> None:
     child = await pool.acquire()
-    done = await runner.run(child, job("burn_cpu", '{"seconds": 0.4}', 30), nothing, 0.2)
+    done = await runner.run(child, job("burn_cpu", '{"seconds": 0.4}', 30), nothing)
     assert done.kind is Kind.SUCCEEDED
     assert child.used >= 0.4  # the child says how much it has used, with each answer
-    killed = await runner.run(child, job("burn_cpu", '{"seconds": 30}', 0.3), nothing, 0.2)
+    killed = await runner.run(child, job("burn_cpu", '{"seconds": 30}', 0.3), nothing)
     assert killed.kind is Kind.ABORTED
     assert 0 < killed.cpu_seconds < 0.38  # its 0.3 s at most, not with the earlier 0.4 s
     pool.release(child)
@@ -275,3 +278,70 @@ async def test_an_idle_child_goes_to_whoever_waited_first(pool: Pool) -> None:
     assert pool.try_acquire() is None  # given back, but promised to the one waiting
     assert await asyncio.wait_for(waiting, 5) is child
     pool.release(child)
+
+
+@pytest.mark.parametrize("hold_gil", [False, True], ids=["python-loop", "hold-gil"])
+async def test_a_child_whose_worker_does_nothing_is_stopped_by_the_kernel(
+    pool: Pool, hold_gil: bool
+) -> None:
+    """Its timer in the kernel fires at the stop time and the kill grace, whatever the
+    task does, however frozen its worker: nobody but the kernel acts here."""
+    child = await pool.acquire()
+    stopped = job("burn_cpu", json.dumps({"seconds": 30, "hold_gil": hold_gil}), 0.3)
+    await child.send({**runner_request(stopped), "kill_at": stopped.kill_at})
+    end = await asyncio.wait_for(child.proc.wait(), 5)
+    assert end.code == -signal.SIGKILL
+    assert end.at is not None
+    assert stopped.kill_at <= end.at < stopped.kill_at + 0.2
+    pool.release(child)
+
+
+async def test_an_answer_made_before_the_stop_time_is_the_outcome_however_late_it_is_read(
+    pool: Pool,
+) -> None:
+    """A worker frozen across a task's stop time finds, once it runs again, the stop time
+    passed and the answer in the pipe, unread: it was made in time, so it is the
+    outcome (succeeded), not the stop the worker decides on."""
+    child = await pool.acquire()
+    quick = job("burn_cpu", '{"seconds": 0.05}', 0.3)
+    await child.send(runner_request(quick))
+    pipe = child.proc._stdout_transport.get_extra_info("pipe")
+    # it has answered; nobody has read it (watched from another thread: not the loop's)
+    ready, _, _ = await asyncio.to_thread(select.select, [pipe], [], [], 5)
+    assert ready
+    quick.stop_at = time.time()  # and the stop time has come since
+    done = await runner._kill(child, quick, Kind.ABORTED, "deadline", time.time(), 0.0)
+    assert done.kind is Kind.SUCCEEDED, done
+    assert done.output == {"seconds": pytest.approx(0.05, abs=0.05)}
+
+
+async def test_a_task_the_kernel_stopped_while_its_worker_was_frozen_is_aborted(
+    pool: Pool,
+) -> None:
+    child = await pool.acquire()
+    stopped = job("burn_cpu", '{"seconds": 30}', 0.3)
+    stopped.progress_interval = 0.01
+    burning = asyncio.Event()
+    running = asyncio.ensure_future(runner.run(child, stopped, lambda *_: burning.set()))
+    await burning.wait()
+    freeze(1.0)  # past its stop time, the grace and the kernel's timer
+    done = await running
+    assert done.kind is Kind.ABORTED, done
+    assert child.proc.exit is not None
+    assert child.proc.exit.at is not None
+    assert child.proc.exit.at < stopped.kill_at + 0.2  # the kernel did not wait for us
+    pool.release(child)
+
+
+def freeze(seconds: float) -> None:
+    """Blocks the event loop, as a stopped worker's is."""
+    time.sleep(seconds)
+
+
+def runner_request(one: runner.Job) -> dict[str, object]:
+    return {
+        "task": one.task,
+        "id": one.task_id,
+        "input_json": one.input_json,
+        "deadline_ms": one.deadline.epoch_ms,
+    }

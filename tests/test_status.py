@@ -32,6 +32,18 @@ def test_attempts_count_the_starts_not_the_deliveries() -> None:
     assert status.attempts == 2
 
 
+def test_a_run_handed_back_then_ended_unstarted_elsewhere_is_told_by_its_runner() -> None:
+    """Its worker lost its message; the worker given it next found its deadline
+    unmeetable: the status names the worker of the run it describes, not the other."""
+    status = TaskStatus.first(event(EventType.QUEUED))
+    status.apply(event(EventType.RUNNING, worker="a:1", attempt=1))
+    status.apply(event(EventType.EXPIRED, worker="b:1", reason="unmeetable"))
+    assert (status.state, status.worker, status.attempts) == (TaskState.EXPIRED, "a:1", 1)
+    never_started = TaskStatus.first(event(EventType.QUEUED))
+    never_started.apply(event(EventType.EXPIRED, worker="b:1"))
+    assert never_started.worker == "b:1"
+
+
 def test_the_first_terminal_event_wins() -> None:
     status = TaskStatus.first(event(EventType.QUEUED))
     assert status.apply(event(EventType.CANCELLED, reason="DELETE"))
