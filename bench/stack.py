@@ -64,7 +64,7 @@ class CpuMeter:
                 "gateway": lambda: cpu_seconds_of(gateway.pid),
                 "worker_with_children": lambda: tree_cpu(worker.pid, include_root=True),
                 "rabbitmq": broker_cpu(),
-                "load_generator": _own_cpu,
+                "load_generator": own_cpu,
             }
         )
 
@@ -78,7 +78,7 @@ class CpuMeter:
         if worker_pid is not None:
             readers["worker_loop"] = lambda: cpu_seconds_of(worker_pid)
         readers["rabbitmq"] = broker_cpu()
-        readers["load_generator"] = _own_cpu
+        readers["load_generator"] = own_cpu
         return cls(readers)
 
     def start(self) -> None:
@@ -116,7 +116,7 @@ def raft_index(queue: str) -> int | None:
     return max(map(int, found)) if found else None
 
 
-def _own_cpu() -> float:
+def own_cpu() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
 

@@ -45,6 +45,8 @@ class Job:
     kill_grace: float = 0.1  # seconds between SIGTERM and SIGKILL
 
     handed_back: bool = False  # its message went back to the queue: its run must end
+    started: float | None = None  # epoch seconds, once it has started in a child
+    said_running: bool = False  # its `running` event is out (not for a short run)
 
     def cancel(self) -> None:
         if not self.cancelled.done():

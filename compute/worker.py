@@ -56,6 +56,7 @@ from runtime.declare import counts, declare
 log = logging.getLogger("timebox.worker")
 # seconds, after the kill grace, for a worker that lost a message to stop its run
 HANDED_BACK_WITHIN = 0.2
+RUNNING_AFTER = 0.05  # seconds: a run that ends sooner has no `running` event of its own
 
 
 class CannotStart(Exception):
@@ -465,7 +466,7 @@ class Worker:
                         self.pool.release(child)
             if job.announced is not None:  # `running` and the progress reports first
                 await job.announced
-            await self._settle(message, delivery, outcome)
+            await self._settle(message, delivery, job, outcome)
             if outcome.kind is not Kind.HANDED_BACK:
                 self.finished.add(job.task_id, delivery.deadline.epoch_ms, True)
 
@@ -557,26 +558,37 @@ class Worker:
         # publishers must not keep it from stopping the task at its deadline). The
         # outcome goes out after them (_handle), as the gateways ignore what follows it.
         reports: asyncio.Queue[tuple[float, str | None] | None] = asyncio.Queue()
+        job.started = time.time()
+        ended = asyncio.get_running_loop().create_future()
 
         async def announce() -> None:
-            await self._emit(delivery, EventType.RUNNING, attempt=delivery.attempt)
+            # A run that ends within RUNNING_AFTER has no `running` of its own: its
+            # ending says when it started (one event fewer to publish, store and read).
+            if (await asyncio.wait({ended}, timeout=RUNNING_AFTER))[0]:
+                return
+            await self._emit(delivery, EventType.RUNNING, attempt=delivery.attempt, at=job.started)
+            job.said_running = True
             while (report := await reports.get()) is not None:
                 await self._emit(
                     delivery, EventType.PROGRESS, progress=report[0], message=report[1]
                 )
 
         job.announced = asyncio.ensure_future(announce())
-        await asyncio.sleep(0)  # let `running` write its frames before anything else
         try:
             outcome = await runner.run(child, job, lambda *report: reports.put_nowait(report))
         finally:
+            ended.set_result(None)
             reports.put_nowait(None)  # the announcer ends once the reports are out
         if outcome.kind is Kind.SUCCEEDED and outcome.ran is not None:
             self.runtimes[delivery.task].add(outcome.ran, delivery.cost)
         return outcome
 
     async def _settle(
-        self, message: AbstractIncomingMessage, delivery: Delivery, outcome: Outcome
+        self,
+        message: AbstractIncomingMessage,
+        delivery: Delivery,
+        job: runner.Job,
+        outcome: Outcome,
     ) -> None:
         event_type, disposition = settle(outcome)
         announced = self.cancels.get(delivery.task_id)
@@ -589,9 +601,12 @@ class Worker:
         if disposition is Disposition.PARK:
             await self._park(message, outcome.reason or "invalid")
         if event_type is not None and not already_said:
+            unsaid = job.started is not None and not job.said_running
             await self._emit(
                 delivery,
                 event_type,
+                started=job.started if unsaid else None,
+                attempt=delivery.attempt if unsaid else None,
                 result=outcome.output,
                 error=outcome.error,
                 reason=outcome.reason,

@@ -72,6 +72,11 @@ class TaskEvent(BaseModel):
     )
     worker: str | None = None
     attempt: int | None = None
+    started: float | None = Field(
+        default=None,
+        description="epoch seconds of its start, on an ending with no `running` of its own "
+        "(a run that ended within RUNNING_AFTER)",
+    )
     progress: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
     message: str | None = None
     result: JsonValue = None
@@ -87,6 +92,11 @@ class TaskEvent(BaseModel):
     @property
     def terminal(self) -> bool:
         return self.type.terminal
+
+    @property
+    def start(self) -> float | None:
+        """When the run it tells of started, if it tells of one."""
+        return self.at if self.type is EventType.RUNNING else self.started
 
 
 class TaskState(StrEnum):
@@ -164,6 +174,11 @@ class TaskStatus(BaseModel):
         the first terminal event in stream order wins on every gateway."""
         if self.state.terminal:
             return False
+        if event.start is not None:
+            self.started_at = _instant(event.start)
+            self.worker = event.worker
+            self._started.add(event.attempt or 1)
+            self.attempts = len(self._started)
         match event.type:
             case EventType.QUEUED:
                 self.created_at = _instant(event.at)
@@ -171,10 +186,6 @@ class TaskStatus(BaseModel):
                     self.deadline = _instant(event.deadline_ms / 1000)
             case EventType.RUNNING:
                 self.state = TaskState.RUNNING
-                self.started_at = _instant(event.at)
-                self.worker = event.worker
-                self._started.add(event.attempt or 1)
-                self.attempts = len(self._started)
                 self.progress = 0.0
             case EventType.PROGRESS:
                 self.progress = event.progress

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from contracts.events import EventType, TaskEvent
+from contracts.events import TaskEvent
 from gateway.tasktable import Record
 
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
@@ -53,9 +53,9 @@ def observe(record: Record, event: TaskEvent) -> None:
     if not record.local:
         return
     created = record.status.created_at
-    if event.type is EventType.RUNNING and created is not None:
-        QUEUE_WAIT.labels(event.task).observe(max(0.0, event.at - created.timestamp()))
-    elif event.terminal:
+    if event.start is not None and created is not None:
+        QUEUE_WAIT.labels(event.task).observe(max(0.0, event.start - created.timestamp()))
+    if event.terminal:
         REQUESTS.labels(event.task, event.type.value).inc()
         if created is not None:
             END_TO_END.labels(event.task).observe(max(0.0, event.at - created.timestamp()))

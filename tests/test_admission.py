@@ -152,7 +152,7 @@ def test_a_message_any_publisher_sends_starts_at_once_on_an_idle_worker(
         for _ in range(5):
             task_id = str(uuid.uuid4())
             sent = asyncio.run(publish(task_id))
-            started = wait_for_event(client, task_id, "running")["at"]
+            started = task_events(client, task_id)[-1][1]["started"]  # a short run's start
             assert isinstance(started, float)
             delays.append(started - sent)
     assert sorted(delays)[2] < 0.05, delays

@@ -31,7 +31,11 @@ def test_submit_answers_202_with_location_and_the_queued_status(client: httpx.Cl
     assert body["deadline"] > body["created_at"]
 
     events = events_of(client, body["id"])  # ends after the terminal event
-    assert [e.event for e in events] == ["queued", "running", "succeeded"]
+    # a run this short has no `running` of its own: its ending says when it started
+    assert [e.event for e in events] == ["queued", "succeeded"]
+    ended = json.loads(events[-1].data)
+    assert ended["started"] <= ended["at"]
+    assert ended["attempt"] == 1
     status = client.get(response.headers["location"]).json()
     assert status["state"] == "succeeded"
     assert status["result"] == {"payload": {"hello": [1, 2]}}
@@ -40,6 +44,22 @@ def test_submit_answers_202_with_location_and_the_queued_status(client: httpx.Cl
     assert int(pid) > 0
     assert status["attempts"] == 1
     assert status["started_at"] <= status["finished_at"]
+    assert datetime.fromisoformat(status["started_at"]).timestamp() == pytest.approx(
+        ended["started"], abs=0.001
+    )
+
+
+def test_a_run_longer_than_a_few_milliseconds_says_running_when_it_started(
+    client: httpx.Client,
+) -> None:
+    task_id = client.post("/v1/tasks/nap", params={"wait": "true"}, json={"seconds": 0.2}).json()[
+        "id"
+    ]
+    events = events_of(client, task_id)
+    assert [e.event for e in events] == ["queued", "running", "succeeded"]
+    running, ended = json.loads(events[1].data), json.loads(events[2].data)
+    assert ended["at"] - running["at"] >= 0.2  # its start, not when it was said
+    assert "started" not in ended or ended["started"] is None
 
 
 @pytest.mark.parametrize("how", [{"headers": {"Prefer": "wait"}}, {"params": {"wait": "true"}}])
@@ -119,7 +139,7 @@ def test_progress_is_reported_at_most_once_per_interval_and_not_for_short_tasks(
 
 
 def test_events_replay_and_honour_last_event_id(client: httpx.Client) -> None:
-    task_id = client.post("/v1/tasks/echo", params={"wait": "true"}, json={"payload": 1}).json()[
+    task_id = client.post("/v1/tasks/nap", params={"wait": "true"}, json={"seconds": 0.1}).json()[
         "id"
     ]
     everything = events_of(client, task_id)

@@ -255,7 +255,7 @@ def test_a_gateway_that_reconnects_reads_the_event_stream_on_from_where_it_was(
         with stack.client() as client:
             ids = [echo_rpc(client, i) for i in range(10)]
             before = events_read(client)
-            assert before >= 30
+            assert before >= 20  # queued and succeeded: an echo is too short to say running
             lines = len(gateway.lines)
             proxy.drop()
             gateway.wait_for_line("reconnected to RabbitMQ", 30, start=lines)
@@ -267,7 +267,7 @@ def test_a_gateway_that_reconnects_reads_the_event_stream_on_from_where_it_was(
             wait_until(lambda: client.get("/readyz").status_code == 200, 30, "ready again")
             ids.append(echo_rpc(client, 10))
             read = events_read(client) - before
-            assert 3 <= read < 10, read  # the new task's events, not the thirty before again
+            assert 2 <= read < 10, read  # the new task's events, not the twenty before again
             assert_clean(stack, client, ids)
 
 
@@ -347,7 +347,7 @@ def test_a_gateway_whose_stream_connection_is_closed_reads_on_from_where_it_was(
         gateway.wait_for_line("reading the event stream again", 30, start=lines)
         wait_until(lambda: client.get("/readyz").status_code == 200, 30, "ready again")
         ids.append(echo_rpc(client, 5))
-        assert 3 <= events_read(client) - before < 10  # not the fifteen before again
+        assert 2 <= events_read(client) - before < 10  # not the ten before again
         assert gateway.count("lost the connection") == 0  # the publishing one stayed up
         # one line for the loss: not aiormq's ERROR and traceback besides
         assert gateway.count("stopped reading the event stream") == 1

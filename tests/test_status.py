@@ -44,6 +44,16 @@ def test_a_run_handed_back_then_ended_unstarted_elsewhere_is_told_by_its_runner(
     assert never_started.worker == "b:1"
 
 
+def test_an_ending_that_carries_its_start_counts_as_the_run() -> None:
+    """A run too short for a `running` event of its own: its ending says when it
+    started, on which attempt, and the status reads it as it would a `running`."""
+    status = TaskStatus.first(event(EventType.QUEUED))
+    status.apply(event(EventType.SUCCEEDED, worker="a:1", attempt=1, started=99.99))
+    assert status.started_at is not None
+    assert status.started_at.timestamp() == 99.99
+    assert (status.worker, status.attempts, status.state) == ("a:1", 1, TaskState.SUCCEEDED)
+
+
 def test_the_first_terminal_event_wins() -> None:
     status = TaskStatus.first(event(EventType.QUEUED))
     assert status.apply(event(EventType.CANCELLED, reason="DELETE"))
