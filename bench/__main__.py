@@ -16,7 +16,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from bench import abort, fanout, latency, overload, throughput
+from bench import abort, fanout, latency, overload, peer, throughput
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -204,6 +204,10 @@ def report(results: dict[str, Any]) -> str:
             ],
         )
     )
+    parts.append(
+        "\nPer request against FastAPI + Celery, interleaved (bench/peer.py)\n"
+        + peer.table(results["peer"])
+    )
     f = results["fanout"]
     per = f["events_received_per_subscriber"]
     parts.append(
@@ -289,6 +293,7 @@ def main() -> None:
         "throughput": lambda: throughput.run(300 if q else 5000, 1 if q else 10),
         "abort": lambda: abort.run(3 if q else 50),
         "fanout": lambda: fanout.run(1000 if q else 10_000),
+        "peer": lambda: peer.run(1 if q else 6, 300 if q else 2000),
     }
     chosen = [s for s in args.only.split(",") if s] or list(sections)
     results: dict[str, Any] = {"mode": "quick" if q else "full", "machine": machine()}

@@ -2,7 +2,7 @@
 minute: both stacks run at once and blocks of calls alternate between them, so that a
 slow moment falls on both. Not part of `make bench`.
 
-    python -m bench.ab A B [--mode rpc|load|overload] [--blocks N]
+    python -m bench.ab A B [--mode rpc|load|submit|overload] [--blocks N]
 
 A variant is a git revision (its gateway and worker run from a temporary worktree of
 it), environment settings for its gateway and worker, or both, joined by commas:
@@ -12,7 +12,9 @@ it), environment settings for its gateway and worker, or both, joined by commas:
     python -m bench.ab d576ac9,TIMEBOX_CHILD_NICE=0 .
 
 `rpc`: blocks of sequential `echo` RPCs (httpx), a worker with 2 slots. `load`: blocks
-of 4 s with 64 `echo` RPCs in flight (aiohttp), a worker with 4 slots. `overload`:
+of 4 s with 64 `echo` RPCs in flight (aiohttp), a worker with 4 slots. `submit`:
+blocks of 500 `echo` answered `202` (64 submitters), tasks per second from the first
+submission to the last task's end, a worker with 2 slots. `overload`:
 windows of bench/overload.py's load (`burn_cpu` 0.2 s, 2 s deadline), 2x and 4x in
 turn, against two workers of one slot each (the same capacity), with how evenly the
 two shared the answers. Each side is reported on its own, and the two by the median
@@ -42,7 +44,7 @@ from bench import overload
 from bench.__main__ import machine
 from bench.latency import _timed, percentiles
 from bench.stack import CpuMeter, Stack
-from bench.throughput import IN_FLIGHT, _calls_per_s
+from bench.throughput import IN_FLIGHT, _calls_per_s, _end_to_end
 from tests.harness import Gateway, Worker, tree_cpu
 
 RPC_PER_BLOCK = 50
@@ -75,6 +77,7 @@ class Side:
     variant: Variant
     gateway: Gateway
     worker: Worker
+    namespace: str
     blocks: list[float] = field(default_factory=list)  # block p50 (ms) or calls/s
     latencies: list[float] = field(default_factory=list)
     cpu_ms: dict[str, float] = field(default_factory=dict)  # summed over blocks
@@ -124,6 +127,17 @@ def load_block(side: Side) -> None:
     out = asyncio.run(_calls_per_s(side.gateway.url, LOAD_SECONDS, "POST", ECHO_RPC, meter))
     _add_cpu(side, out["cpu_ms_per_call"], round(out["calls_per_s"] * out["seconds"]))
     side.blocks.append(out["calls_per_s"])
+
+
+SUBMISSIONS = 500
+
+
+def submit_block(side: Side) -> None:
+    meter = CpuMeter.of_stack(side.gateway, side.worker)
+    meter.start()
+    out = asyncio.run(_end_to_end(side.gateway.url, side.namespace, SUBMISSIONS))
+    _add_cpu(side, meter.ms_per(SUBMISSIONS), SUBMISSIONS)
+    side.blocks.append(out["end_to_end_per_s"])
 
 
 OVERLOAD_WINDOW = 10.0
@@ -178,11 +192,16 @@ def report(mode: str, a: Side, b: Side) -> None:
             p = percentiles(side.latencies)
             what = f"p50 {p['p50_ms']} ms, p99 {p['p99_ms']} ms, p99.9 {p['p999_ms']} ms"
         else:
-            what = f"median {statistics.median(side.blocks):.1f} calls/s"
+            what = f"median {statistics.median(side.blocks):.1f} per s"
         print(f"{side.variant.spec:>24s}: {what}; CPU ms per call {cpu}")
     ratios = [y / x for x, y in zip(a.blocks, b.blocks, strict=True)]
     q1, q2, q3 = quartiles(ratios)
-    measure = {"rpc": "block p50 latency", "load": "calls/s", "overload": "goodput"}[mode]
+    measure = {
+        "rpc": "block p50 latency",
+        "load": "calls/s",
+        "submit": "tasks/s",
+        "overload": "goodput",
+    }[mode]
     print(
         f"B / A, {measure}, paired blocks: median {q2:.3f} (quartiles {q1:.3f}-{q3:.3f}, "
         f"{len(ratios)} pairs)"
@@ -193,11 +212,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("a")
     parser.add_argument("b")
-    parser.add_argument("--mode", choices=("rpc", "load", "overload"), default="rpc")
+    parser.add_argument("--mode", choices=("rpc", "load", "submit", "overload"), default="rpc")
     parser.add_argument("--blocks", type=int, default=20, help="blocks per side")
     args = parser.parse_args()
     variants = [Variant.parse(args.a), Variant.parse(args.b)]
-    slots = {"rpc": 2, "load": 4, "overload": 1}[args.mode]
+    slots = {"rpc": 2, "load": 4, "submit": 2, "overload": 1}[args.mode]
     info = machine()
     print(
         f"{info['when']}: {info['cpu']}, {info['cores']} cores, Python {info['python']}, "
@@ -205,6 +224,7 @@ def main() -> None:
         + {
             "rpc": f"{RPC_PER_BLOCK} sequential RPCs",
             "load": f"{LOAD_SECONDS} s, {IN_FLIGHT} in flight",
+            "submit": f"{SUBMISSIONS} submissions answered 202, {IN_FLIGHT} submitters",
             "overload": f"{OVERLOAD_WINDOW:g} s at 2x and 4x in turn, two workers",
         }[args.mode]
         + f", workers with {slots} slots; A = {args.a!r}, B = {args.b!r}"
@@ -215,7 +235,8 @@ def main() -> None:
             tree = stack.enter_context(checkout(variant.revision))
             s = stack.enter_context(Stack())
             s.cwd = tree
-            side = Side(variant, s.gateway(**variant.env), s.worker(slots, **variant.env))
+            gateway, worker = s.gateway(**variant.env), s.worker(slots, **variant.env)
+            side = Side(variant, gateway, worker, s.namespace)
             if args.mode == "overload":
                 side.others.append(s.worker(slots, **variant.env))
             client = stack.enter_context(httpx.Client(base_url=side.gateway.url, timeout=30))
@@ -232,6 +253,8 @@ def main() -> None:
                     rpc_block(sides[k], clients[k])
                 elif args.mode == "load":
                     load_block(sides[k])
+                elif args.mode == "submit":
+                    submit_block(sides[k])
                 else:
                     overload_block(sides[k], 2 if i % 4 < 2 else 4)
     report(args.mode, sides[0], sides[1])

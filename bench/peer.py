@@ -86,14 +86,14 @@ def _pid_cpu(comm: str) -> Callable[[], float | None] | None:
 # -- the sides ----------------------------------------------------------------------------
 
 
-def timebox(stack: Stack) -> Side:
+def timebox(stack: Stack, name: str) -> Side:
     gateway, worker = stack.gateway(), stack.worker(2)
 
     def ended(ids: list[str]) -> float:
         return asyncio.run(asyncio.wait_for(_last_success(stack.namespace, set(ids)), 300))
 
     return Side(
-        "Timebox",
+        name,
         gateway.url,
         "/v1/tasks/echo?wait=true",
         "/v1/tasks/echo",
@@ -258,8 +258,13 @@ def submit_block(side: Side, n: int) -> None:
 def run(blocks: int, submissions: int) -> dict[str, Any]:
     log_dir = Path(tempfile.mkdtemp(prefix="timebox-peer-"))
     with contextlib.ExitStack() as stack:
-        tb = stack.enter_context(Stack())
-        sides = [timebox(tb)]
+        sides = [
+            timebox(stack.enter_context(Stack()), "Timebox"),
+            timebox(
+                stack.enter_context(Stack(TIMEBOX_TASK_QUEUE_TYPE="classic")),
+                "Timebox, classic task queue",
+            ),
+        ]
         for results in ("rpc://", REDIS_URL):
             for events in (False, True):
                 peer = Celery(log_dir, results, events)
@@ -303,7 +308,8 @@ def summary(sides: list[Side]) -> list[dict[str, Any]]:
 
 def table(results: dict[str, Any]) -> str:
     rows = results["sides"]
-    ours, peers = rows[0], rows[1:]
+    ours = [r for r in rows if r["name"].startswith("Timebox")]
+    peers = [r for r in rows if not r["name"].startswith("Timebox")]
 
     def best(key: str, low: bool) -> float:
         values = [float(r[key]) for r in peers if r[key] is not None]
@@ -312,8 +318,9 @@ def table(results: dict[str, Any]) -> str:
     lines = [
         "| per request | "
         + " | ".join(r["name"] for r in rows)
-        + " | Timebox / best Celery variant |",
-        "|---" * (len(rows) + 2) + "|",
+        + "".join(f" | {r['name']} / best Celery" for r in ours)
+        + " |",
+        "|---" * (len(rows) + len(ours) + 1) + "|",
     ]
     for label, key, low in (
         ("RPC p50, sequential (ms)", "rpc_p50_ms", True),
@@ -323,15 +330,16 @@ def table(results: dict[str, Any]) -> str:
         ("CPU per RPC, all processes (ms)", "cpu_ms_per_rpc_total", True),
     ):
         values = [r[key] for r in rows]
-        ratio = round(ours[key] / best(key, low), 2)
+        ratios = [round(r[key] / best(key, low), 2) for r in ours]
         lines.append(
             f"| {label} | "
-            + " | ".join("-" if v is None else str(v) for v in values)
-            + f" | {ratio} |"
+            + " | ".join("-" if v is None else str(v) for v in values + ratios)
+            + " |"
         )
     for process in ("server", "worker_with_children", "rabbitmq", "redis", "load_generator"):
         values = [r["cpu_ms_per_rpc"].get(process) for r in rows]
-        lines.append(f"| … of which {process} | " + " | ".join(str(v) for v in values) + " | |")
+        blank = " |" * len(ours)
+        lines.append(f"| … of which {process} | " + " | ".join(map(str, values)) + f" |{blank}")
     return "\n".join(lines)
 
 

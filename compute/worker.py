@@ -100,7 +100,8 @@ def decode(message: AbstractIncomingMessage, served: Collection[str]) -> Deliver
         task_id=task_id,
         deadline=deadline,
         input_json=body,
-        attempt=int(_number(headers, DELIVERY_COUNT_HEADER) or 0) + 1,
+        # a quorum queue counts the deliveries; a classic one says only "again"
+        attempt=int(_number(headers, DELIVERY_COUNT_HEADER) or message.redelivered or 0) + 1,
         owner=owner if isinstance(owner, str) else None,
         cost=_number(headers, COST_HEADER),
         published_at=message.timestamp.timestamp() if message.timestamp else None,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
-from typing import Any, Self
+from typing import Any, Literal, Self
 from urllib.parse import urlsplit
 
 from pydantic import Field, model_validator
@@ -35,6 +35,11 @@ class CommonSettings(BaseSettings):
     kill_grace: float = Field(default=0.1, gt=0, le=30, description="SIGTERM → SIGKILL")
     clock_skew: float = Field(default=0.05, ge=0, le=60, description="tolerated clock skew")
     delivery_limit: int = Field(default=3, ge=1, le=100)
+    task_queue_type: Literal["quorum", "classic"] = Field(
+        default="quorum",
+        description="quorum: replicated, a delivery limit (a cluster wants it); classic: a "
+        "third less broker work per task on a single node (contracts/topology.py)",
+    )
     heartbeat: int = Field(
         default=10, ge=1, le=600, description="AMQP heartbeat: a dead link is noticed within ~2x"
     )
@@ -81,6 +86,7 @@ class CommonSettings(BaseSettings):
     def topology(self) -> Topology:
         return Topology(
             namespace=self.namespace,
+            task_queue_type=self.task_queue_type,
             delivery_limit=self.delivery_limit,
             queue_max_length=self.queue_max_length,
             events_max_age=self.events_max_age,

@@ -36,6 +36,7 @@ Declaration = ExchangeDecl | QueueDecl | BindingDecl
 @dataclass(frozen=True)
 class Topology:
     namespace: str = "timebox"
+    task_queue_type: Literal["quorum", "classic"] = "quorum"
     delivery_limit: int = 3
     queue_max_length: int | None = None
     events_max_age: str = "1h"
@@ -71,15 +72,20 @@ class Topology:
         return f"{self.namespace}.tasks.{queue}"
 
     def task_queue_arguments(self) -> dict[str, Any]:
+        """A quorum queue (replicated, a delivery limit, at-least-once dead-lettering)
+        or a classic one (a third less broker work per task on one node; a message that
+        kills its worker comes back until its TTL, its expiry's event may be lost in a
+        broker crash)."""
         args: dict[str, Any] = {
-            "x-queue-type": "quorum",
+            "x-queue-type": self.task_queue_type,
             "x-dead-letter-exchange": self.dead_exchange,
-            "x-delivery-limit": self.delivery_limit,
-            # at-least-once dead-lettering needs reject-publish; it also makes a full
-            # queue nack the publisher instead of dropping the oldest message.
+            # a full queue nacks the publisher instead of dropping the oldest message
+            # (and at-least-once dead-lettering needs it)
             "x-overflow": "reject-publish",
-            "x-dead-letter-strategy": "at-least-once",
         }
+        if self.task_queue_type == "quorum":
+            args["x-delivery-limit"] = self.delivery_limit
+            args["x-dead-letter-strategy"] = "at-least-once"
         if self.queue_max_length is not None:
             args["x-max-length"] = self.queue_max_length
         return args

@@ -47,8 +47,13 @@ def assert_clean(stack: Stack, client: httpx.Client, task_ids: list[str]) -> inv
     return tally
 
 
-def test_a_worker_killed_mid_task_is_redelivered_and_finished_by_another(make_stack) -> None:
-    stack: Stack = make_stack()
+@pytest.mark.parametrize("queue_type", ["quorum", "classic"])
+def test_a_worker_killed_mid_task_is_redelivered_and_finished_by_another(
+    make_stack, queue_type: str
+) -> None:
+    """Either type of task queue: a classic one has no delivery count, the attempt is
+    still the second."""
+    stack: Stack = make_stack(TIMEBOX_TASK_QUEUE_TYPE=queue_type)
     stack.gateway()
     workers = [stack.worker(1), stack.worker(1)]
     with stack.client() as client:
