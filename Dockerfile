@@ -7,7 +7,7 @@ COPY gateway gateway
 COPY compute compute
 COPY timebox timebox
 COPY timebox_client timebox_client
-RUN pip install --no-cache-dir . && useradd --system --no-create-home timebox
+RUN pip install --no-cache-dir '.[otel]' && useradd --system --no-create-home timebox
 # your own task modules go here too (COPY them, or install them with pip); the demo's:
 COPY examples examples
 ENV TIMEBOX_TASK_MODULES=examples.tasks

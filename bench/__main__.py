@@ -141,6 +141,13 @@ def report(results: dict[str, Any]) -> str:
             "CPU per sequential RPC (rpc_echo): gateway / worker and children / RabbitMQ / "
             "load generator: " + _cpu_ms(cpu)
         )
+    tr = results["tracing"]
+    parts.append(
+        f"RPC echo with tracing off / every span exported over OTLP (interleaved): p50 "
+        f"{tr['off']['p50_ms']} / {tr['otlp']['p50_ms']} ms (ratio {tr['p50_ratio']}), p99 "
+        f"{tr['off']['p99_ms']} / {tr['otlp']['p99_ms']} ms (ratio {tr['p99_ratio']}); "
+        f"{tr['spans_exported']} spans exported"
+    )
     t = results["throughput"]
     parts.append(
         table(
@@ -290,6 +297,7 @@ def main() -> None:
             baseline_loads=(2, 4) if q else overload.MULTIPLES,
         ),
         "latency": lambda: latency.run(200 if q else 2000),
+        "tracing": lambda: latency.tracing(200 if q else 1000, 2 if q else 10),
         "throughput": lambda: throughput.run(300 if q else 5000, 1 if q else 10),
         "abort": lambda: abort.run(3 if q else 50),
         "fanout": lambda: fanout.run(1000 if q else 10_000),

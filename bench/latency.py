@@ -6,8 +6,10 @@ so their sum is the least an RPC can take on this machine with this broker."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import aio_pika
@@ -142,4 +144,42 @@ def run(n: int) -> dict[str, Any]:
     # the three hops in sequence, sample by sample: what an RPC cannot go below here
     path = [a + b + c for a, b, c in zip(quorum, stream, hello, strict=True)]
     out["floor_rpc_path_sum"] = percentiles(path)
+    return out
+
+
+def tracing(n: int, blocks: int) -> dict[str, Any]:
+    """Sequential echo RPCs with tracing off (the API alone: no SDK configured) and with
+    every span exported over OTLP to a collector in this process; both stacks up at
+    once, blocks interleaved."""
+    from tests.collector import Collector
+
+    collector = Collector()
+    env = {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_ENDPOINT": collector.endpoint}
+    samples: dict[str, list[float]] = {"off": [], "otlp": []}
+    try:
+        with Stack() as off, Stack(**env) as on, contextlib.ExitStack() as clients:
+            client = {}
+            for name, stack in (("off", off), ("otlp", on)):
+                url = stack.gateway().url
+                stack.worker(2)
+                client[name] = clients.enter_context(httpx.Client(base_url=url, timeout=10))
+
+            def rpc(name: str) -> Callable[[int], None]:
+                def call(i: int) -> None:
+                    r = client[name].post("/v1/tasks/echo?wait=true", json={"payload": i})
+                    assert r.status_code == 200, r.text
+
+                return call
+
+            for name in samples:
+                _timed(50, rpc(name))  # warm-up
+            for b in range(blocks):
+                for name in list(samples) if b % 2 == 0 else reversed(list(samples)):
+                    samples[name] += _timed(max(1, n // blocks), rpc(name))
+    finally:
+        collector.close()
+    out: dict[str, Any] = {name: percentiles(s) for name, s in samples.items()}
+    for p in ("p50_ms", "p99_ms"):
+        out[f"{p.removesuffix('_ms')}_ratio"] = round(out["otlp"][p] / out["off"][p], 3)
+    out["spans_exported"] = len(collector.spans)
     return out

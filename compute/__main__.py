@@ -16,6 +16,7 @@ from pydantic import ValidationError
 from compute.settings import WorkerSettings
 from compute.worker import CannotStart, Worker
 from contracts.tasks import module_names
+from runtime import tracing
 from runtime.logs import configure_logging
 
 
@@ -57,6 +58,7 @@ def main(argv: list[str] | None = None) -> None:
         )
     queues = module_names(args.queues) if args.queues else None
     configure_logging(settings.log_format)
+    tracing.configure("timebox-worker")
     worker = Worker(settings, modules, app_dir=args.app_dir, burst=args.burst, queues=queues)
     try:
         run(_serve(worker))

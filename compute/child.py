@@ -32,6 +32,8 @@ from pydantic import ValidationError
 from contracts.context import PROGRESS_INTERVAL, TaskContext
 from contracts.deadline import Deadline
 from contracts.tasks import Task, load_tasks
+from runtime import tracing
+from runtime.logs import configure_logging
 
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
@@ -145,13 +147,22 @@ def _run(request: dict[str, Any], out: IO[str], timer: KillTimer) -> dict[str, A
         return {"kind": "result", "ok": ok, "cpu": cpu, "at": now, "ran": now - start, **rest}
 
     timer.arm(float(request.get("kill_at", 0.0)))  # 0: none (a caller that sets no stop)
-    try:
-        output = task.run(task_input, ctx)
-    except Exception as exc:
-        traceback.print_exc(file=sys.stderr)
-        return result(False, error={"type": type(exc).__name__, "message": str(exc)})
-    finally:
-        timer.disarm()
+    # the task's own spans, if it opens any, are children of this one
+    with tracing.task_span(
+        f"timebox.task {name}",
+        name,
+        request["id"],
+        ctx.deadline,
+        context=tracing.extract(request.get("trace")),
+    ) as span:
+        try:
+            output = task.run(task_input, ctx)
+        except Exception as exc:
+            traceback.print_exc(file=sys.stderr)
+            tracing.mark(span, "failed", f"{type(exc).__name__}: {exc}")
+            return result(False, error={"type": type(exc).__name__, "message": str(exc)})
+        finally:
+            timer.disarm()
     return result(True, output=output)
 
 
@@ -171,6 +182,8 @@ def serve(parent: int) -> NoReturn:
         signal.signal(signal.SIGTERM, _on_sigterm)
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the worker, which decides
         timer = KillTimer()  # not inherited across the fork: each child makes its own
+        configure_logging(os.environ.get("TIMEBOX_LOG_FORMAT", "text"))  # the tasks' logs
+        tracing.configure("timebox-worker")  # each child its own exporter (threads and fork)
         _write(out, {"kind": "ready", "pid": os.getpid(), "used": time.process_time()})
         for line in sys.stdin:
             try:
@@ -181,6 +194,7 @@ def serve(parent: int) -> NoReturn:
             else:
                 answer = _run(request, out, timer)
             _write(out, answer | {"used": time.process_time()})
+            tracing.flush()  # its spans out before a kill in a later task could lose them
     except Terminated:
         os._exit(143)
     except BrokenPipeError:  # the worker closed our pipes (its pool closing): nobody to tell

@@ -17,6 +17,7 @@ from compute.presence import Tie
 from contracts.context import PROGRESS_INTERVAL
 from contracts.deadline import Deadline
 from contracts.events import ErrorInfo
+from runtime import tracing
 
 OnProgress = Callable[[float, str | None], None]  # never waits: the deadline must not
 
@@ -76,6 +77,7 @@ async def run(child: Child, job: Job, on_progress: OnProgress) -> Outcome:
             "deadline_ms": job.deadline.epoch_ms,
             "kill_at": job.kill_at,
             "progress_interval": job.progress_interval,
+            "trace": tracing.inject({}),  # the child's span is one of the run's
         }
     )
     ended = False

@@ -23,6 +23,9 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 from aio_pika.exceptions import ChannelInvalidStateError
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.trace import SpanKind
 
 from compute import metrics, runner
 from compute.cancels import Remembered
@@ -44,11 +47,13 @@ from contracts.messages import (
     DELIVERY_COUNT_HEADER,
     OWNER_HEADER,
     PRESENCE_TYPE,
+    PUBLISHED_HEADER,
     WORKER_TYPE,
     CancelRequest,
     Presence,
     WorkerAnnouncement,
 )
+from runtime import tracing
 from runtime.amqp import TRANSIENT, connect, parked_copy, publish, publish_event, until_confirmed
 from runtime.background import Background
 from runtime.declare import counts, declare
@@ -104,9 +109,17 @@ def decode(message: AbstractIncomingMessage, served: Collection[str]) -> Deliver
         attempt=int(_number(headers, DELIVERY_COUNT_HEADER) or message.redelivered or 0) + 1,
         owner=owner if isinstance(owner, str) else None,
         cost=_number(headers, COST_HEADER),
-        published_at=message.timestamp.timestamp() if message.timestamp else None,
+        published_at=_published_at(headers, message),
         client=_client(headers),
     )
+
+
+def _published_at(headers: Mapping[str, object], message: AbstractIncomingMessage) -> float | None:
+    """When it was published (epoch seconds): to the microsecond if its publisher said."""
+    published_us = _number(headers, PUBLISHED_HEADER)
+    if published_us is not None:
+        return published_us / 1_000_000
+    return message.timestamp.timestamp() if message.timestamp else None
 
 
 def _client(headers: Mapping[str, object]) -> tuple[float, float] | None:
@@ -447,6 +460,21 @@ class Worker:
             with contextlib.suppress(Exception):
                 await message.ack()
             return
+        traced = tracing.extract(message.headers)  # the publishing gateway's span
+        _queue_wait_span(delivery, traced)
+        with tracing.task_span(
+            "timebox.run",
+            delivery.task,
+            delivery.task_id,
+            delivery.deadline,
+            kind=SpanKind.CONSUMER,
+            context=traced,
+            attempt=delivery.attempt,
+            worker=self.name,
+        ):
+            await self._hold_and_run(message, delivery)
+
+    async def _hold_and_run(self, message: AbstractIncomingMessage, delivery: Delivery) -> None:
         async with self._holding(message, delivery) as job:
             outcome = await self._why_not_start(delivery, job)
             if outcome is None:
@@ -601,9 +629,13 @@ class Worker:
         )
         if disposition is Disposition.PARK:
             await self._park(message, outcome.reason or "invalid")
+        span = trace.get_current_span()  # the run's
+        span.set_attribute("timebox.outcome", outcome.kind.value)
+        if outcome.kind.value in tracing.UNWELL:
+            tracing.mark(span, outcome.kind.value, outcome.reason)
         if event_type is not None and not already_said:
             unsaid = job.started is not None and not job.said_running
-            await self._emit(
+            await self._emit_outcome(
                 delivery,
                 event_type,
                 started=job.started if unsaid else None,
@@ -688,6 +720,16 @@ class Worker:
             except Exception as exc:  # the next one, in a moment, may get through
                 log.debug("announcement not sent: %r", exc)
 
+    async def _emit_outcome(
+        self, delivery: Delivery, event_type: EventType, **fields: object
+    ) -> None:
+        """The task's last event, in a span of its own: the gateways answer from it."""
+        attributes = {"timebox.outcome": event_type.value}
+        with tracing.tracer.start_as_current_span(
+            "timebox.outcome_event", kind=SpanKind.PRODUCER, attributes=attributes
+        ):
+            await self._emit(delivery, event_type, **fields)
+
     async def _emit(self, delivery: Delivery, event_type: EventType, **fields: object) -> None:
         event = TaskEvent(
             type=event_type,
@@ -715,6 +757,20 @@ class Worker:
             f"a parked copy of {message.message_id}",
             log,
         )
+
+
+def _queue_wait_span(delivery: Delivery, context: Context) -> None:
+    """The time the message waited in RabbitMQ, from its publishing to its delivery."""
+    if delivery.published_at is None:
+        return
+    attributes = tracing.task_attributes(delivery.task, delivery.task_id, delivery.deadline)
+    attributes["timebox.time_left_s"] = round(delivery.deadline.epoch - delivery.published_at, 4)
+    tracing.tracer.start_span(
+        "timebox.queue_wait",
+        context=context,
+        attributes=attributes,
+        start_time=int(delivery.published_at * 1e9),
+    ).end()
 
 
 def _closing(message: AbstractIncomingMessage) -> asyncio.Future[Any]:

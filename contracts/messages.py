@@ -12,6 +12,8 @@ from contracts.events import READER
 CONTENT_TYPE = "application/json"
 OWNER_HEADER = "x-owner"
 COST_HEADER = "x-cost"  # the input's cost hint, in its spec's unit
+# epoch microseconds (the AMQP `timestamp` has whole seconds): the queue wait's start
+PUBLISHED_HEADER = "x-published-at"
 DELIVERY_COUNT_HEADER = "x-delivery-count"  # set by quorum queues on redelivery
 PARK_REASON_HEADER = "x-park-reason"
 SYNC_TYPE = "timebox.sync"  # a gateway's own marker in the event stream

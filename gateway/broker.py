@@ -28,12 +28,14 @@ from contracts.messages import (
     COST_HEADER,
     OWNER_HEADER,
     PRESENCE_TYPE,
+    PUBLISHED_HEADER,
     SYNC_TYPE,
     CancelRequest,
     Presence,
 )
 from contracts.topology import Topology
 from gateway.settings import GatewaySettings
+from runtime import tracing
 from runtime.amqp import (
     PERSISTENT,
     connect,
@@ -154,6 +156,8 @@ class Broker:
         """Publishes a task; one tied to its client carries its presence, a second
         deadline: a grace from now, renewed by each word of the client."""
         headers: dict[str, aio_pika.abc.FieldValue] = dict(deadline.headers())
+        headers[PUBLISHED_HEADER] = round(time.time() * 1_000_000)
+        tracing.inject(headers)  # `traceparent`: the worker's spans continue the trace
         if owner is not None:
             headers[OWNER_HEADER] = owner
         if cost is not None:

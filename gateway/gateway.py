@@ -29,6 +29,7 @@ from gateway.services import Services
 from gateway.settings import GatewaySettings
 from gateway.sse import Fanout
 from gateway.tasktable import TaskTable
+from runtime import tracing
 
 log = logging.getLogger("timebox.gateway")
 
@@ -74,6 +75,7 @@ class Gateway:
         for another reason than the broker being away, `on_failure` is told why (by
         default the process gets SIGTERM: whatever serves the app stops)."""
         settings = self.settings
+        tracing.configure("timebox-gateway")
         broker = Broker(settings, routes(self.tasks.values()))
         table = TaskTable(settings.task_table_size)
         table.listeners.append(metrics.observe)

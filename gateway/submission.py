@@ -5,11 +5,15 @@ until it ends, its deadline passes or its client goes."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 from fastapi import Request
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind
 from pydantic import BaseModel
 from starlette.types import Message
 
@@ -21,6 +25,7 @@ from contracts.tasks import Task
 from gateway import metrics
 from gateway.services import Services, log
 from gateway.tasktable import Record
+from runtime.tracing import UNWELL, mark, task_attributes, task_span
 
 
 class Waited(enum.Enum):
@@ -49,16 +54,21 @@ async def submit(
     """Admits and publishes a task; raises the refusal (503, 422) otherwise. A `tied`
     task (an RPC's, a stream's) is held to its client's presence (gateway/clients.py)."""
     cost = task.cost_of(task_input)
+    task_id = str(uuid.uuid4())
+    # the endpoint's span (FastAPI's, or your app's): which task the request became
+    trace.get_current_span().set_attributes(task_attributes(task.name, task_id, deadline))
     try:
-        svc.broker.require_connected()  # refused before anything is sent or to be undone
-        if not svc.eventlog.reading:  # its outcome could not be seen here
-            raise BrokerUnavailable("not reading the event stream; retry shortly", retry_after=2)
-        svc.admission.admit(task, cost, deadline)
+        with _step("timebox.admission", task, task_id, deadline):
+            svc.broker.require_connected()  # refused before anything is sent or to be undone
+            if not svc.eventlog.reading:  # its outcome could not be seen here
+                raise BrokerUnavailable(
+                    "not reading the event stream; retry shortly", retry_after=2
+                )
+            svc.admission.admit(task, cost, deadline)
     except TimeboxError as exc:
         metrics.REFUSALS.labels(task.name, exc.slug).inc()
         metrics.REQUESTS.labels(task.name, "rejected").inc()
         raise
-    task_id = str(uuid.uuid4())
     queued = TaskEvent(
         type=EventType.QUEUED,
         task_id=task_id,
@@ -78,10 +88,12 @@ async def submit(
     task_sent = False
     body = task_input.model_dump_json().encode()
     try:
-        grace = svc.settings.stream_grace if tied else None
-        await svc.broker.publish_task(task.name, task_id, body, deadline, owner, cost, grace)
-        task_sent = True
-        await event_sent
+        # the task message carries this span's context: the worker's spans follow it
+        with _step("timebox.publish", task, task_id, deadline, SpanKind.PRODUCER):
+            grace = svc.settings.stream_grace if tied else None
+            await svc.broker.publish_task(task.name, task_id, body, deadline, owner, cost, grace)
+            task_sent = True
+            await event_sent
     except TimeboxError as exc:
         _forget(event_sent)
         record.refused = True  # an idempotent retry must not find it
@@ -98,6 +110,23 @@ async def submit(
         raise
     log.debug("queued %s %s (deadline in %.3f s)", task.name, task_id, deadline.remaining())
     return record
+
+
+@contextlib.contextmanager
+def _step(
+    name: str,
+    task: Task[..., Any],
+    task_id: str,
+    deadline: Deadline,
+    kind: SpanKind = SpanKind.INTERNAL,
+) -> Iterator[None]:
+    """A step of the submission in a span of its own; a refusal is marked on it."""
+    with task_span(name, task.name, task_id, deadline, kind=kind) as span:
+        try:
+            yield
+        except TimeboxError as exc:
+            mark(span, "refused", exc.detail)
+            raise
 
 
 def _forget(publishing: asyncio.Future[None]) -> None:
@@ -119,6 +148,25 @@ async def wait(
     """Waits for the task's end, racing its deadline (or the client's `bound` on its
     wait), the client's disconnect and (if `release_on_stop`) this gateway being told
     to stop. A client that went away has its task cancelled."""
+    status = record.status
+    with task_span("timebox.wait", status.task, status.id, deadline) as span:
+        waited = await _wait(svc, request, record, deadline, bound, release_on_stop)
+        span.set_attribute("timebox.outcome", record.status.state.value)
+        if waited is Waited.GONE:
+            mark(span, "cancelled", "the waiting client disconnected")
+        elif record.status.state in UNWELL:
+            mark(span, record.status.state.value, record.status.reason)
+        return waited
+
+
+async def _wait(
+    svc: Services,
+    request: Request,
+    record: Record,
+    deadline: Deadline,
+    bound: float,
+    release_on_stop: bool,
+) -> Waited:
     remaining = max(0.0, deadline.remaining())
     ended = asyncio.ensure_future(record.done.wait())
     gone = asyncio.ensure_future(_until_disconnect(request))

@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from aiormq.exceptions import AMQPConnectionError, ConnectionClosed
+from opentelemetry import trace
 
 _STANDARD = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
 
@@ -26,6 +27,29 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry, default=str)
+
+
+class TextFormatter(logging.Formatter):
+    """One line of text; a line logged within a task's span ends with its ids."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        trace_id = getattr(record, "trace_id", None)
+        span_id = getattr(record, "span_id", None)
+        return line if trace_id is None else f"{line} trace_id={trace_id} span_id={span_id}"
+
+
+def _trace_ids(record: logging.LogRecord) -> bool:
+    """Gives a line the ids of the span current where it was logged (a task's step):
+    the line and the trace find each other."""
+    context = trace.get_current_span().get_span_context()
+    if context.is_valid:
+        record.trace_id = format(context.trace_id, "032x")
+        record.span_id = format(context.span_id, "016x")
+    return True
 
 
 def log_reconnects(connection: Any, log: logging.Logger) -> None:
@@ -50,10 +74,8 @@ def log_reconnects(connection: Any, log: logging.Logger) -> None:
 
 def configure_logging(fmt: str = "text", level: int = logging.INFO) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    if fmt == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    handler.addFilter(_trace_ids)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

@@ -1,10 +1,13 @@
 """Test-only task types, served beside the demo tasks (TIMEBOX_TASK_MODULES)."""
 
+import logging
 import os
 import signal
 import subprocess
 import sys
 import time
+
+from opentelemetry import trace
 
 import timebox
 
@@ -85,3 +88,11 @@ def exclusive(key: str, seconds: float) -> None:
         except BlockingIOError:
             raise RuntimeError(f"{key} runs twice at once") from None
         time.sleep(seconds)
+
+
+@timebox.task
+def traced(name: str = "inner") -> str:
+    """Opens a span of its own inside its run's, and logs a line there."""
+    with trace.get_tracer("sample").start_as_current_span(name):
+        logging.getLogger("sample").warning("inside %s", name)
+    return name
