@@ -16,7 +16,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from bench import abort, fanout, latency, overload, peer, throughput
+from bench import abort, broker_cost, fanout, latency, overload, peer, throughput
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -215,6 +215,10 @@ def report(results: dict[str, Any]) -> str:
         "\nPer request against FastAPI + Celery, interleaved (bench/peer.py)\n"
         + peer.table(results["peer"])
     )
+    parts.append(
+        "\nWhat a task costs RabbitMQ, by kind of message (bench/broker_cost.py)\n"
+        + broker_cost.table(results["broker"])
+    )
     f = results["fanout"]
     per = f["events_received_per_subscriber"]
     parts.append(
@@ -302,6 +306,7 @@ def main() -> None:
         "abort": lambda: abort.run(3 if q else 50),
         "fanout": lambda: fanout.run(1000 if q else 10_000),
         "peer": lambda: peer.run(1 if q else 6, 300 if q else 2000),
+        "broker": lambda: broker_cost.run(2 if q else 5, 1 if q else 4, 500 if q else 2000),
     }
     chosen = [s for s in args.only.split(",") if s] or list(sections)
     results: dict[str, Any] = {"mode": "quick" if q else "full", "machine": machine()}

@@ -125,7 +125,7 @@ def rpc_block(side: Side, client: httpx.Client) -> None:
 def load_block(side: Side) -> None:
     meter = CpuMeter.of_stack(side.gateway, side.worker)
     out = asyncio.run(_calls_per_s(side.gateway.url, LOAD_SECONDS, "POST", ECHO_RPC, meter))
-    _add_cpu(side, out["cpu_ms_per_call"], round(out["calls_per_s"] * out["seconds"]))
+    _add_cpu(side, out["cpu_ms_per_call"], out["calls"])
     side.blocks.append(out["calls_per_s"])
 
 

@@ -8,7 +8,7 @@ its id, polled at `GET /tasks/{id}`. The broker is the same RabbitMQ as Timebox'
 
 Environment: CELERY_RESULTS (`rpc://`, the default, or a Redis URL), CELERY_EVENTS=1
 (the client's `task-sent` events too), CELERY_QUEUE (each run its own queue),
-CELERY_BROKER."""
+CELERY_BROKER, CELERY_GET_TIMEOUT (seconds an RPC waits for its result, 10)."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from fastapi import FastAPI, HTTPException
 
 EVENTS = os.environ.get("CELERY_EVENTS") == "1"
 QUEUE = os.environ.get("CELERY_QUEUE", "celery")
+GET_TIMEOUT = float(os.environ.get("CELERY_GET_TIMEOUT", "10"))
 
 celery = Celery(
     "peer",
@@ -49,7 +50,7 @@ app = FastAPI()
 @app.post("/echo")
 def echo_rpc(body: dict[str, Any]) -> Any:
     try:
-        return echo.delay(body["payload"]).get(timeout=60)
+        return echo.delay(body["payload"]).get(timeout=GET_TIMEOUT)
     except CeleryTimeout:
         raise HTTPException(504, "timed out") from None
 

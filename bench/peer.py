@@ -34,7 +34,7 @@ import aio_pika
 import aiohttp
 import httpx
 
-from bench.latency import _timed, percentiles
+from bench.latency import percentiles
 from bench.stack import AMQP_URL, CpuMeter, Stack, broker_cpu, own_cpu
 from bench.throughput import IN_FLIGHT, _calls_per_s, _last_success
 from compute.pool import cpu_seconds_of
@@ -61,6 +61,7 @@ class Side:
     submits: list[float] = field(default_factory=list)
     cpu_ms: dict[str, float] = field(default_factory=dict)
     calls: int = 0
+    unanswered: int = 0  # RPCs that got no result (an error or no answer)
 
     def meter(self) -> CpuMeter:
         return CpuMeter(
@@ -207,17 +208,27 @@ def wait_up(side: Side) -> None:
 
 
 def rpc_block(side: Side, client: httpx.Client) -> None:
-    def rpc(i: int) -> None:
-        r = client.post(side.rpc, json={"payload": i})
-        assert r.status_code == 200, r.text
-
-    side.latencies += _timed(RPC_PER_BLOCK, rpc)
+    """RPC_PER_BLOCK sequential RPCs; a side whose RPCs fail three times in a row is
+    broken for the rest of the block (each failure takes its whole timeout)."""
+    failing = 0
+    for i in range(RPC_PER_BLOCK):
+        if failing == 3:
+            return
+        started = time.perf_counter()
+        try:
+            answered = client.post(side.rpc, json={"payload": i}).status_code == 200
+        except httpx.TransportError:  # no answer in 15 s, or a server that broke
+            answered = False
+        side.latencies.append(time.perf_counter() - started)
+        side.unanswered += not answered
+        failing = 0 if answered else failing + 1
 
 
 def load_block(side: Side) -> None:
     meter = side.meter()
     out = asyncio.run(_calls_per_s(side.url, LOAD_SECONDS, "POST", side.rpc, meter))
-    calls = round(out["calls_per_s"] * out["seconds"])
+    calls = out["calls"]
+    side.unanswered += out["failed"]
     side.calls += calls
     side.rates.append(out["calls_per_s"])
     for k, ms in out["cpu_ms_per_call"].items():
@@ -272,7 +283,9 @@ def run(blocks: int, submissions: int) -> dict[str, Any]:
                 sides.append(peer.side())
         for side in sides:
             wait_up(side)
-        clients = [stack.enter_context(httpx.Client(base_url=s.url, timeout=60)) for s in sides]
+        # Celery's RPC endpoint gives up after 10 s (CELERY_GET_TIMEOUT), Timebox's at
+        # the task's deadline (60 s): a client that waits 15 s counts either as unanswered
+        clients = [stack.enter_context(httpx.Client(base_url=s.url, timeout=15)) for s in sides]
         for i in range(blocks):
             order = range(len(sides)) if i % 2 == 0 else range(len(sides) - 1, -1, -1)
             for k in order:
@@ -295,6 +308,7 @@ def summary(sides: list[Side]) -> list[dict[str, Any]]:
                 "name": side.name,
                 "rpc_p50_ms": p["p50_ms"],
                 "rpc_p99_ms": p["p99_ms"],
+                "rpc_unanswered": side.unanswered,
                 "rpc_per_s": round(statistics.median(side.rates), 1),
                 "submits_per_s": round(statistics.median(side.submits), 1)
                 if side.submits
@@ -325,12 +339,13 @@ def table(results: dict[str, Any]) -> str:
     for label, key, low in (
         ("RPC p50, sequential (ms)", "rpc_p50_ms", True),
         ("RPC p99, sequential (ms)", "rpc_p99_ms", True),
+        ("RPCs unanswered (errors, timeouts)", "rpc_unanswered", True),
         ("RPC/s, 64 in flight", "rpc_per_s", False),
         ("`202` submissions/s, until the last ended", "submits_per_s", False),
         ("CPU per RPC, all processes (ms)", "cpu_ms_per_rpc_total", True),
     ):
         values = [r[key] for r in rows]
-        ratios = [round(r[key] / best(key, low), 2) for r in ours]
+        ratios = [round(r[key] / best(key, low), 2) if best(key, low) else None for r in ours]
         lines.append(
             f"| {label} | "
             + " | ".join("-" if v is None else str(v) for v in values + ratios)

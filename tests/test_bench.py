@@ -4,10 +4,11 @@ nothing, or wrong figures."""
 
 from __future__ import annotations
 
+import httpx
 import pytest
 
 import bench.stack
-from bench import latency, overload
+from bench import broker_cost, latency, overload
 from bench.__main__ import cpu_bound
 from bench.latency import percentiles
 from bench.overload import DEADLINE, Result, cpu_left_for_slots_pct, summarize
@@ -95,3 +96,29 @@ def test_sequential_rpcs_are_timed_with_the_cpu_each_process_spent_on_one(
     assert set(cpu) == {"gateway", "worker_with_children", "rabbitmq", "load_generator"}
     assert cpu["gateway"] is not None
     assert cpu["worker_with_children"] is not None
+
+
+@pytest.mark.timeout(90)
+def test_what_a_task_costs_the_broker_is_counted_per_queue_and_kind_of_message(
+    amqp_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An echo RPC is one task message and two events (queued, succeeded), each
+    published, confirmed, delivered and acked once: read from the management API."""
+    for module in (bench.stack, broker_cost):
+        monkeypatch.setattr(module, "AMQP_URL", amqp_url)
+    try:
+        with broker_cost.management() as api:
+            api.get("/overview").raise_for_status()
+    except httpx.HTTPError as exc:
+        pytest.skip(f"no management API beside the test broker: {exc!r}")
+    with bench.stack.Stack() as stack:
+        gateway = stack.gateway()
+        stack.worker(2)
+        out = broker_cost.count(stack, gateway.url, 1.0)
+    assert out["tasks"] == out["rpcs_answered"] > 0
+    per_task = out["per_task"]
+    assert per_task["queue tasks.default"] == {"publish": 1.0, "deliver": 1.0, "ack": 1.0}
+    assert per_task["queue events"]["publish"] == pytest.approx(2, abs=0.05)
+    assert per_task["all"]["confirm"] >= 2.95  # the gateway's and the worker's publishes
+    kinds = out["event_stream_per_task"]
+    assert kinds["event queued"] == kinds["event succeeded"] == 1.0
