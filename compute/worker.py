@@ -620,20 +620,10 @@ class Worker:
         outcome: Outcome,
     ) -> None:
         event_type, disposition = settle(outcome)
-        announced = self.cancels.get(delivery.task_id)
-        already_said = (
-            outcome.kind is Kind.CANCELLED
-            and outcome.ran is None
-            and announced is not None
-            and announced.announced
-        )
         if disposition is Disposition.PARK:
             await self._park(message, outcome.reason or "invalid")
-        span = trace.get_current_span()  # the run's
-        span.set_attribute("timebox.outcome", outcome.kind.value)
-        if outcome.kind.value in tracing.UNWELL:
-            tracing.mark(span, outcome.kind.value, outcome.reason)
-        if event_type is not None and not already_said:
+        tracing.ended(trace.get_current_span(), outcome.kind.value, outcome.reason)  # the run's
+        if event_type is not None and not self._already_said(delivery, outcome):
             unsaid = job.started is not None and not job.said_running
             await self._emit_outcome(
                 delivery,
@@ -656,6 +646,16 @@ class Worker:
                 await message.nack(requeue=True)
             else:
                 await message.ack()
+
+    def _already_said(self, delivery: Delivery, outcome: Outcome) -> bool:
+        """A cancel before the start that this worker has announced: its event is out."""
+        announced = self.cancels.get(delivery.task_id)
+        return (
+            outcome.kind is Kind.CANCELLED
+            and outcome.ran is None
+            and announced is not None
+            and announced.announced
+        )
 
     def _log_outcome(self, delivery: Delivery, outcome: Outcome) -> None:
         extra = {

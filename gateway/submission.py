@@ -25,7 +25,7 @@ from contracts.tasks import Task
 from gateway import metrics
 from gateway.services import Services, log
 from gateway.tasktable import Record
-from runtime.tracing import UNWELL, mark, task_attributes, task_span
+from runtime.tracing import ended, mark, task_attributes, task_span
 
 
 class Waited(enum.Enum):
@@ -151,11 +151,10 @@ async def wait(
     status = record.status
     with task_span("timebox.wait", status.task, status.id, deadline) as span:
         waited = await _wait(svc, request, record, deadline, bound, release_on_stop)
-        span.set_attribute("timebox.outcome", record.status.state.value)
         if waited is Waited.GONE:
-            mark(span, "cancelled", "the waiting client disconnected")
-        elif record.status.state in UNWELL:
-            mark(span, record.status.state.value, record.status.reason)
+            ended(span, "cancelled", "the waiting client disconnected")
+        else:
+            ended(span, record.status.state.value, record.status.reason)
         return waited
 
 

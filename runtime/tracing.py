@@ -112,6 +112,13 @@ def task_span(
     )
 
 
+def ended(span: Span, outcome: str, reason: str | None) -> None:
+    """How a task ended, on its span; marked as an error if it did not end well."""
+    span.set_attribute("timebox.outcome", outcome)
+    if outcome in UNWELL:
+        mark(span, outcome, reason)
+
+
 def mark(span: Span, what: str, reason: str | None) -> None:
     """A task that did not end well, on its span: an event named for how (refused,
     expired, aborted, cancelled, failed) with the reason, and an error status."""
