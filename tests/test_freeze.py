@@ -139,7 +139,8 @@ def test_a_message_a_worker_lost_waits_for_its_run_there_to_stop(make_stack) -> 
     stack.gateway()
     first = stack.worker(2)
     with stack.client() as client:
-        ids = start_exclusive(client, 2)
+        # long enough to be running still once the other worker is up (seconds, under load)
+        ids = start_exclusive(client, 2, seconds=6)
         other = stack.worker(2)
         first.drop_connection()
         assert_ran_once_at_a_time(client, ids)
@@ -197,13 +198,13 @@ def test_two_deliveries_of_one_task_handed_back_together_run_it_once(
     assert worker.count("exclusive") == 1  # one outcome; the copy was acked unrun
 
 
-def start_exclusive(client: httpx.Client, count: int) -> list[str]:
+def start_exclusive(client: httpx.Client, count: int, seconds: float = 2) -> list[str]:
     """`count` tasks that fail if run twice at once, each running once this returns."""
     key = uuid.uuid4().hex[:8]
     ids = [
         client.post(
             "/v1/tasks/exclusive",
-            json={"key": f"{key}-{i}", "seconds": 2},
+            json={"key": f"{key}-{i}", "seconds": seconds},
             headers={"Request-Timeout": "30"},
         ).json()["id"]
         for i in range(count)
