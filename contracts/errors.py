@@ -104,6 +104,18 @@ class TaskNotFound(TimeboxError):
     title = "Task not found"
 
 
+class ParkedNotFound(TimeboxError):
+    status = 404
+    slug = "parked-not-found"
+    title = "Parked message not found"
+
+
+class NotReplayable(TimeboxError):
+    status = 409
+    slug = "not-replayable"
+    title = "Parked message cannot be replayed"
+
+
 class TaskAlreadyEnded(TimeboxError):
     status = 409
     slug = "task-already-ended"

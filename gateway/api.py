@@ -10,17 +10,25 @@ import math
 import time
 from typing import Annotated, Any
 
+from aio_pika.abc import AbstractIncomingMessage
 from fastapi import APIRouter, Body, Depends, Header, Query, Request, Response
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 from sse_starlette import EventSourceResponse
 
 from contracts.deadline import Deadline
-from contracts.errors import HistoryNotRead, IdempotencyKeyReused, UnknownTaskType, ending
+from contracts.errors import (
+    HistoryNotRead,
+    IdempotencyKeyReused,
+    NotReplayable,
+    UnknownTaskType,
+    ending,
+)
 from contracts.events import TaskStatus
 from contracts.tasks import Task
 from gateway.gateway import Gateway
-from gateway.problems import PROBLEM_JSON, ProblemRoute, from_error
+from gateway.parked import ParkedMessage, owner_of
+from gateway.problems import PROBLEM_JSON, ProblemRoute, from_error, invalid_input
 from gateway.services import Services, log
 from gateway.sse import parse_last_event_id, task_events
 from gateway.submission import Waited, deadline_of, submit, wait
@@ -324,6 +332,63 @@ def build_router(gateway: Gateway) -> APIRouter:
                 }
             )
         return out
+
+    @router.get("/v1/parked", tags=["operations"])
+    async def parked(
+        owner: Caller, limit: Annotated[int, Query(ge=1, le=1000)] = 100
+    ) -> list[ParkedMessage]:
+        """Messages that could not run (undecodable, poison, dead-lettered), with why,
+        when, after how many deliveries, and the start of the body."""
+        return await gateway.services.parked.browse(owner, limit)
+
+    @router.post(
+        "/v1/parked/{parked_id}/replay",
+        status_code=202,
+        response_model=TaskStatus,
+        responses=PROBLEM_RESPONSES,
+        tags=["operations"],
+    )
+    async def replay_parked(
+        parked_id: str,
+        owner: Caller,
+        request_timeout: Annotated[
+            str | None, Header(alias="Request-Timeout", description="seconds")
+        ] = None,
+    ) -> Response:
+        """Submits a parked message's input again as a new task (its deadline from
+        `Request-Timeout`, as any submission's); the message leaves the parked queue
+        once the new task is queued, and stays there if it cannot be."""
+        svc = gateway.services
+
+        async def resubmit(message: AbstractIncomingMessage) -> Record:
+            task = tasks.get(message.type or "")
+            if task is None:
+                raise NotReplayable(
+                    f"its task type {message.type!r} is not served here; "
+                    f"known task types: {', '.join(tasks)}"
+                )
+            try:
+                task_input = task.input_model.model_validate_json(message.body)
+            except ValidationError as exc:
+                raise invalid_input(exc.errors()) from None
+            deadline = deadline_of(svc, task, request_timeout)
+            return await submit(
+                svc, task, task_input, deadline, owner=owner_of(message), tied=False
+            )
+
+        return accepted(svc, await svc.parked.act(parked_id, owner, resubmit))
+
+    @router.delete(
+        "/v1/parked/{parked_id}", status_code=204, responses=PROBLEM_RESPONSES, tags=["operations"]
+    )
+    async def delete_parked(parked_id: str, owner: Caller) -> Response:
+        """Removes a parked message for good."""
+
+        async def nothing(message: AbstractIncomingMessage) -> None:
+            return None
+
+        await gateway.services.parked.act(parked_id, owner, nothing)
+        return Response(status_code=204)
 
     @router.get("/v1/workers", tags=["operations"])
     async def workers(owner: Caller) -> list[dict[str, Any]]:

@@ -25,6 +25,7 @@ from gateway.clients import Clients
 from gateway.deadletters import DeadLetters
 from gateway.eventlog import EventLog
 from gateway.fleet import Fleet
+from gateway.parked import Parked
 from gateway.services import Services
 from gateway.settings import GatewaySettings
 from gateway.sse import Fanout
@@ -98,6 +99,7 @@ class Gateway:
             Auth(settings),
             clients,
             fanout,
+            Parked(broker),
         )
         self._services = services
         self._loop = asyncio.get_running_loop()

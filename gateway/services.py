@@ -30,6 +30,7 @@ from gateway.broker import Broker
 from gateway.clients import Clients
 from gateway.eventlog import EventLog
 from gateway.fleet import Fleet
+from gateway.parked import Parked
 from gateway.settings import GatewaySettings
 from gateway.sse import Fanout
 from gateway.tasktable import Record, TaskTable
@@ -51,6 +52,7 @@ class Services:
     auth: Auth
     clients: Clients
     fanout: Fanout
+    parked: Parked
     background: Background = field(default_factory=Background)
     # set when the server is asked to stop: at the signal under `python -m gateway`
     # (gateway/__main__.py), else by sse-starlette once it notices

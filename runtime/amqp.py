@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -21,7 +22,14 @@ from aiormq.exceptions import AMQPConnectionError, ChannelInvalidStateError
 from yarl import URL
 
 from contracts.events import TaskEvent
-from contracts.messages import CONTENT_TYPE, EVENT_TYPE, PARK_REASON_HEADER
+from contracts.messages import (
+    CONTENT_TYPE,
+    DELIVERY_COUNT_HEADER,
+    EVENT_TYPE,
+    PARK_REASON_HEADER,
+    PARKED_AT_HEADER,
+    PARKED_DELIVERIES_HEADER,
+)
 from runtime.logs import log_reconnects
 
 PERSISTENT = int(aio_pika.DeliveryMode.PERSISTENT)
@@ -192,15 +200,19 @@ async def until_confirmed(
 
 
 def parked_copy(message: AbstractIncomingMessage, reason: str) -> aio_pika.Message:
-    """A message as it goes to `{ns}.parked` for a person to inspect: as received, with
-    why it was parked in a header."""
+    """A message as it goes to `{ns}.parked` for a person to inspect and act on: as
+    received, with why, when and after how many deliveries it was parked, and an id
+    (its task's, or a new one)."""
     headers = dict(message.headers or {})
+    delivered = headers.get(DELIVERY_COUNT_HEADER)  # the redeliveries before this one
     headers[PARK_REASON_HEADER] = reason[:1000]
+    headers[PARKED_AT_HEADER] = round(time.time() * 1000)
+    headers[PARKED_DELIVERIES_HEADER] = 1 + (delivered if isinstance(delivered, int) else 0)
     return aio_pika.Message(
         message.body,
         headers=headers,
         content_type=message.content_type,
-        message_id=message.message_id,
+        message_id=message.message_id or uuid.uuid4().hex,
         type=message.type,
         delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
     )

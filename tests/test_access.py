@@ -285,3 +285,77 @@ def test_a_malformed_events_token_is_refused_not_a_crash(keyed: Stack) -> None:
         for token in ["²", "²³.abc", "", ".", "9" * 400, "12.zz", "-5.x"]:
             r = c.get(f"/v1/tasks/{task_id}/events", params={"token": token})
             is_problem(r, 401)
+
+
+def test_parked_messages_are_listed_replayed_and_deleted_by_the_key_they_belong_to(
+    keyed: Stack,
+) -> None:
+    from gateway.auth import owner_of
+
+    run = uuid.uuid4().hex[:8]
+    deadline = int(time.time() * 1000) + 60_000
+    alice = {"x-owner": owner_of("alice-key")}
+    unrunnable = {  # id: body, headers, task type; each parked by the worker
+        f"no-deadline-{run}": (b'{"payload": "again"}', alice, "echo"),
+        f"gone-{run}": (b'{"seconds": 0.1}', {**alice, "x-deadline": deadline}, "retired_task"),
+        f"not-json-{run}": (b"{{{ nope", {**alice, "x-deadline": deadline}, "echo"),
+    }
+
+    async def publish() -> None:
+        connection = await aio_pika.connect(keyed.amqp_url)
+        async with connection:
+            channel = await connection.channel(publisher_confirms=True)
+            for message_id, (body, headers, kind) in unrunnable.items():
+                message = aio_pika.Message(body, message_id=message_id, headers=headers, type=kind)
+                await channel.default_exchange.publish(message, f"{keyed.namespace}.tasks.default")
+
+    def listed(c: httpx.Client, headers: dict[str, str]) -> dict[str, dict]:
+        response = c.get("/v1/parked", headers=headers)
+        assert response.status_code == 200, response.text
+        return {m["id"]: m for m in response.json() if m["id"].endswith(run)}
+
+    asyncio.run(publish())
+    with keyed.client() as c:
+        end = time.monotonic() + 20
+        while len(parked := listed(c, ALICE)) < 3 and time.monotonic() < end:
+            time.sleep(0.1)
+        assert set(parked) == set(unrunnable)
+        again = parked[f"no-deadline-{run}"]
+        assert again["task"] == "echo"
+        assert "x-deadline" in again["reason"]
+        assert again["preview"] == '{"payload": "again"}'
+        assert again["size"] == 20
+        assert again["deliveries"] == 1
+        at = datetime.fromisoformat(again["parked_at"]).timestamp()
+        assert time.time() - 30 < at <= time.time() + 1
+        assert "retired_task" in parked[f"gone-{run}"]["reason"]
+        assert listed(c, BOB) == {}  # another key sees none of them, and cannot act on them
+        is_problem(c.post(f"/v1/parked/no-deadline-{run}/replay", headers=BOB), 404)
+        is_problem(c.delete(f"/v1/parked/no-deadline-{run}", headers=BOB), 404)
+        # a replay that cannot be made leaves the message parked
+        gone = is_problem(c.post(f"/v1/parked/gone-{run}/replay", headers=ALICE), 409)
+        assert "retired_task" in gone["detail"]
+        invalid = is_problem(c.post(f"/v1/parked/not-json-{run}/replay", headers=ALICE), 422)
+        assert invalid["type"].endswith("invalid-input")
+        assert set(listed(c, ALICE)) == set(unrunnable)
+        # a replay is a new task of the same owner, with a fresh deadline
+        replayed = c.post(
+            f"/v1/parked/no-deadline-{run}/replay", headers={**ALICE, "Request-Timeout": "20"}
+        )
+        assert replayed.status_code == 202, replayed.text
+        task = replayed.json()
+        assert task["task"] == "echo"
+        assert task["id"] != f"no-deadline-{run}"
+        assert 19 < datetime.fromisoformat(task["deadline"]).timestamp() - time.time() <= 20
+        end = time.monotonic() + 20
+        while (status := c.get(f"/v1/tasks/{task['id']}", headers=ALICE).json())["state"] in (
+            "queued",
+            "running",
+        ) and time.monotonic() < end:
+            time.sleep(0.05)
+        assert status["state"] == "succeeded"
+        assert status["result"] == {"payload": "again"}
+        assert set(listed(c, ALICE)) == {f"gone-{run}", f"not-json-{run}"}
+        assert c.delete(f"/v1/parked/gone-{run}", headers=ALICE).status_code == 204
+        is_problem(c.delete(f"/v1/parked/gone-{run}", headers=ALICE), 404)
+        assert set(listed(c, ALICE)) == {f"not-json-{run}"}
