@@ -16,13 +16,12 @@ from compute.pool import Child
 from compute.presence import Tie
 from contracts.context import PROGRESS_INTERVAL
 from contracts.deadline import Deadline
-from contracts.events import ErrorInfo
+from contracts.events import CLIENT_GONE, ErrorInfo
 from runtime import tracing
 
 OnProgress = Callable[[float, str | None], None]  # never waits: the deadline must not
 
 CRASHED = "worker process crashed"
-CLIENT_GONE = "its client is gone: no gateway has heard from it for a grace"
 HANDED_BACK = "its worker can no longer ack its message: handed back to the queue"
 
 

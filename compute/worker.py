@@ -37,7 +37,7 @@ from compute.settings import WorkerSettings
 from contracts.deadline import DEADLINE_HEADER, Deadline
 from contracts.errors import InvalidTimeout
 from contracts.estimates import RunTimes, start_bar
-from contracts.events import EventType, TaskEvent
+from contracts.events import CLIENT_GONE, EventType, TaskEvent
 from contracts.messages import (
     ANNOUNCE_EVERY,
     CLIENT_GRACE_HEADER,
@@ -415,7 +415,7 @@ class Worker:
         if left <= 0:
             return Outcome(Kind.EXPIRED, reason="deadline passed before start")
         if job.client is not None and await job.client.gone():
-            return Outcome(Kind.CANCELLED, reason=f"{runner.CLIENT_GONE}; not started")
+            return Outcome(Kind.CANCELLED, reason=f"{CLIENT_GONE}; not started")
         if not self.settings.start_only_if_finishable:
             return None
         return await self._cannot_finish(delivery, left)

@@ -9,6 +9,9 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, PrivateAttr
 
+# the reason of a tied task's cancel when no gateway hears from its client any more
+CLIENT_GONE = "its client is gone: no gateway has heard from it for a grace"
+
 
 class EventType(StrEnum):
     QUEUED = "queued"

@@ -195,6 +195,11 @@ class Admission:
             start_bar(runtimes, cost, backlog=bool(wait)),
         )
 
+    def expect(self, task: str, cost: float | None) -> float | None:
+        """The run time expected of a task of type `task` with this cost (the median)."""
+        runtimes = self.runtimes.get(task)
+        return runtimes.expect(cost) if runtimes is not None else None
+
     def summary(self, task: str) -> RunTimeSummary:
         return self.runtimes[task].summary()
 

@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse
 
 from contracts.errors import BrokerUnavailable, TimeboxError
 from contracts.tasks import Task, load_tasks, routes
-from gateway import metrics, problems
+from gateway import accounting, metrics, problems
 from gateway.admission import Admission, stop
 from gateway.auth import Auth
 from gateway.broker import Broker
@@ -85,6 +85,7 @@ class Gateway:
         metrics.BROKER_CONNECTED.set_function(lambda: float(broker.connected and eventlog.reading))
         metrics.TASKS_KNOWN.set_function(lambda: float(len(table)))
         admission = Admission(settings, broker, table, fleet)
+        table.listeners.append(accounting.listener(admission.expect))
         clients = Clients(broker, settings.stream_grace)
         metrics.CLIENTS.set_function(lambda: float(clients.followed))
         table.fanout = fanout = Fanout()

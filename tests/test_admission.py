@@ -28,6 +28,7 @@ from gateway.tasktable import TaskTable
 from tests.conftest import Stack
 from tests.harness import (
     messages_ready,
+    metric,
     task_events,
     wait_for_event,
     wait_until,
@@ -278,6 +279,9 @@ def test_an_input_too_big_for_its_deadline_is_a_permanent_422(make_stack) -> Non
         # on a loaded machine 1 s of CPU can take well over 1 s of wall time
         fits = problem["largest_cost_that_fits"]  # burn_cpu's cost: its seconds
         assert 0.3 < fits < 2.0
+        refused = "timebox_refused_cpu_seconds_total"  # the CPU this refusal saved
+        metrics = client.get("/metrics").text
+        assert metric(metrics, refused, task="burn_cpu", reason="deadline-unmeetable") > 4
         ok = client.post(
             "/v1/tasks/burn_cpu",
             params={"wait": "true"},

@@ -63,6 +63,14 @@ def test_gateway_and_worker_metrics_count_outcomes_and_cpu(make_stack) -> None:
         assert (
             metric(gateway_text, "timebox_gateway_queue_wait_seconds_count", task="burn_cpu") == 6
         )
+        # where the fleet's CPU went, from the events: the worker's own figures
+        fleet = "timebox_fleet_cpu_seconds_total"
+        delivered = metric(
+            gateway_text, fleet, task="burn_cpu", use="delivered", reason="succeeded"
+        )
+        aborted = metric(gateway_text, fleet, task="burn_cpu", use="wasted", reason="aborted")
+        saved = "timebox_fleet_saved_cpu_seconds_total"
+        expired = metric(gateway_text, saved, task="burn_cpu", reason="expired")
 
     worker_text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
     assert metric(worker_text, "timebox_tasks_total", task="burn_cpu", outcome="succeeded") == 5
@@ -74,6 +82,9 @@ def test_gateway_and_worker_metrics_count_outcomes_and_cpu(make_stack) -> None:
     useful = metric(worker_text, "timebox_cpu_seconds_total", task="burn_cpu", outcome="succeeded")
     assert 0.8 < useful < 1.5
     assert 0.1 < metric(worker_text, "timebox_saved_cpu_seconds_total", task="burn_cpu") < 0.5
+    assert delivered == pytest.approx(useful, abs=0.01)
+    assert aborted == pytest.approx(wasted, abs=0.01)
+    assert 0.1 < expired < 0.5  # at the expected run time of its input
     assert (
         metric(worker_text, "timebox_run_seconds_count", task="burn_cpu", outcome="succeeded") == 5
     )
