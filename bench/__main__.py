@@ -16,7 +16,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from bench import abort, broker_cost, fanout, latency, overload, peer, throughput
+from bench import abort, broker_cost, fanout, latency, mixed, overload, peer, throughput
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -122,6 +122,12 @@ def report(results: dict[str, Any]) -> str:
             ],
             rows,
         )
+    )
+    parts.append(
+        f"\nMixed overload (bench/mixed.py): {results['mixed']['parameters']['task']}, "
+        f"deadlines {results['mixed']['parameters']['deadlines_s']} s, Poisson arrivals, "
+        f"{results['mixed']['parameters']['window_s']:g} s window; terciles smallest first\n"
+        + mixed.table(results["mixed"])
     )
     lat = results["latency"]
     parts.append(
@@ -300,6 +306,7 @@ def main() -> None:
             drain=2 if q else 3,
             baseline_loads=(2, 4) if q else overload.MULTIPLES,
         ),
+        "mixed": lambda: mixed.run(8 if q else 20, 4 if q else 6, seed=1),
         "latency": lambda: latency.run(200 if q else 2000),
         "tracing": lambda: latency.tracing(200 if q else 1000, 2 if q else 10),
         "throughput": lambda: throughput.run(300 if q else 5000, 1 if q else 10),

@@ -157,11 +157,12 @@ def overload_block(side: Side, multiple: int) -> None:
         body={"seconds": overload.TASK_SECONDS},
         headers={"Prefer": "wait", "Request-Timeout": str(overload.DEADLINE)},
     )
-    results = asyncio.run(overload.open_loop(target, overload.CAPACITY * multiple, OVERLOAD_WINDOW))
+    plan = overload.uniform(overload.CAPACITY * multiple, OVERLOAD_WINDOW)
+    results = asyncio.run(overload.open_loop(target, plan))
     time.sleep(1.0)  # the last answers' CPU, as the main benchmark's drain does
     cpu = sum(tree_cpu(w.pid) for w in workers) - before
     window = overload.summarize(results, OVERLOAD_WINDOW, cpu)
-    on_time = [r for r in results if r.status == 200 and r.latency <= overload.DEADLINE]
+    on_time = [r for r in results if r.on_time]
     window["split"] = sorted(Counter(r.worker for r in on_time).values())
     window["load"] = f"{multiple}x"
     side.windows.append(window)

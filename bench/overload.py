@@ -24,6 +24,16 @@ DEADLINE = 2.0
 MULTIPLES = (1, 2, 4)
 
 
+@dataclass(frozen=True)
+class Planned:
+    """One request of an open loop: when it is sent (seconds after the start), its body
+    (None: the target's) and the deadline its client gives it."""
+
+    at: float
+    body: dict[str, Any] | None = None
+    deadline: float = DEADLINE
+
+
 @dataclass
 class Result:
     sent_at: float
@@ -32,6 +42,12 @@ class Result:
     cpu: float | None
     worker: str | None = None  # which worker ran it, when the answer says
     unmeetable: bool = False  # admitted, then not started by a worker: it could not finish
+    planned: Planned | None = None
+
+    @property
+    def on_time(self) -> bool:
+        deadline = self.planned.deadline if self.planned else DEADLINE
+        return self.status == 200 and self.latency <= deadline
 
 
 @dataclass(frozen=True)
@@ -49,23 +65,35 @@ class Target:
     headers: dict[str, str] = field(default_factory=dict)
 
 
-async def open_loop(target: Target, rate: float, window: float) -> list[Result]:
-    """Sends `rate` requests a second for `window` seconds, whatever the answers do."""
+def uniform(rate: float, window: float) -> list[Planned]:
+    """`rate` requests a second for `window` seconds, evenly spaced."""
+    return [Planned(i / rate) for i in range(int(rate * window))]
+
+
+async def open_loop(target: Target, plan: list[Planned]) -> list[Result]:
+    """Sends each planned request at its time, whatever the answers do; its client gives
+    up at its deadline."""
     results: list[Result] = []
     # aiohttp: a load generator light enough not to take the machine's CPU from the
     # system under test (httpx costs several ms of CPU a request)
-    timeout = aiohttp.ClientTimeout(total=DEADLINE)
     connector = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(target.url, connector=connector, timeout=timeout) as client:
+    async with aiohttp.ClientSession(target.url, connector=connector) as client:
 
-        async def one(sent_at: float) -> None:
+        async def one(planned: Planned) -> None:
             t = time.perf_counter()
             status: int | str
             cpu = worker = None
             unmeetable = False
+            headers = target.headers
+            if "Request-Timeout" in headers:  # the client's deadline, told to the server
+                headers = {**headers, "Request-Timeout": str(planned.deadline)}
             try:
                 async with client.post(
-                    target.path, json=target.body, params=target.params, headers=target.headers
+                    target.path,
+                    json=planned.body or target.body,
+                    params=target.params,
+                    headers=headers,
+                    timeout=aiohttp.ClientTimeout(total=planned.deadline),
                 ) as r:
                     status = r.status
                     if r.status == 200:
@@ -80,15 +108,15 @@ async def open_loop(target: Target, rate: float, window: float) -> list[Result]:
             except aiohttp.ClientError as exc:
                 status = type(exc).__name__
             latency = time.perf_counter() - t
-            results.append(Result(sent_at, status, latency, cpu, worker, unmeetable))
+            results.append(Result(planned.at, status, latency, cpu, worker, unmeetable, planned))
 
         start = time.perf_counter()
         tasks = []
-        for i in range(int(rate * window)):
-            delay = start + i / rate - time.perf_counter()
+        for planned in plan:
+            delay = start + planned.at - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(one(i / rate)))
+            tasks.append(asyncio.create_task(one(planned)))
         await asyncio.gather(*tasks)
     return results
 
@@ -116,7 +144,7 @@ def summarize(
 ) -> dict[str, Any]:
     """`root_cpu`: the worker process's own share of `cpu` (its loop), where it counts;
     `beside_ms_per_s`: the CPU the processes beside the tasks spent in the second half."""
-    on_time = [r for r in results if r.status == 200 and r.latency <= DEADLINE]
+    on_time = [r for r in results if r.on_time]
     late_half = [r for r in on_time if r.sent_at >= window / 2]
     useful = sum(r.cpu or 0.0 for r in on_time)
     statuses: dict[str, int] = {}
@@ -145,18 +173,36 @@ def summarize(
     }
 
 
-async def _measure(target: Target, rate: float, window: float, drain: float) -> dict[str, Any]:
+@dataclass
+class Window:
+    """One window of open-loop load, as measured: the answers, the CPU of the tree that
+    does the work (of it, its root's own), and what the processes beside the tasks spent
+    in its second half."""
+
+    results: list[Result]
+    cpu: float
+    root_cpu: float | None
+    beside_ms_per_s: dict[str, float | None]
+
+
+async def measure(target: Target, plan: list[Planned], window: float, drain: float) -> Window:
     before, root_before = tree_cpu(target.pid, target.include_root), cpu_seconds_of(target.pid)
     results, beside = await asyncio.gather(
-        open_loop(target, rate, window), _second_half(target.beside, window)
+        open_loop(target, plan), _second_half(target.beside, window)
     )
-    await asyncio.sleep(max(0.0, drain - DEADLINE))  # the same wall interval for everyone
+    longest = max((p.deadline for p in plan), default=DEADLINE)
+    await asyncio.sleep(max(0.0, drain - longest))  # the same wall interval for everyone
     cpu = tree_cpu(target.pid, target.include_root) - before
     root_after = cpu_seconds_of(target.pid)  # the worker's own loop, where it counts
     root = None
     if target.include_root and root_before is not None and root_after is not None:
         root = root_after - root_before
-    return summarize(results, window, cpu, root, beside)
+    return Window(results, cpu, root, beside)
+
+
+async def _measure(target: Target, rate: float, window: float, drain: float) -> dict[str, Any]:
+    w = await measure(target, uniform(rate, window), window, drain)
+    return summarize(w.results, window, w.cpu, w.root_cpu, w.beside_ms_per_s)
 
 
 async def _second_half(meter: CpuMeter, window: float) -> dict[str, float | None]:

@@ -8,10 +8,10 @@ import httpx
 import pytest
 
 import bench.stack
-from bench import broker_cost, latency, overload
+from bench import broker_cost, latency, mixed, overload
 from bench.__main__ import cpu_bound
 from bench.latency import percentiles
-from bench.overload import DEADLINE, Result, cpu_left_for_slots_pct, summarize
+from bench.overload import DEADLINE, Planned, Result, Window, cpu_left_for_slots_pct, summarize
 
 
 def test_goodput_counts_answers_within_the_deadline_and_wasted_cpu_the_rest() -> None:
@@ -30,6 +30,48 @@ def test_goodput_counts_answers_within_the_deadline_and_wasted_cpu_the_rest() ->
     assert summary["useful_cpu_s"] == 12.0  # on time only: the late answer's CPU is waste
     assert summary["wasted_cpu_pct"] == 20.0
     assert summary["worker_loop_cpu_pct"] == 2.0
+
+
+def test_a_mixed_load_is_the_same_for_a_seed_and_offers_the_cpu_asked() -> None:
+    plan = mixed.plan(2, window=200, seed=7)
+    assert plan == mixed.plan(2, window=200, seed=7)
+    assert plan != mixed.plan(2, window=200, seed=8)
+    sizes = [p.body["seconds"] for p in plan if p.body]
+    assert min(sizes) >= 0.05
+    assert max(sizes) <= 1.0
+    assert all(1.0 <= p.deadline <= 3.0 for p in plan)
+    assert sum(sizes) / (overload.SLOTS * 200) == pytest.approx(2, rel=0.1)  # 2x the slots
+    assert sorted(p.at for p in plan) == [p.at for p in plan]
+
+
+def test_mixed_goodput_is_the_on_time_cpu_by_tercile_of_size_and_deadline() -> None:
+    def result(at: float, size: float, deadline: float, status: int, latency: float) -> Result:
+        planned = Planned(at, {"seconds": size}, deadline)
+        cpu = size if status == 200 else None
+        return Result(at, status, latency, cpu, planned=planned, unmeetable=status == 504)
+
+    results = [
+        result(1.0, 0.1, 1.0, 200, 0.5),  # small, short deadline: on time
+        result(2.0, 0.1, 1.5, 503, 0.01),  # refused
+        result(3.0, 0.5, 2.0, 200, 2.5),  # late: its CPU is waste
+        result(6.0, 0.5, 2.5, 200, 1.0),  # second half, on time
+        result(7.0, 1.0, 2.8, 504, 2.8),  # admitted, then unmeetable
+        result(8.0, 1.0, 3.0, 200, 2.0),  # second half, on time
+    ]
+    window = Window(results, cpu=2.5, root_cpu=None, beside_ms_per_s={"server": 200.0})
+    s = mixed.summarize(window, window=10.0)  # the slots' CPU: 2 x 10 s
+    assert s["offered_cpu_pct"] == 16.0  # 3.2 s of 20
+    assert s["goodput_pct"] == 8.0  # 0.1 + 0.5 + 1.0 on time
+    assert s["steady_goodput_pct"] == 15.0  # 1.5 s of 10, sent in the second half
+    left = cpu_left_for_slots_pct({"server": 200.0})  # 90 % on two cores
+    assert s["steady_cpu_left_for_slots_pct"] == left
+    assert s["steady_goodput_of_cpu_left_pct"] == pytest.approx(100 * 15.0 / left, abs=0.05)
+    assert s["admitted_then_unmeetable_pct"] == 20.0  # 1 of the 5 admitted
+    assert s["wasted_cpu_pct"] == 36.0  # 0.9 of 2.5 s
+    assert [t["served_pct"] for t in s["by_size"]] == [50.0, 50.0, 50.0]
+    assert [t["size"] for t in s["by_size"]] == [[0.1, 0.1], [0.5, 0.5], [1.0, 1.0]]
+    assert [t["served_pct"] for t in s["by_deadline"]] == [50.0, 50.0, 50.0]
+    assert s["by_deadline"][0]["deadline"] == [1.0, 1.5]
 
 
 def test_the_cpu_left_for_the_slots_is_what_the_other_processes_leave_of_the_cores() -> None:
@@ -82,6 +124,17 @@ def test_an_overload_window_runs_against_timebox_and_the_in_process_recipe(
             "rabbitmq",
             "load_generator",
         }
+
+
+@pytest.mark.timeout(90)
+def test_a_mixed_overload_window_runs_against_timebox() -> None:
+    out = mixed.run(window=2.0, drain=3.5, seed=3, multiples=(2,))
+    s = out["loads"]["2x"]
+    assert s["sent"] == len(mixed.plan(2, 2.0, seed=3))
+    assert set(s["statuses"]) <= {"200", "503", "422", "504"}, s["statuses"]
+    assert s["goodput_pct"] > 0
+    assert sum(t["requests"] for t in s["by_size"]) == s["sent"]
+    assert s["steady_cpu_left_for_slots_pct"] is None or s["steady_cpu_left_for_slots_pct"] > 0
 
 
 @pytest.mark.timeout(60)
