@@ -160,7 +160,8 @@ def _run(request: dict[str, Any], out: IO[str], timer: KillTimer) -> dict[str, A
         except Exception as exc:
             traceback.print_exc(file=sys.stderr)
             tracing.mark(span, "failed", f"{type(exc).__name__}: {exc}")
-            return result(False, error={"type": type(exc).__name__, "message": str(exc)})
+            error = {"type": type(exc).__name__, "message": str(exc)}
+            return result(False, error=error, retried=task.retried(exc))
         finally:
             timer.disarm()
     return result(True, output=output)

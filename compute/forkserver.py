@@ -5,7 +5,7 @@ a fork (milliseconds), not an interpreter's start and imports.
 The worker talks to it over a Unix socket (SOCK_SEQPACKET: one message per send):
 `fork` carries the child's two pipe ends as file descriptors; the server answers
 nothing to it (the child says `ready` on its pipe). It sends `up <json>` once it has
-loaded the task modules (each task type's queue, digest and maximum timeout: the worker
+loaded the task modules (each task type's queue, digest, maximum timeout and retries: the worker
 itself never imports them), or `error <text>` if they do not load, and
 `exit <pid> <code> <cpu seconds> <epoch seconds> <silenced>` whenever it reaps a
 child. The worker sends `tick` every second: a worker that says nothing for
@@ -117,7 +117,13 @@ def serve(sock: socket.socket, nice: int, silence: float, app_dir: str, modules:
         os._exit(1)
     me = os.getpid()
     report = {
-        name: {"queue": t.queue, "digest": t.digest, "max_timeout": t.max_timeout}
+        name: {
+            "queue": t.queue,
+            "digest": t.digest,
+            "max_timeout": t.max_timeout,
+            "retries": t.retries,
+            "backoff": t.backoff,
+        }
         for name, t in tasks.items()
     }
     with contextlib.suppress(OSError):  # the worker is gone: recv below says so

@@ -25,7 +25,7 @@ ABORT_LATENESS = Histogram(
 CPU = Counter("timebox_cpu_seconds_total", "CPU seconds of task processes", ["task", "outcome"])
 WASTED_CPU = Counter(
     "timebox_wasted_cpu_seconds_total",
-    "CPU spent on tasks that gave no on-time answer (aborted, cancelled, crashed, late)",
+    "CPU spent on tasks that gave no on-time answer (aborted, cancelled, crashed, late, retried)",
     ["task"],
 )
 SAVED_CPU = Counter(
@@ -55,3 +55,10 @@ def record(task: str, outcome: Outcome, late: bool, expected: float | None) -> N
         WASTED_CPU.labels(task).inc(outcome.cpu_seconds)
     if outcome.kind is Kind.ABORTED and outcome.late_by is not None:
         ABORT_LATENESS.labels(task).observe(outcome.late_by)
+
+
+def retried(task: str, failed: Outcome) -> None:
+    """Counts an attempt that failed and is tried again: its CPU gave no answer."""
+    TASKS.labels(task, "retried").inc()
+    CPU.labels(task, "retried").inc(failed.cpu_seconds)
+    WASTED_CPU.labels(task).inc(failed.cpu_seconds)

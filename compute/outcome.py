@@ -36,6 +36,7 @@ class Outcome:
     cpu_seconds: float = 0.0
     ran: float | None = None
     late_by: float | None = None
+    retried: bool = False  # a failure its task declared to be tried again
 
 
 # A task handed back has no ending of its own: the run that follows it has.

@@ -44,6 +44,7 @@ class Job:
     client: Tie | None = None  # its client's presence, a second deadline, if tied to one
     kill_grace: float = 0.1  # seconds between SIGTERM and SIGKILL
 
+    attempt: int = 1  # its delivery's number, plus the retries made on this worker
     handed_back: bool = False  # its message went back to the queue: its run must end
     started: float | None = None  # epoch seconds, once it has started in a child
     said_running: bool = False  # its `running` event is out (not for a short run)
@@ -135,7 +136,8 @@ async def _outcome(
     error = ErrorInfo(**message["error"])
     if message.get("invalid"):
         return Outcome(Kind.INVALID, error=error, reason=error.message, ran=ran)
-    return Outcome(Kind.FAILED, error=error, cpu_seconds=cpu, ran=ran)
+    retried = bool(message.get("retried"))
+    return Outcome(Kind.FAILED, error=error, cpu_seconds=cpu, ran=ran, retried=retried)
 
 
 async def _died(child: Child, job: Job, started: float, cpu0: float) -> Outcome:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import socket
@@ -166,6 +167,7 @@ class Worker:
         self.tasks: list[str] = []
         self.routes: dict[str, str] = {}  # task type: queue
         self.digests: dict[str, str] = {}
+        self.retries: dict[str, tuple[int, float]] = {}  # per task type: retries, backoff
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         # a worker silent for a heartbeat is taken for frozen: RabbitMQ hands its
         # messages to another after about two, and its tasks must be gone by then
@@ -234,6 +236,10 @@ class Worker:
                 "it that long, and the task would run twice"
             )
         self.digests = {task: declared[task]["digest"] for task in self.tasks}
+        self.retries = {
+            task: (int(declared[task].get("retries", 0)), float(declared[task].get("backoff", 0)))
+            for task in self.tasks
+        }
         min_samples = self.settings.estimate_min_samples
         self.runtimes = {task: RunTimes(min_samples=min_samples) for task in self.tasks}
         metrics.SLOTS.set(self.pool.size)
@@ -476,28 +482,90 @@ class Worker:
 
     async def _hold_and_run(self, message: AbstractIncomingMessage, delivery: Delivery) -> None:
         async with self._holding(message, delivery) as job:
-            outcome = await self._why_not_start(delivery, job)
-            if outcome is None:
-                child = await self._slot_for(job)
-                if child is None:
-                    outcome = await self._why_not_start(delivery, job) or Outcome(
-                        Kind.EXPIRED, reason="deadline passed while waiting for a free slot"
-                    )
-                else:
-                    try:
-                        if self.stopping.is_set():
-                            await message.nack(requeue=True)  # hand it back to another worker
-                            return
-                        outcome = await self._why_not_start(delivery, job) or await self._run(
-                            delivery, job, child
-                        )
-                    finally:
-                        self.pool.release(child)
+            outcome = await self._attempt(delivery, job)
+            while outcome is not None and self._retried(delivery, job, outcome):
+                delay = self.retries[delivery.task][1] * 2 ** (job.attempt - delivery.attempt)
+                no_time = self._no_time_to_retry(delivery, job, delay)
+                if no_time is not None:
+                    outcome = dataclasses.replace(outcome, reason=no_time)
+                    break
+                await self._retrying(delivery, job, outcome, delay)
+                outcome = await self._attempt(delivery, job)
+            if outcome is None:  # this worker is stopping: another one runs it
+                with contextlib.suppress(Exception):
+                    await message.nack(requeue=True)
+                return
             if job.announced is not None:  # `running` and the progress reports first
                 await job.announced
             await self._settle(message, delivery, job, outcome)
             if outcome.kind is not Kind.HANDED_BACK:
                 self.finished.add(job.task_id, delivery.deadline.epoch_ms, True)
+
+    async def _attempt(self, delivery: Delivery, job: runner.Job) -> Outcome | None:
+        """One attempt: started in a free slot, unless the start rule says otherwise;
+        None if this worker is stopping and hands the task back."""
+        outcome = await self._why_not_start(delivery, job)
+        if outcome is not None:
+            return outcome
+        child = await self._slot_for(job)
+        if child is None:
+            return await self._why_not_start(delivery, job) or Outcome(
+                Kind.EXPIRED, reason="deadline passed while waiting for a free slot"
+            )
+        try:
+            if self.stopping.is_set():
+                return None
+            return await self._why_not_start(delivery, job) or await self._run(delivery, job, child)
+        finally:
+            self.pool.release(child)
+
+    def _retried(self, delivery: Delivery, job: runner.Job, outcome: Outcome) -> bool:
+        """A failure its task declared to be tried again (or its process died), with
+        attempts left."""
+        retries, _ = self.retries[delivery.task]
+        failed = outcome.retried or (outcome.kind is Kind.CRASHED and retries > 0)
+        return failed and job.attempt - delivery.attempt < retries
+
+    def _no_time_to_retry(self, delivery: Delivery, job: runner.Job, delay: float) -> str | None:
+        """Why another attempt after `delay` could not finish, if it could not: the
+        start rule, judged at the end of the backoff."""
+        left = job.stop_at - time.time() - delay
+        needs = start_bar(self.runtimes[delivery.task], delivery.cost, backlog=False) or 0.0
+        if left > needs:
+            return None
+        return f"no time left to retry: needs about {needs:.2f} s, {max(0.0, left):.2f} s left"
+
+    async def _retrying(
+        self, delivery: Delivery, job: runner.Job, failed: Outcome, delay: float
+    ) -> None:
+        """Says that an attempt failed and another follows, waits the backoff (a cancel
+        ends the wait), and readies the job for the next attempt."""
+        if job.announced is not None:  # its `running` and progress first
+            await job.announced
+        unsaid = job.started is not None and not job.said_running
+        metrics.retried(delivery.task, failed)
+        log.info(
+            "retrying %s %s in %.2f s: attempt %d failed (%s)",
+            delivery.task,
+            delivery.task_id,
+            delay,
+            job.attempt,
+            failed.error.message if failed.error else failed.reason,
+        )
+        await self._emit(
+            delivery,
+            EventType.RETRYING,
+            attempt=job.attempt,
+            started=job.started if unsaid else None,
+            error=failed.error,
+            reason=f"attempt {job.attempt} failed; the next in {delay:.2f} s",
+            ran=failed.ran,
+            cpu_seconds=round(failed.cpu_seconds, 4),
+        )
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(job.cancelled), delay)
+        job.attempt += 1
+        job.started, job.said_running, job.announced = None, False, None
 
     @contextlib.asynccontextmanager
     async def _holding(
@@ -532,6 +600,7 @@ class Worker:
             input_json=delivery.input_json,
             deadline=delivery.deadline,
             stop_at=delivery.deadline.epoch - self.settings.stop_margin,
+            attempt=delivery.attempt,
             progress_interval=self.settings.progress_interval,
             client=None if client is None else self.presences.tie(delivery.task_id, *client),
             kill_grace=self.settings.kill_grace,
@@ -595,7 +664,7 @@ class Worker:
             # ending says when it started (one event fewer to publish, store and read).
             if (await asyncio.wait({ended}, timeout=RUNNING_AFTER))[0]:
                 return
-            await self._emit(delivery, EventType.RUNNING, attempt=delivery.attempt, at=job.started)
+            await self._emit(delivery, EventType.RUNNING, attempt=job.attempt, at=job.started)
             job.said_running = True
             while (report := await reports.get()) is not None:
                 await self._emit(
@@ -629,7 +698,7 @@ class Worker:
                 delivery,
                 event_type,
                 started=job.started if unsaid else None,
-                attempt=delivery.attempt if unsaid else None,
+                attempt=job.attempt if unsaid else None,
                 result=outcome.output,
                 error=outcome.error,
                 reason=outcome.reason,

@@ -17,6 +17,7 @@ class EventType(StrEnum):
     QUEUED = "queued"
     RUNNING = "running"
     PROGRESS = "progress"
+    RETRYING = "retrying"  # an attempt failed; another follows its backoff
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     EXPIRED = "expired"
@@ -125,6 +126,16 @@ def _seconds(start: datetime | None, end: datetime | None) -> float | None:
     return None if start is None or end is None else round((end - start).total_seconds(), 3)
 
 
+class FailedAttempt(BaseModel):
+    """An attempt that failed and was tried again."""
+
+    attempt: int
+    at: datetime
+    error: ErrorInfo | None = None
+    ran: float | None = None
+    cpu_seconds: float | None = None
+
+
 class TaskStatus(BaseModel):
     """What `GET /v1/tasks/{id}` answers: the fold of the task's events."""
 
@@ -141,6 +152,9 @@ class TaskStatus(BaseModel):
         default=None, description="the worker of its last start; if never started, of its end"
     )
     attempts: int = Field(default=0, description="how many times a worker started it")
+    failed_attempts: list[FailedAttempt] = Field(
+        default_factory=list, description="the attempts that failed and were tried again"
+    )
     progress: float | None = None
     progress_message: str | None = None
     result: JsonValue = None
@@ -193,6 +207,15 @@ class TaskStatus(BaseModel):
             case EventType.PROGRESS:
                 self.progress = event.progress
                 self.progress_message = event.message
+            case EventType.RETRYING:
+                failed = FailedAttempt(
+                    attempt=event.attempt or self.attempts,
+                    at=datetime.fromtimestamp(event.at, tz=UTC),
+                    error=event.error,
+                    ran=event.ran,
+                    cpu_seconds=event.cpu_seconds,
+                )
+                self.failed_attempts.append(failed)
             case _:
                 self.state = TaskState(event.type.value)
                 self.finished_at = _instant(event.at)

@@ -60,6 +60,12 @@ class Options(TypedDict, total=False):
     timeout: float  # seconds, for a request that names none
     max_timeout: float
     example: Mapping[str, Any]
+    # a failed attempt is tried again, up to `retries` times, if it raised one of
+    # `retry_on` (default: any Exception) or its process died, after `backoff` seconds
+    # (doubled each time), and only if the time left still covers a run
+    retries: int
+    retry_on: tuple[type[BaseException], ...]
+    backoff: float
 
 
 class Task(Generic[P, R]):
@@ -82,6 +88,10 @@ class Task(Generic[P, R]):
         self._cost_takes = _parameters(cost) if cost is not None else None
         self.timeout = timeout
         self.max_timeout = max_timeout
+        self.retries = options.get("retries", 0)
+        self.retry_on = options.get("retry_on", (Exception,))
+        self.backoff = options.get("backoff", 0.5)
+        _check_retries(where, self.retries, self.retry_on, self.backoff)
         self.example = dict(example) if example is not None else None
         if self.example is not None:
             self.input_model.model_validate(self.example)  # a bad example fails here
@@ -119,6 +129,10 @@ class Task(Generic[P, R]):
         function: Callable[..., Any] = self.fn
         output = self.output.validate_python(function(**given))
         return self.output.dump_python(output, mode="json")  # type: ignore[no-any-return]
+
+    def retried(self, exc: BaseException) -> bool:
+        """Whether an attempt that raised `exc` may be tried again."""
+        return self.retries > 0 and isinstance(exc, self.retry_on)
 
     @functools.cached_property
     def input_schema(self) -> dict[str, Any]:
@@ -217,6 +231,17 @@ def _check(
             raise TypeError(f"{where}: {what} must be a positive number of seconds")
     if (timeout or 0) > (max_timeout or math.inf):
         raise TypeError(f"{where}: timeout {timeout:g} s is over max_timeout {max_timeout:g} s")
+
+
+def _check_retries(where: str, retries: object, retry_on: object, backoff: object) -> None:
+    if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
+        raise TypeError(f"{where}: retries must be a whole number, 0 or more")
+    if not isinstance(retry_on, tuple) or not all(
+        isinstance(kind, type) and issubclass(kind, BaseException) for kind in retry_on
+    ):
+        raise TypeError(f"{where}: retry_on must be a tuple of exception classes")
+    if not isinstance(backoff, int | float) or not 0 <= backoff < math.inf:
+        raise TypeError(f"{where}: backoff must be a number of seconds, 0 or more")
 
 
 def _input_of(

@@ -19,8 +19,8 @@ from gateway.tasktable import Record
 SPENT = Counter(
     "timebox_fleet_cpu_seconds_total",
     "CPU of the fleet's task processes, from the events: use=delivered (reason succeeded, "
-    "failed) or wasted (late, aborted, cancelled, abandoned). Every gateway counts the "
-    "whole fleet",
+    "failed) or wasted (late, aborted, cancelled, abandoned, retried). Every gateway "
+    "counts the whole fleet",
     ["task", "use", "reason"],
 )
 SAVED = Counter(
@@ -40,8 +40,11 @@ Expect = Callable[[str, float | None], float | None]  # (task type, cost) -> sec
 
 
 def account(record: Record, event: TaskEvent, expect: Expect) -> tuple[str, str, float] | None:
-    """(use, reason, CPU seconds) for a task's ending; None for any other event, or an
-    ending with no figure to count (unstarted, with nothing learnt of its type yet)."""
+    """(use, reason, CPU seconds) for a task's ending or a failed attempt retried; None
+    for any other event, or an ending with no figure to count (unstarted, with nothing
+    learnt of its type yet)."""
+    if event.type is EventType.RETRYING:  # a failed attempt: no answer came of it
+        return ("wasted", "retried", event.cpu_seconds or 0.0)
     if not event.terminal:
         return None
     reason = _reason(event)

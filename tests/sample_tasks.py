@@ -5,7 +5,9 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 from opentelemetry import trace
 
@@ -96,3 +98,26 @@ def traced(name: str = "inner") -> str:
     with trace.get_tracer("sample").start_as_current_span(name):
         logging.getLogger("sample").warning("inside %s", name)
     return name
+
+
+@timebox.task(retries=3, retry_on=(ConnectionError,), backoff=0.05)
+def flaky(
+    key: str, failures: int = 1, seconds: float = 0.0, fatal: bool = False, crash: bool = False
+) -> int:
+    """Fails in its first `failures` attempts, after `seconds` of CPU: ConnectionError
+    (retried), ValueError if `fatal` (not retried), or its process dies if `crash`.
+    Then returns the attempt it succeeded in. Attempts are counted in a file of `key`."""
+    path = Path(tempfile.gettempdir()) / f"timebox-flaky-{key}"
+    with path.open("a") as counter:
+        counter.write("x")
+    attempt = len(path.read_text())
+    start = time.process_time()
+    while time.process_time() - start < seconds:
+        pass
+    if attempt <= failures:
+        if crash:
+            os._exit(7)
+        if fatal:
+            raise ValueError(f"attempt {attempt}: fatal")
+        raise ConnectionError(f"attempt {attempt}: the service is away")
+    return attempt

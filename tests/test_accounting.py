@@ -69,6 +69,10 @@ def test_each_ending_is_delivered_wasted_or_saved_with_its_reason() -> None:
             ("saved", "abandoned", 1.0),
         ),
         "refused": (ending(EventType.REJECTED, reason="queue full"), ("saved", "refused", 1.0)),
+        "a failed attempt, retried": (
+            ending(EventType.RETRYING, attempt=1, ran=0.3, cpu_seconds=0.25),
+            ("wasted", "retried", 0.25),
+        ),
     }
     for name, (event, counted) in cases.items():
         assert account(record, event, expect) == counted, name
