@@ -793,10 +793,8 @@ class Worker:
         self, delivery: Delivery, event_type: EventType, **fields: object
     ) -> None:
         """The task's last event, in a span of its own: the gateways answer from it."""
-        attributes = {"timebox.outcome": event_type.value}
-        with tracing.tracer.start_as_current_span(
-            "timebox.outcome_event", kind=SpanKind.PRODUCER, attributes=attributes
-        ):
+        attributes: dict[str, str | int | float] = {"timebox.outcome": event_type.value}
+        with tracing.span("timebox.outcome_event", kind=SpanKind.PRODUCER, attributes=attributes):
             await self._emit(delivery, event_type, **fields)
 
     async def _emit(self, delivery: Delivery, event_type: EventType, **fields: object) -> None:
@@ -830,7 +828,7 @@ class Worker:
 
 def _queue_wait_span(delivery: Delivery, context: Context) -> None:
     """The time the message waited in RabbitMQ, from its publishing to its delivery."""
-    if delivery.published_at is None:
+    if delivery.published_at is None or not tracing.enabled():
         return
     attributes = tracing.task_attributes(delivery.task, delivery.task_id, delivery.deadline)
     attributes["timebox.time_left_s"] = round(delivery.deadline.epoch - delivery.published_at, 4)

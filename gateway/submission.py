@@ -56,7 +56,9 @@ async def submit(
     cost = task.cost_of(task_input)
     task_id = str(uuid.uuid4())
     # the endpoint's span (FastAPI's, or your app's): which task the request became
-    trace.get_current_span().set_attributes(task_attributes(task.name, task_id, deadline))
+    endpoint = trace.get_current_span()
+    if endpoint.is_recording():
+        endpoint.set_attributes(task_attributes(task.name, task_id, deadline))
     try:
         with _step("timebox.admission", task, task_id, deadline):
             svc.broker.require_connected()  # refused before anything is sent or to be undone

@@ -8,6 +8,7 @@ variables configure it (`OTEL_EXPORTER_OTLP_ENDPOINT`, `OTEL_SERVICE_NAME`, …)
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Mapping, MutableMapping
@@ -59,6 +60,28 @@ def configure(service: str) -> None:
     trace.set_tracer_provider(provider)
 
 
+def enabled() -> bool:
+    """Whether this process records spans: an SDK's provider is set (ours, or that of
+    the app Timebox is part of). Without one, Timebox builds no span and no attribute."""
+    return not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
+
+
+def span(
+    name: str,
+    *,
+    kind: SpanKind = SpanKind.INTERNAL,
+    context: Context | None = None,
+    attributes: dict[str, str | int | float] | None = None,
+    start_time: int | None = None,
+) -> AbstractContextManager[Span]:
+    """A span, current within the `with`; nothing at all while tracing is off."""
+    if not enabled():
+        return contextlib.nullcontext(trace.INVALID_SPAN)
+    return tracer.start_as_current_span(
+        name, context=context, kind=kind, attributes=attributes, start_time=start_time
+    )
+
+
 def flush() -> None:
     """Exports what this process's spans still hold (a child before its next task: a
     kill would lose them)."""
@@ -69,14 +92,17 @@ def flush() -> None:
 
 
 def inject(carrier: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-    """Writes the current trace context (`traceparent`, …) into message headers."""
+    """Writes the current trace context (`traceparent`, …) into message headers: a
+    caller's passes through even while this process records nothing."""
     propagate.inject(carrier)
     return carrier
 
 
 def extract(carrier: Mapping[str, Any] | None) -> Context:
     """The trace context that headers carry (an empty one if none)."""
-    return propagate.extract({k: v for k, v in (carrier or {}).items() if isinstance(v, str)})
+    if not carrier:
+        return Context()
+    return propagate.extract({k: v for k, v in carrier.items() if isinstance(v, str)})
 
 
 def task_attributes(
@@ -106,14 +132,16 @@ def task_span(
     **more: str | int | float | None,
 ) -> AbstractContextManager[Span]:
     """A span of one step of a task, current within the `with` (log lines carry it)."""
+    if not enabled():
+        return contextlib.nullcontext(trace.INVALID_SPAN)
     attributes = task_attributes(task, task_id, deadline, **more)
-    return tracer.start_as_current_span(
-        name, context=context, kind=kind, attributes=attributes, start_time=start_time
-    )
+    return span(name, kind=kind, context=context, attributes=attributes, start_time=start_time)
 
 
 def ended(span: Span, outcome: str, reason: str | None) -> None:
     """How a task ended, on its span; marked as an error if it did not end well."""
+    if not span.is_recording():
+        return
     span.set_attribute("timebox.outcome", outcome)
     if outcome in UNWELL:
         mark(span, outcome, reason)
