@@ -225,6 +225,17 @@ class Worker:
         self.queues = share(self.pool.size, sorted(set(routes.values())), self.only)
         self.routes = {name: queue for name, queue in routes.items() if queue in self.queues}
         self.tasks = list(self.routes)
+        self._check_timeouts(declared)
+        self.digests = {task: declared[task]["digest"] for task in self.tasks}
+        self.retries = {
+            task: (declared[task]["retries"], declared[task]["backoff"]) for task in self.tasks
+        }
+        min_samples = self.settings.estimate_min_samples
+        self.runtimes = {task: RunTimes(min_samples=min_samples) for task in self.tasks}
+        metrics.SLOTS.set(self.pool.size)
+
+    def _check_timeouts(self, declared: dict[str, dict[str, Any]]) -> None:
+        """Refuses a task whose longest timeout reaches the broker's consumer timeout."""
         limit = self.settings.broker_consumer_timeout
         longest = max(
             declared[task]["max_timeout"] or self.settings.max_timeout for task in self.tasks
@@ -235,14 +246,6 @@ class Worker:
                 f"timeout ({limit:g} s): RabbitMQ would close the channel of a worker running "
                 "it that long, and the task would run twice"
             )
-        self.digests = {task: declared[task]["digest"] for task in self.tasks}
-        self.retries = {
-            task: (int(declared[task].get("retries", 0)), float(declared[task].get("backoff", 0)))
-            for task in self.tasks
-        }
-        min_samples = self.settings.estimate_min_samples
-        self.runtimes = {task: RunTimes(min_samples=min_samples) for task in self.tasks}
-        metrics.SLOTS.set(self.pool.size)
 
     async def _serve(self) -> None:
         assert self._connection is not None

@@ -217,13 +217,16 @@ class TaskStatus(BaseModel):
                 )
                 self.failed_attempts.append(failed)
             case _:
-                self.state = TaskState(event.type.value)
-                self.finished_at = _instant(event.at)
-                self.worker = self.worker or event.worker  # a run is told by its runner
-                self.result = event.result
-                self.error = event.error
-                self.reason = event.reason
-                self.cpu_seconds = event.cpu_seconds
-                if event.type is EventType.SUCCEEDED:
-                    self.progress = 1.0
+                self._end(event)
         return True
+
+    def _end(self, event: TaskEvent) -> None:
+        self.state = TaskState(event.type.value)
+        self.finished_at = _instant(event.at)
+        self.worker = self.worker or event.worker  # a run is told by its runner
+        self.result = event.result
+        self.error = event.error
+        self.reason = event.reason
+        self.cpu_seconds = event.cpu_seconds
+        if event.type is EventType.SUCCEEDED:
+            self.progress = 1.0

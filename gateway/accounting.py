@@ -43,26 +43,26 @@ def account(record: Record, event: TaskEvent, expect: Expect) -> tuple[str, str,
     """(use, reason, CPU seconds) for a task's ending or a failed attempt retried; None
     for any other event, or an ending with no figure to count (unstarted, with nothing
     learnt of its type yet)."""
-    if event.type is EventType.RETRYING:  # a failed attempt: no answer came of it
-        return ("wasted", "retried", event.cpu_seconds or 0.0)
-    if not event.terminal:
+    if not (event.terminal or event.type is EventType.RETRYING):
         return None
-    reason = _reason(event)
+    reason = _reason(record, event)
     if event.ran is None:  # it never started
         expected = expect(event.task, record.cost) if event.type in UNSTARTED else None
         return None if expected is None else ("saved", reason, expected)
-    cpu = event.cpu_seconds or 0.0
+    return (DELIVERED.get(reason, "wasted"), reason, event.cpu_seconds or 0.0)
+
+
+DELIVERED = {"succeeded": "delivered", "failed": "delivered"}  # an answer; the rest waste
+REASONS = {EventType.REJECTED: "refused", EventType.RETRYING: "retried"}
+
+
+def _reason(record: Record, event: TaskEvent) -> str:
     if event.type is EventType.SUCCEEDED:
         deadline = record.deadline
-        late = deadline is not None and event.at > deadline.epoch
-        return ("wasted", "late", cpu) if late else ("delivered", "succeeded", cpu)
-    return ("delivered" if event.type is EventType.FAILED else "wasted", reason, cpu)
-
-
-def _reason(event: TaskEvent) -> str:
+        return "late" if deadline is not None and event.at > deadline.epoch else "succeeded"
     if event.type is EventType.CANCELLED and CLIENT_GONE in (event.reason or ""):
         return "abandoned"
-    return "refused" if event.type is EventType.REJECTED else event.type.value
+    return REASONS.get(event.type, event.type.value)
 
 
 def listener(expect: Expect) -> Callable[[Record, TaskEvent], None]:

@@ -34,6 +34,7 @@ from gateway.sse import parse_last_event_id, task_events
 from gateway.submission import Waited, deadline_of, submit, wait
 from gateway.tasktable import Record
 
+RequestTimeout = Annotated[str | None, Header(alias="Request-Timeout", description="seconds")]
 RECONNECT = b"retry: 1000\r\n\r\n"  # an event stream's answer: come back in 1 s
 
 PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -149,9 +150,7 @@ def build_router(gateway: Gateway) -> APIRouter:
             owner: Caller,
             body: Annotated[task.input_model, Body()],  # type: ignore[name-defined]
             wait: Annotated[bool, Query(description="RPC: answer when the task ends")] = False,
-            request_timeout: Annotated[
-                str | None, Header(alias="Request-Timeout", description="seconds")
-            ] = None,
+            request_timeout: RequestTimeout = None,
             prefer: Annotated[str | None, Header(description="`wait` for RPC (RFC 7240)")] = None,
             idempotency_key: Annotated[
                 str | None,
@@ -351,9 +350,7 @@ def build_router(gateway: Gateway) -> APIRouter:
     async def replay_parked(
         parked_id: str,
         owner: Caller,
-        request_timeout: Annotated[
-            str | None, Header(alias="Request-Timeout", description="seconds")
-        ] = None,
+        request_timeout: RequestTimeout = None,
     ) -> Response:
         """Submits a parked message's input again as a new task (its deadline from
         `Request-Timeout`, as any submission's); the message leaves the parked queue
