@@ -30,7 +30,7 @@ import httpx
 from yarl import URL
 
 from bench.stack import AMQP_URL, CpuMeter, Stack, broker_cpu
-from bench.throughput import IN_FLIGHT, _calls_per_s
+from bench.throughput import IN_FLIGHT, _calls_per_s, round_trips
 from contracts.messages import EVENT_TYPE, SYNC_TYPE
 
 RPC = "/v1/tasks/echo?wait=true"
@@ -176,33 +176,7 @@ KINDS = {
 async def _replay(kind: Kind, n: int) -> None:
     """n messages, IN_FLIGHT publishers each awaiting its confirm, one consumer acking
     each message as it comes."""
-    name = f"tbbench-kind-{uuid.uuid4().hex[:8]}"
-    connection = await aio_pika.connect(AMQP_URL)
-    async with connection:
-        publisher = await connection.channel(publisher_confirms=True)
-        consumer = await connection.channel()
-        await consumer.set_qos(prefetch_count=kind.prefetch)
-        queue = await consumer.declare_queue(name, durable=True, arguments=kind.queue_arguments)
-        received, done = 0, asyncio.Event()
-
-        async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
-            nonlocal received
-            await message.ack()
-            received += 1
-            if received == n:
-                done.set()
-
-        tag = await queue.consume(on_message, arguments=kind.consume_arguments)
-        window = asyncio.Semaphore(IN_FLIGHT)
-
-        async def publish() -> None:
-            async with window:
-                await publisher.default_exchange.publish(kind.message(), name)
-
-        await asyncio.gather(*(publish() for _ in range(n)))
-        await asyncio.wait_for(done.wait(), 120)
-        await queue.cancel(tag)
-        await consumer.queue_delete(name)
+    await round_trips(n, kind.message, kind.queue_arguments, kind.prefetch, kind.consume_arguments)
 
 
 def cpu(stack: Stack, url: str, blocks: int, n: int, seconds: float) -> dict[str, float]:

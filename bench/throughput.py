@@ -12,6 +12,7 @@ import asyncio
 import json
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import aio_pika
@@ -125,43 +126,57 @@ async def _calls_per_s(
     return out
 
 
-async def _amqp_ceiling(n: int) -> dict[str, Any]:
-    """One process publishes n messages (IN_FLIGHT awaiting their confirms) to a quorum
-    queue and consumes them back with acks; messages per second, first sent to last read."""
-    name = f"tbbench-ceiling-{uuid.uuid4().hex[:8]}"
+async def round_trips(
+    n: int,
+    message: Callable[[], aio_pika.Message],
+    queue_arguments: dict[str, Any],
+    prefetch: int,
+    consume_arguments: dict[str, Any] | None = None,
+) -> float:
+    """Publishes n messages to a queue of its own (IN_FLIGHT awaiting their confirms)
+    and consumes them back with an ack each; seconds from the first sent to the last
+    read."""
+    name = f"tbbench-trips-{uuid.uuid4().hex[:8]}"
     connection = await aio_pika.connect(AMQP_URL)
     async with connection:
         publisher = await connection.channel(publisher_confirms=True)
         consumer = await connection.channel()
-        await consumer.set_qos(prefetch_count=IN_FLIGHT * 4)
-        queue = await consumer.declare_queue(
-            name, durable=True, arguments={"x-queue-type": "quorum"}
-        )
-        received = 0
-        done = asyncio.Event()
+        await consumer.set_qos(prefetch_count=prefetch)
+        queue = await consumer.declare_queue(name, durable=True, arguments=queue_arguments)
+        received, done = 0, asyncio.Event()
 
-        async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        async def on_message(incoming: aio_pika.abc.AbstractIncomingMessage) -> None:
             nonlocal received
-            await message.ack()
+            await incoming.ack()
             received += 1
             if received == n:
                 done.set()
 
-        tag = await queue.consume(on_message)
+        tag = await queue.consume(on_message, arguments=consume_arguments)
         window = asyncio.Semaphore(IN_FLIGHT)
 
         async def publish() -> None:
             async with window:
-                await publisher.default_exchange.publish(
-                    aio_pika.Message(b'{"payload": 1}', delivery_mode=2), name
-                )
+                await publisher.default_exchange.publish(message(), name)
 
         start = time.perf_counter()
         await asyncio.gather(*(publish() for _ in range(n)))
-        await done.wait()
+        await asyncio.wait_for(done.wait(), 120)
         took = time.perf_counter() - start
         await queue.cancel(tag)  # before the delete: the broker would cancel it, with a warning
         await consumer.queue_delete(name, if_unused=False, if_empty=False)
+    return took
+
+
+async def _amqp_ceiling(n: int) -> dict[str, Any]:
+    """One process publishes n messages to a quorum queue and consumes them back with
+    acks; messages per second, first sent to last read."""
+    took = await round_trips(
+        n,
+        lambda: aio_pika.Message(b'{"payload": 1}', delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+        {"x-queue-type": "quorum"},
+        prefetch=IN_FLIGHT * 4,
+    )
     return {"messages": n, "in_flight": IN_FLIGHT, "messages_per_s": round(n / took, 1)}
 
 
