@@ -590,9 +590,10 @@ def test_a_broker_alarm_longer_than_two_graces_leaves_every_followed_task_alone(
     stack: Stack = make_stack(TIMEBOX_STREAM_GRACE="1")
     stack.gateway()
     worker = stack.worker(1)
+    # long enough to run on after the alarm: the worker then hears the broker again
     with (
         stack.client() as client,
-        connect_sse(client, "POST", "/v1/tasks/burn_cpu", json={"seconds": 6}) as source,
+        connect_sse(client, "POST", "/v1/tasks/burn_cpu", json={"seconds": 10}) as source,
     ):
         events = source.iter_sse()
         assert next(events).event == "queued"
