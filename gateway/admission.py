@@ -185,7 +185,9 @@ class Admission:
         runtimes = self.runtimes[task.name]
         backlog = self.backlogs[task.queue]
         slots = self.fleet.slots(task.queue)
-        wait = backlog.wait(slots, time.time(), lambda name: self.runtimes[name].mean_rate())
+        wait = backlog.wait(
+            slots, time.time(), lambda name, u, n: self.runtimes[name].mean_run(u, n)
+        )
         return Estimate(
             len(backlog.queued),
             len(backlog.running),
@@ -199,6 +201,9 @@ class Admission:
         """The run time expected of a task of type `task` with this cost (the median)."""
         runtimes = self.runtimes.get(task)
         return runtimes.expect(cost) if runtimes is not None else None
+
+    def _mean_run(self, task: str, units_sum: float, count: int) -> float | None:
+        return self.runtimes[task].mean_run(units_sum, count)
 
     def summary(self, task: str) -> RunTimeSummary:
         return self.runtimes[task].summary()

@@ -55,19 +55,21 @@ class DrainRate:
 
 class Backlog:
     """One queue's tasks, queued and running: how many of each type, and how many units
-    of cost (the work is the units times each type's run time per unit, which the
-    caller knows best when asked: it learns as tasks end)."""
+    of cost (their work is each type's run time for them, which the caller knows best
+    when asked: it learns as tasks end)."""
 
     def __init__(self) -> None:
         self.queued: dict[str, tuple[str, float]] = {}  # task id: (type, units of cost)
         self.running: dict[str, tuple[str, float]] = {}
         self._units: dict[str, float] = {}  # type: its units queued and running
+        self._counts: dict[str, int] = {}  # type: its tasks queued and running
         self.drain = DrainRate()
 
     def add(self, task_id: str, task: str, units: float) -> None:
         if task_id not in self.queued and task_id not in self.running:
             self.queued[task_id] = (task, units)
             self._units[task] = self._units.get(task, 0.0) + units
+            self._counts[task] = self._counts.get(task, 0) + 1
 
     def start(self, task_id: str) -> None:
         if task_id in self.queued:
@@ -83,19 +85,26 @@ class Backlog:
         else:
             return
         self._units[task] -= units
+        self._counts[task] -= 1
         if not self.queued and not self.running:
             self._units.clear()  # no rounding left over from the sums
+            self._counts.clear()
 
-    def wait(self, slots: int, now: float, rate: Callable[[str], float | None]) -> float | None:
-        """How long a task queued now waits for a slot, FIFO; `rate`: a type's seconds
-        of run time per unit (None while unknown). None without slots."""
+    def wait(
+        self, slots: int, now: float, run: Callable[[str, float, int], float | None]
+    ) -> float | None:
+        """How long a task queued now waits for a slot, FIFO; `run(type, units, count)`:
+        the seconds that many runs of a type take on average (None while unknown). None
+        without slots."""
         tasks = len(self.queued) + len(self.running)
         if slots <= 0:
             return None
         ahead = tasks - slots  # tasks to end before a slot is free for it
         if ahead < 0:
             return 0.0
-        work = sum(units * (rate(task) or 0.0) for task, units in self._units.items())
+        work = sum(
+            run(task, units, self._counts[task]) or 0.0 for task, units in self._units.items()
+        )
         drained = self.drain.per_second(now) or float(slots)
         # the running ones are half done on average
         return (ahead + 0.5 * slots) * (work / tasks) / drained

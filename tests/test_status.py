@@ -1,3 +1,5 @@
+import pytest
+
 from contracts.events import ErrorInfo, EventType, TaskEvent, TaskState, TaskStatus
 
 
@@ -86,6 +88,37 @@ def test_run_time_estimates_ignore_samples_that_say_nothing() -> None:
     rt.add(2.0, 4.0)
     assert rt.expect(10.0) == 5.0
     assert rt.largest_cost(1.0) == 2.0
+
+
+def test_a_fixed_part_of_the_run_time_is_not_charged_per_unit_to_large_inputs() -> None:
+    """burn_cpu as measured under load: each run the seconds asked plus about 30 ms of
+    overhead (the child hop, a busy machine), within ±5 %. Per unit alone, the small
+    inputs' overhead made a rate of up to 1.6 s a second asked, and a 1 s input was
+    refused with 1.3 s left."""
+    import random
+
+    from contracts.estimates import LIKELY, RunTimes
+
+    rng = random.Random(4)
+    rt = RunTimes()
+    for _ in range(200):
+        asked = 0.05 * 20 ** rng.random()  # 0.05-1 s, as bench/mixed.py asks
+        rt.add((asked + 0.03) * rng.uniform(0.95, 1.05), cost=asked)
+    fixed, rate = rt.line()
+    assert fixed == pytest.approx(0.03, abs=0.01)
+    assert rate == pytest.approx(1.0, abs=0.05)
+    big = rt.expect(1.0, q=LIKELY)
+    assert big is not None
+    assert 1.03 < big < 1.15  # fits in 1.3 s, as it does
+    small = rt.expect(0.05, q=LIKELY)
+    assert small is not None
+    assert 0.08 < small < 0.095
+    fits = rt.largest_cost(1.3, q=LIKELY)
+    assert fits is not None
+    assert 1.1 < fits < 1.3
+    # the backlog's work, on average: each run's fixed part once, its units at the rate
+    mean = rt.mean_run(units_sum=3.0, count=4)
+    assert mean == pytest.approx(4 * fixed + 3.0 * rate)
 
 
 def test_run_time_quantiles_from_the_recent_rates() -> None:
