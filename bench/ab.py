@@ -2,7 +2,7 @@
 minute: both stacks run at once and blocks of calls alternate between them, so that a
 slow moment falls on both. Not part of `make bench`.
 
-    python -m bench.ab A B [--mode rpc|load|submit|overload] [--blocks N]
+    python -m bench.ab A B [--mode rpc|load|submit|overload|mixed] [--blocks N]
 
 A variant is a git revision (its gateway and worker run from a temporary worktree of
 it), environment settings for its gateway and worker, or both, joined by commas:
@@ -17,7 +17,9 @@ blocks of 500 `echo` answered `202` (64 submitters), tasks per second from the f
 submission to the last task's end, a worker with 2 slots. `overload`:
 windows of bench/overload.py's load (`burn_cpu` 0.2 s, 2 s deadline), 2x and 4x in
 turn, against two workers of one slot each (the same capacity), with how evenly the
-two shared the answers. Each side is reported on its own, and the two by the median
+two shared the answers. `mixed`: windows of bench/mixed.py's load (0.05-1 s tasks,
+1-3 s deadlines), 2x and 4x in turn, the same requests for both sides of a pair, a
+worker with 2 slots. Each side is reported on its own, and the two by the median
 of the ratios B / A of paired blocks (with their quartiles), which is what drift
 spoils least.
 """
@@ -40,7 +42,7 @@ from typing import Any
 
 import httpx
 
-from bench import overload
+from bench import mixed, overload
 from bench.__main__ import machine
 from bench.latency import _timed, percentiles
 from bench.stack import CpuMeter, Stack
@@ -169,6 +171,29 @@ def overload_block(side: Side, multiple: int) -> None:
     side.blocks.append(window["goodput_pct"])
 
 
+MIXED_WINDOW = 15.0
+
+
+def mixed_block(side: Side, multiple: int, seed: int) -> None:
+    """One window of bench/mixed.py's load at `multiple` x the slots' CPU (the same
+    requests for both sides of a pair); the block's figure is its goodput."""
+    target = overload.Target(
+        side.gateway.url,
+        "/v1/tasks/burn_cpu",
+        side.worker.pid,
+        include_root=True,
+        beside=CpuMeter.beside_tasks(side.gateway.pid, side.worker.pid),
+        headers={"Prefer": "wait", "Request-Timeout": str(mixed.DEADLINES[1])},
+    )
+    plan = mixed.plan(multiple, MIXED_WINDOW, seed)
+    window = mixed.summarize(
+        asyncio.run(overload.measure(target, plan, MIXED_WINDOW, drain=4.0)), MIXED_WINDOW
+    )
+    window["load"] = f"{multiple}x"
+    side.windows.append(window)
+    side.blocks.append(window["goodput_pct"])
+
+
 def quartiles(values: list[float]) -> tuple[float, float, float]:
     if len(values) < 2:
         return values[0], values[0], values[0]
@@ -188,6 +213,18 @@ def report(mode: str, a: Side, b: Side) -> None:
                     f"{w['wasted_cpu_pct']}%, answers per worker {w['split']}"
                 )
             continue
+        if mode == "mixed":
+            print(f"{side.variant.spec:>24s}:")
+            for w in side.windows:
+                sizes = " / ".join(str(t["served_pct"]) for t in w["by_size"])
+                deadlines = " / ".join(str(t["served_pct"]) for t in w["by_deadline"])
+                print(
+                    f"    {w['load']}: goodput {w['goodput_pct']}%, steady "
+                    f"{w['steady_goodput_of_cpu_left_pct']}% of the CPU left, unmeetable "
+                    f"{w['admitted_then_unmeetable_pct']}%, wasted {w['wasted_cpu_pct']}%, "
+                    f"served by size {sizes}%, by deadline {deadlines}%"
+                )
+            continue
         cpu = {k: round(v / side.calls, 2) for k, v in side.cpu_ms.items()}
         if mode == "rpc":
             p = percentiles(side.latencies)
@@ -202,6 +239,7 @@ def report(mode: str, a: Side, b: Side) -> None:
         "load": "calls/s",
         "submit": "tasks/s",
         "overload": "goodput",
+        "mixed": "goodput",
     }[mode]
     print(
         f"B / A, {measure}, paired blocks: median {q2:.3f} (quartiles {q1:.3f}-{q3:.3f}, "
@@ -213,11 +251,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("a")
     parser.add_argument("b")
-    parser.add_argument("--mode", choices=("rpc", "load", "submit", "overload"), default="rpc")
+    modes = ("rpc", "load", "submit", "overload", "mixed")
+    parser.add_argument("--mode", choices=modes, default="rpc")
     parser.add_argument("--blocks", type=int, default=20, help="blocks per side")
     args = parser.parse_args()
     variants = [Variant.parse(args.a), Variant.parse(args.b)]
-    slots = {"rpc": 2, "load": 4, "submit": 2, "overload": 1}[args.mode]
+    slots = {"rpc": 2, "load": 4, "submit": 2, "overload": 1, "mixed": 2}[args.mode]
     info = machine()
     print(
         f"{info['when']}: {info['cpu']}, {info['cores']} cores, Python {info['python']}, "
@@ -227,6 +266,7 @@ def main() -> None:
             "load": f"{LOAD_SECONDS} s, {IN_FLIGHT} in flight",
             "submit": f"{SUBMISSIONS} submissions answered 202, {IN_FLIGHT} submitters",
             "overload": f"{OVERLOAD_WINDOW:g} s at 2x and 4x in turn, two workers",
+            "mixed": f"{MIXED_WINDOW:g} s of bench/mixed.py's load at 2x and 4x in turn",
         }[args.mode]
         + f", workers with {slots} slots; A = {args.a!r}, B = {args.b!r}"
     )
@@ -243,8 +283,12 @@ def main() -> None:
             client = stack.enter_context(httpx.Client(base_url=side.gateway.url, timeout=30))
             for _ in range(50):  # warm-up: imports, connections, the run-time estimates
                 client.post(ECHO_RPC, json={"payload": 0})
-            for _ in range(10 if args.mode == "overload" else 0):  # the run time, learned
-                body = {"seconds": overload.TASK_SECONDS}
+            learn = {
+                "overload": [overload.TASK_SECONDS] * 10,
+                "mixed": [0.05, 0.1, 0.2, 0.4, 0.8] * 2,
+            }.get(args.mode, [])
+            for seconds in learn:  # the run times, learned
+                body = {"seconds": seconds}
                 client.post("/v1/tasks/burn_cpu", params={"wait": "true"}, json=body)
             sides.append(side)
             clients.append(client)
@@ -256,6 +300,8 @@ def main() -> None:
                     load_block(sides[k])
                 elif args.mode == "submit":
                     submit_block(sides[k])
+                elif args.mode == "mixed":
+                    mixed_block(sides[k], 2 if i % 4 < 2 else 4, seed=i)
                 else:
                     overload_block(sides[k], 2 if i % 4 < 2 else 4)
     report(args.mode, sides[0], sides[1])
