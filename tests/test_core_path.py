@@ -120,13 +120,11 @@ def test_progress_is_reported_at_most_once_per_interval_and_not_for_short_tasks(
 ) -> None:
     """Each report is an event every gateway reads: a task shorter than the progress
     interval (0.25 s) reports none, a longer one about one per interval."""
-    # a fifth of the interval: on two busy shared cores 0.1 CPU s took over 0.25 s
+    # a fifth of the interval: on two busy shared cores 0.1 CPU s took over 0.25 s; so
+    # short that it may end within 50 ms, and say no `running` of its own
     short = client.post("/v1/tasks/burn_cpu", params={"wait": "true"}, json={"seconds": 0.05})
-    assert [e.event for e in events_of(client, short.json()["id"])] == [
-        "queued",
-        "running",
-        "succeeded",
-    ]
+    kinds = [e.event for e in events_of(client, short.json()["id"])]
+    assert kinds in (["queued", "running", "succeeded"], ["queued", "succeeded"]), kinds
     long = client.post("/v1/tasks/burn_cpu", params={"wait": "true"}, json={"seconds": 1.0})
     assert long.status_code == 200
     events = events_of(client, long.json()["id"])
