@@ -185,9 +185,7 @@ class Admission:
         runtimes = self.runtimes[task.name]
         backlog = self.backlogs[task.queue]
         slots = self.fleet.slots(task.queue)
-        wait = backlog.wait(
-            slots, time.time(), lambda name, u, n: self.runtimes[name].mean_run(u, n)
-        )
+        wait = backlog.wait(slots, time.time(), self._mean_run)
         return Estimate(
             len(backlog.queued),
             len(backlog.running),

@@ -10,8 +10,8 @@ from typing import Any
 from aio_pika.abc import AbstractIncomingMessage
 
 from contracts.events import ErrorInfo, EventType, TaskEvent
-from contracts.messages import OWNER_HEADER
 from gateway.broker import Broker
+from gateway.parked import owner_of
 from gateway.tasktable import TaskTable
 from runtime.amqp import until_confirmed
 
@@ -64,8 +64,7 @@ class DeadLetters:
         task_id, task = message.message_id, message.type
         if not task_id or not task:
             return None
-        owner = headers.get(OWNER_HEADER)
-        ids = {"task_id": task_id, "task": task, "owner": owner if isinstance(owner, str) else None}
+        ids = {"task_id": task_id, "task": task, "owner": owner_of(message)}
         if reason != "expired":
             error = ErrorInfo(type="DeadLettered", message=why)
             return TaskEvent(type=EventType.FAILED, error=error, reason=why, **ids)

@@ -25,7 +25,7 @@ from contracts.tasks import Task
 from gateway import accounting, metrics
 from gateway.services import Services, log
 from gateway.tasktable import Record
-from runtime.tracing import ended, mark, task_attributes, task_span
+from runtime import tracing
 
 
 class Waited(enum.Enum):
@@ -58,7 +58,7 @@ async def submit(
     # the endpoint's span (FastAPI's, or your app's): which task the request became
     endpoint = trace.get_current_span()
     if endpoint.is_recording():
-        endpoint.set_attributes(task_attributes(task.name, task_id, deadline))
+        endpoint.set_attributes(tracing.task_attributes(task.name, task_id, deadline))
     try:
         with _step("timebox.admission", task, task_id, deadline):
             svc.broker.require_connected()  # refused before anything is sent or to be undone
@@ -125,11 +125,11 @@ def _step(
     kind: SpanKind = SpanKind.INTERNAL,
 ) -> Iterator[None]:
     """A step of the submission in a span of its own; a refusal is marked on it."""
-    with task_span(name, task.name, task_id, deadline, kind=kind) as span:
+    with tracing.task_span(name, task.name, task_id, deadline, kind=kind) as span:
         try:
             yield
         except TimeboxError as exc:
-            mark(span, "refused", exc.detail)
+            tracing.mark(span, "refused", exc.detail)
             raise
 
 
@@ -153,12 +153,12 @@ async def wait(
     wait), the client's disconnect and (if `release_on_stop`) this gateway being told
     to stop. A client that went away has its task cancelled."""
     status = record.status
-    with task_span("timebox.wait", status.task, status.id, deadline) as span:
+    with tracing.task_span("timebox.wait", status.task, status.id, deadline) as span:
         waited = await _wait(svc, request, record, deadline, bound, release_on_stop)
         if waited is Waited.GONE:
-            ended(span, "cancelled", "the waiting client disconnected")
+            tracing.ended(span, "cancelled", "the waiting client disconnected")
         else:
-            ended(span, record.status.state.value, record.status.reason)
+            tracing.ended(span, record.status.state.value, record.status.reason)
         return waited
 
 
