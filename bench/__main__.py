@@ -81,6 +81,10 @@ def cpu_bound(cpu_ms: dict[str, float | None], cores: int | None) -> str:
     return " / ".join("-" if b is None else f"{b:,.0f}/s" for b in bounds)
 
 
+def _reasons(seconds: dict[str, float]) -> str:
+    return ", ".join(f"{reason} {value} s" for reason, value in seconds.items()) or "none"
+
+
 def report(results: dict[str, Any]) -> str:
     parts = []
     o = results["overload"]
@@ -123,6 +127,14 @@ def report(results: dict[str, Any]) -> str:
             rows,
         )
     )
+    if "console_cpu" in o:
+        cpu = o["console_cpu"]
+        parts.append(
+            "Timebox's runs as its console showed them after: CPU delivered "
+            f"{cpu['totals']['delivered']} s, wasted {cpu['totals']['wasted']} s "
+            f"({_reasons(cpu['reasons']['wasted'])}), saved {cpu['totals']['saved']} s "
+            f"({_reasons(cpu['reasons']['saved'])})"
+        )
     parts.append(
         f"\nMixed overload (bench/mixed.py): {results['mixed']['parameters']['task']}, "
         f"deadlines {results['mixed']['parameters']['deadlines_s']} s, Poisson arrivals, "

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -214,6 +215,22 @@ async def _second_half(meter: CpuMeter, window: float) -> dict[str, float | None
     return meter.ms_per(window / 2)
 
 
+def console(url: str) -> dict[str, Any]:
+    """Where the runs' CPU went, as the gateway's console (/console) shows it; with
+    TIMEBOX_BENCH_CONSOLE_PNG set, a screenshot of the page too (Chromium)."""
+    snapshot = httpx.get(url + "/v1/console", timeout=10).json()
+    path = os.environ.get("TIMEBOX_BENCH_CONSOLE_PNG")
+    if path and shutil.which("chromium"):
+        from tests.harness import browser
+
+        with browser() as chromium:
+            page = chromium.new_page(viewport={"width": 1280, "height": 900})
+            page.goto(url + "/console")
+            page.get_by_test_id("link").filter(has_text="live").wait_for()
+            page.screenshot(path=path, full_page=True)
+    return {key: snapshot["cpu"][key] for key in ("totals", "reasons")}
+
+
 def run(
     window: float,
     drain: float,
@@ -259,6 +276,7 @@ def run(
         out["systems"]["timebox"] = {
             f"{m}x": asyncio.run(_measure(target, CAPACITY * m, window, drain)) for m in loads
         }
+        out["console_cpu"] = console(gateway.url)
     for name, wait_for in (
         ("fastapi+processpool", None),
         ("fastapi+processpool+wait_for", DEADLINE),

@@ -31,6 +31,7 @@ def sorted_quantile(ordered: list[float], q: float) -> float:
 class RunTimeSummary:
     samples: int
     mean: float | None
+    p50: float | None
     p90: float | None
 
 
@@ -79,9 +80,14 @@ class RunTimes:
 
     def summary(self) -> RunTimeSummary:
         if not self._runs:
-            return RunTimeSummary(0, None, None)
-        values = [seconds for _, seconds in self._runs]
-        return RunTimeSummary(len(values), sum(values) / len(values), quantile(values, 0.9))
+            return RunTimeSummary(0, None, None, None)
+        values = sorted(seconds for _, seconds in self._runs)
+        return RunTimeSummary(
+            len(values),
+            sum(values) / len(values),
+            sorted_quantile(values, 0.5),
+            sorted_quantile(values, 0.9),
+        )
 
     def mean(self) -> float | None:
         # on the admission path of every request: no sort, unlike summary()

@@ -9,7 +9,10 @@ only to the gateway that refused: they are counted there (sum those over replica
 
 from __future__ import annotations
 
+import time
+from collections import defaultdict
 from collections.abc import Callable
+from typing import Any
 
 from prometheus_client import Counter
 
@@ -65,16 +68,65 @@ def _reason(record: Record, event: TaskEvent) -> str:
     return REASONS.get(event.type, event.type.value)
 
 
-def listener(expect: Expect) -> Callable[[Record, TaskEvent], None]:
-    """A task table listener that counts each ending once."""
+USES = ("delivered", "wasted", "saved")
+HOUR = 60  # minutes of the console's chart
 
-    def count(record: Record, event: TaskEvent) -> None:
-        counted = account(record, event, expect)
-        if counted is not None:
-            use, reason, seconds = counted
-            if use == "saved":
-                SAVED.labels(event.task, reason).inc(seconds)
-            else:
-                SPENT.labels(event.task, use, reason).inc(seconds)
 
-    return count
+class Ledger:
+    """A task table listener that counts each ending once: on the fleet's counters,
+    and per owner (an API key's tasks) as totals by use and reason and as CPU seconds
+    per minute over the last hour, which the console shows (gateway/console.py)."""
+
+    def __init__(self, expect: Expect) -> None:
+        self.expect = expect
+        self._totals: defaultdict[str | None, defaultdict[tuple[str, str], float]] = defaultdict(
+            lambda: defaultdict(float)
+        )
+        # owner -> minute -> seconds delivered, wasted, saved
+        self._minutes: defaultdict[str | None, dict[float, list[float]]] = defaultdict(dict)
+
+    def __call__(self, record: Record, event: TaskEvent) -> None:
+        counted = account(record, event, self.expect)
+        if counted is None:
+            return
+        use, reason, seconds = counted
+        if use == "saved":
+            SAVED.labels(event.task, reason).inc(seconds)
+        else:
+            SPENT.labels(event.task, use, reason).inc(seconds)
+        self._book(record.owner, use, reason, seconds, event.at)
+
+    def refused(self, owner: str | None, task: str, reason: str, cost: float | None) -> None:
+        """A request this gateway refused before queueing: its expected run is saved."""
+        seconds = self.expect(task, cost) or 0.0
+        REFUSED.labels(task, reason).inc(seconds)
+        self._book(owner, "saved", reason, seconds, time.time())
+
+    def _book(self, owner: str | None, use: str, reason: str, seconds: float, at: float) -> None:
+        self._totals[owner][(use, reason)] += seconds
+        minutes = self._minutes[owner]
+        minutes.setdefault(at // 60 * 60, [0.0, 0.0, 0.0])[USES.index(use)] += seconds
+        if len(minutes) > HOUR:  # keeps the last hour's
+            for minute in sorted(minutes)[:-HOUR]:
+                del minutes[minute]
+
+    def view(self, owner: str | None, now: float) -> dict[str, Any]:
+        """The owner's CPU seconds: totals by use and reason since this gateway started,
+        and per minute over the last hour (every minute, empty ones too)."""
+        totals: dict[tuple[str, str], float] = self._totals.get(owner, {})
+        by_minute = self._minutes.get(owner, {})
+        this_minute = now // 60 * 60
+        minutes = [this_minute - 60 * back for back in range(HOUR - 1, -1, -1)]
+        return {
+            "totals": {
+                use: round(sum(s for (u, _), s in totals.items() if u == use), 3) for use in USES
+            },
+            "reasons": {
+                use: {r: round(s, 3) for (u, r), s in sorted(totals.items()) if u == use}
+                for use in USES
+            },
+            "minutes": [
+                [minute, *(round(s, 3) for s in by_minute.get(minute, (0.0, 0.0, 0.0)))]
+                for minute in minutes
+            ],
+        }

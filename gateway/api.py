@@ -7,12 +7,11 @@ FastAPI app can include (gateway/gateway.py)."""
 import hashlib
 import json
 import math
-import time
 from typing import Annotated, Any
 
 from aio_pika.abc import AbstractIncomingMessage
 from fastapi import APIRouter, Body, Depends, Header, Query, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel, ValidationError
 from sse_starlette import EventSourceResponse
 
@@ -26,6 +25,7 @@ from contracts.errors import (
 )
 from contracts.events import TaskStatus
 from contracts.tasks import Task
+from gateway import console
 from gateway.gateway import Gateway
 from gateway.parked import ParkedMessage, owner_of
 from gateway.problems import PROBLEM_JSON, ProblemRoute, from_error, invalid_input
@@ -301,36 +301,7 @@ def build_router(gateway: Gateway) -> APIRouter:
         """Per task type: its queue, with the broker's figures (at most a second old) and
         the slots the live workers give it, the workers that serve the type, observed
         run times, and the estimated wait for a request made now."""
-        svc = gateway.services
-        admission = svc.admission
-        now = time.time()
-        out = []
-        for task in tasks.values():
-            figures = admission.figures[task.queue]
-            estimate = admission.estimate(task)
-            run_time = admission.summary(task.name)
-            out.append(
-                {
-                    "task": task.name,
-                    "queue": task.queue,
-                    "messages_ready": figures.ready,
-                    "messages_unacked": figures.unacked,
-                    "consumers": figures.consumers,
-                    "workers": len(svc.fleet.serving(task.name)),
-                    "queued": estimate.ready,
-                    "running": estimate.running,
-                    "parallel_slots": estimate.parallelism,
-                    "run_time": {
-                        "samples": run_time.samples,
-                        "mean": run_time.mean,
-                        "p90": run_time.p90,
-                    },
-                    "work_drained_per_s": admission.backlogs[task.queue].drain.per_second(now),
-                    "estimated_wait": estimate.wait,
-                    "figures_age": round(max(0.0, now - figures.at), 3) if figures.at else None,
-                }
-            )
-        return out
+        return console.queues(gateway.services)
 
     @router.get("/v1/parked", tags=["operations"])
     async def parked(
@@ -390,16 +361,37 @@ def build_router(gateway: Gateway) -> APIRouter:
     @router.get("/v1/workers", tags=["operations"])
     async def workers(owner: Caller) -> list[dict[str, Any]]:
         """The live workers, as each last announced itself (every few seconds)."""
-        now = time.time()
-        return [
-            {
-                "worker": a.worker,
-                "tasks": sorted(a.tasks),
-                "slots": a.slots,
-                "busy": a.busy,
-                "last_heard": round(max(0.0, now - a.at), 3),
-            }
-            for a in gateway.services.fleet.live()
-        ]
+        return console.workers(gateway.services)
+
+    @router.get("/v1/console", tags=["operations"])
+    async def console_snapshot(owner: Caller) -> dict[str, Any]:
+        """What the operations console shows the key: the fleet's task types and workers,
+        the key's running and latest ended tasks, and where their CPU went."""
+        return console.snapshot(gateway.services, owner)
+
+    @router.get(
+        "/v1/console/stream",
+        tags=["operations"],
+        responses={200: {"content": {"text/event-stream": {}}, "description": "snapshots"}},
+    )
+    async def console_stream(owner: Caller) -> EventSourceResponse:
+        """The console's snapshot as Server-Sent Events (`snapshot`), once a second."""
+        svc = gateway.services
+        return EventSourceResponse(
+            console.snapshots(svc, owner), send_timeout=svc.settings.sse_send_timeout
+        )
+
+    @router.get("/console", include_in_schema=False)
+    async def console_page() -> HTMLResponse:
+        return HTMLResponse(console.PAGE)
+
+    @router.get("/console/{asset}", include_in_schema=False)
+    async def console_asset(asset: str) -> Response:
+        found = console.ASSETS.get(asset)
+        if found is None:
+            return Response(status_code=404)
+        return Response(
+            found[0], media_type=found[1], headers={"Cache-Control": "public, max-age=86400"}
+        )
 
     return router

@@ -17,11 +17,13 @@ from fastapi.responses import JSONResponse
 
 from contracts.errors import BrokerUnavailable, TimeboxError
 from contracts.tasks import Task, load_tasks, routes
-from gateway import accounting, metrics, problems
+from gateway import metrics, problems
+from gateway.accounting import Ledger
 from gateway.admission import Admission, stop
 from gateway.auth import Auth
 from gateway.broker import Broker
 from gateway.clients import Clients
+from gateway.console import Activity
 from gateway.deadletters import DeadLetters
 from gateway.eventlog import EventLog
 from gateway.fleet import Fleet
@@ -85,7 +87,8 @@ class Gateway:
         metrics.BROKER_CONNECTED.set_function(lambda: float(broker.connected and eventlog.reading))
         metrics.TASKS_KNOWN.set_function(lambda: float(len(table)))
         admission = Admission(settings, broker, table, fleet)
-        table.listeners.append(accounting.listener(admission.expect))
+        ledger, activity = Ledger(admission.expect), Activity()
+        table.listeners += [ledger, activity]
         clients = Clients(broker, settings.stream_grace)
         metrics.CLIENTS.set_function(lambda: float(clients.followed))
         table.fanout = fanout = Fanout()
@@ -101,6 +104,8 @@ class Gateway:
             clients,
             fanout,
             Parked(broker),
+            ledger,
+            activity,
         )
         self._services = services
         self._loop = asyncio.get_running_loop()

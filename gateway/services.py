@@ -24,10 +24,12 @@ from contracts.events import EventType, TaskEvent, TaskState
 from contracts.messages import CancelRequest
 from contracts.tasks import Task
 from gateway import metrics
+from gateway.accounting import Ledger
 from gateway.admission import Admission
 from gateway.auth import Auth
 from gateway.broker import Broker
 from gateway.clients import Clients
+from gateway.console import Activity
 from gateway.eventlog import EventLog
 from gateway.fleet import Fleet
 from gateway.parked import Parked
@@ -53,6 +55,8 @@ class Services:
     clients: Clients
     fanout: Fanout
     parked: Parked
+    ledger: Ledger
+    activity: Activity
     background: Background = field(default_factory=Background)
     # set when the server is asked to stop: at the signal under `python -m gateway`
     # (gateway/__main__.py), else by sse-starlette once it notices

@@ -14,6 +14,7 @@ class GatewaySettings(CommonSettings):
     task_table_size: int = Field(default=100_000, ge=100, description="tasks kept in memory")
     sse_heartbeat: float = Field(default=15.0, gt=0, description="seconds between SSE comments")
     sse_send_timeout: float = Field(default=10.0, gt=0, description="cut a stuck SSE client")
+    console_period: float = Field(default=1.0, gt=0, description="seconds between /console updates")
     subscriber_buffer: int = Field(default=1000, ge=10, description="events queued per SSE client")
     stream_grace: float = Field(
         default=5.0,

@@ -22,7 +22,7 @@ from contracts.errors import BrokerUnavailable, ConfirmLost, TimeboxError
 from contracts.events import EventType, TaskEvent
 from contracts.messages import CancelRequest
 from contracts.tasks import Task
-from gateway import accounting, metrics
+from gateway import metrics
 from gateway.services import Services, log
 from gateway.tasktable import Record
 from runtime import tracing
@@ -70,8 +70,8 @@ async def submit(
     except TimeboxError as exc:
         metrics.REFUSALS.labels(task.name, exc.slug).inc()
         metrics.REQUESTS.labels(task.name, "rejected").inc()
-        expected = svc.admission.expect(task.name, cost)
-        accounting.REFUSED.labels(task.name, exc.slug).inc(expected or 0.0)
+        svc.ledger.refused(owner, task.name, exc.slug, cost)
+        svc.activity.refused(task.name)
         raise
     queued = TaskEvent(
         type=EventType.QUEUED,

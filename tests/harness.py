@@ -7,13 +7,16 @@ import contextlib
 import functools
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import aio_pika
 import httpx
@@ -25,6 +28,31 @@ from contracts.tasks import load_tasks
 from contracts.topology import Topology
 from runtime.amqp import publish_event
 from runtime.declare import counts, declare
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Browser
+
+
+@contextlib.contextmanager
+def browser() -> Iterator[Browser]:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=shutil.which("chromium"),
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+            ],
+        )
+        try:
+            yield browser
+        finally:
+            browser.close()
 
 
 def free_port() -> int:

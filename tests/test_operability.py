@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import shutil
 import signal
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import httpx
@@ -16,11 +13,8 @@ import pytest
 
 from runtime.logs import _FailedAttempts
 from tests.conftest import Stack
-from tests.harness import Gateway, free_port, metric, task_events, wait_until
+from tests.harness import Gateway, browser, free_port, metric, task_events, wait_until
 from tests.proxy import Proxy, url_to_port
-
-if TYPE_CHECKING:
-    from playwright.sync_api import Browser
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -129,34 +123,12 @@ def test_a_broker_away_for_minutes_is_told_once_a_minute_not_at_every_attempt() 
     assert attempt(150.5, "Connection to %s closed. Reconnecting after %r seconds.")
 
 
-@contextlib.contextmanager
-def _browser() -> Iterator[Browser]:
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(
-            executable_path=shutil.which("chromium"),
-            args=[
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--no-first-run",
-            ],
-        )
-        try:
-            yield browser
-        finally:
-            browser.close()
-
-
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium")
 def test_the_demo_page_runs_a_task_live_in_a_browser(session_stack: Stack) -> None:
     from playwright.sync_api import expect
 
-    with _browser() as browser:
-        page = browser.new_page()
+    with browser() as chromium:
+        page = chromium.new_page()
         page.goto(session_stack.url + "/")
         select = page.get_by_test_id("task-select")
         expect(select).to_have_value("count_primes")
@@ -190,8 +162,8 @@ def test_the_demo_page_follows_its_task_across_a_gateway_restart(
     first = stack.gateway()
     stack.worker(1)
     broker_port = free_port()  # the new gateway's broker: nothing listens here yet
-    with _browser() as browser:
-        page = browser.new_page()
+    with browser() as chromium:
+        page = chromium.new_page()
         page.goto(first.url + "/")
         page.get_by_test_id("api-key").fill("page-key")
         page.get_by_test_id("api-key").press("Tab")  # a change: the task types load
