@@ -14,7 +14,7 @@ import time
 from collections import Counter, deque
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 
@@ -46,27 +46,30 @@ class Activity:
         self.ended: deque[Record] = deque(maxlen=ENDED_KEPT)
         self._endings: deque[tuple[float, str, str]] = deque()  # (at, task, outcome)
         self._refused: deque[tuple[float, str]] = deque()  # refused here: (at, task)
+        self._tidied = time.time()
 
     def __call__(self, record: Record, event: TaskEvent) -> None:
-        task_id = record.status.id
+        task_id, now = record.status.id, time.time()
         if event.terminal:
             self.active.pop(task_id, None)
             self.ended.append(record)
-            self._endings.append((time.time(), event.task, event.type.value))
+            _within_a_minute(self._endings, now).append((now, event.task, event.type.value))
         else:
             self.active[task_id] = record
+        if now - self._tidied > MINUTE:  # whether or not a console is open
+            self._forget_stale(now)
 
     def refused(self, task: str) -> None:
         """A request this gateway refused before queueing."""
-        self._refused.append((time.time(), task))
+        _within_a_minute(self._refused, time.time()).append((time.time(), task))
 
     def per_minute(self, now: float) -> tuple[Counter[tuple[str, str]], Counter[str]]:
         """Endings by (task, outcome), and refusals here by task, in the last minute."""
-        for window in (self._endings, self._refused):
-            while window and window[0][0] < now - MINUTE:
-                window.popleft()
-        endings = Counter((task, outcome) for _, task, outcome in self._endings)
-        return endings, Counter(task for _, task in self._refused)
+        endings = _within_a_minute(self._endings, now)
+        refused = _within_a_minute(self._refused, now)
+        return Counter((task, outcome) for _, task, outcome in endings), Counter(
+            task for _, task in refused
+        )
 
     def states(self, now: float) -> Counter[tuple[str, str]]:
         """The fleet's tasks not ended, by (task type, state)."""
@@ -81,6 +84,7 @@ class Activity:
 
     def _forget_stale(self, now: float) -> None:
         """Drops the tasks whose end was never heard, a while after their deadline."""
+        self._tidied = now
         for task_id, record in list(self.active.items()):
             if record.deadline is None or record.deadline.epoch + STALE < now:
                 del self.active[task_id]
@@ -88,6 +92,16 @@ class Activity:
     def latest_ended(self, owner: str | None) -> list[Record]:
         mine = (record for record in reversed(self.ended) if record.owner == owner)
         return list(itertools.islice(mine, ENDED_SHOWN))
+
+
+W = TypeVar("W", bound=tuple[Any, ...])
+
+
+def _within_a_minute(window: deque[W], now: float) -> deque[W]:
+    """`window` (oldest first, each item's time first) without what is a minute old."""
+    while window and window[0][0] < now - MINUTE:
+        window.popleft()
+    return window
 
 
 def queues(svc: Services) -> list[dict[str, Any]]:
