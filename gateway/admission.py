@@ -232,6 +232,16 @@ class Admission:
                 largest_cost_that_fits=runtimes.largest_cost(max(0.0, left), q=LIKELY),
             )
         estimate = self.estimate(task, cost)
+        cap = self.settings.max_queue_wait
+        if estimate.wait and cap is not None and estimate.wait > cap:
+            raise Overloaded(
+                f"{estimate.ready} tasks are queued ahead of it in queue {task.queue!r}: it "
+                f"would start in about {estimate.wait:.2f} s, longer than the {cap:g} s a "
+                "task may wait here",
+                retry_after=max(1, math.ceil(estimate.wait - cap)),
+                estimate=estimate.as_dict(),
+                time_left=round(left, 3),
+            )
         if estimate.wait and estimate.likely_run is not None:
             late_by = estimate.wait + estimate.likely_run - left
             if late_by > 0:

@@ -38,6 +38,13 @@ class GatewaySettings(CommonSettings):
         "browser's EventSource for good)",
     )
     admission: bool = Field(default=True, description="refuse what cannot finish in time")
+    max_queue_wait: float | None = Field(
+        default=None,
+        gt=0,
+        description="refuse a task that would wait longer than this many seconds for a "
+        "slot, whatever its deadline: under overload a longer queue adds latency, not "
+        "throughput, and keeps out requests with short deadlines",
+    )
     api_keys: str = Field(
         default="",
         description="comma-separated API keys; empty leaves the API open (local use)",

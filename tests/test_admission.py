@@ -489,3 +489,38 @@ def test_the_drain_rate_follows_a_change_of_pace_and_keeps_a_bounded_history() -
     assert rate.per_second(at + 11) is None  # nothing recent
     rate.add(at + 11, 1.0, waiting=True)
     assert rate.per_second(at + 11) is None  # one end after a gap says nothing yet
+
+
+def test_a_queue_wait_limit_refuses_what_would_wait_longer_whatever_its_deadline() -> None:
+    """TIMEBOX_MAX_QUEUE_WAIT: behind 0.2 s tasks on one slot, a task with a minute to go
+    is admitted while it would wait under the limit, refused with 503 once it would
+    wait longer; without the limit, the same backlog is admitted."""
+    from contracts.errors import Overloaded
+
+    table = TaskTable(1000)
+    fleet = fleet_of("burn_cpu")
+    limited = Admission(GatewaySettings(max_queue_wait=0.5), None, table, fleet)  # type: ignore[arg-type]
+    unlimited = Admission(GatewaySettings(), None, table, fleet)  # type: ignore[arg-type]
+    burn = limited.tasks["burn_cpu"]
+    offsets = itertools.count()
+    for i in range(10):  # run times both trust: 0.2 s each
+        for kind, fields in [
+            (EventType.QUEUED, {"cost": 0.2}),
+            (EventType.SUCCEEDED, {"ran": 0.2}),
+        ]:
+            table.apply(
+                next(offsets), TaskEvent(type=kind, task_id=f"r{i}", task="burn_cpu", **fields)
+            )  # type: ignore[arg-type]
+    minute = Deadline.after(60, maximum=3600)
+    queued = 0
+    while (limited.estimate(burn, 0.2).wait or 0.0) <= 0.5:
+        limited.admit(burn, 0.2, minute)
+        table.apply(
+            next(offsets),
+            TaskEvent(type=EventType.QUEUED, task_id=f"q{queued}", task="burn_cpu", cost=0.2),
+        )
+        queued += 1
+    assert queued >= 2
+    with pytest.raises(Overloaded, match=r"longer than the 0\.5 s a task may wait here"):
+        limited.admit(burn, 0.2, minute)
+    unlimited.admit(burn, 0.2, minute)
