@@ -101,7 +101,8 @@ def report(results: dict[str, Any]) -> str:
                     f"{r['goodput_second_half_pct']}%",
                     _pct(r.get("second_half_cpu_left_for_slots_pct")),
                     r["refused_503"],
-                    _pct(r.get("admitted_then_unmeetable_pct")),
+                    f"{_pct(r.get('admitted_then_unmeetable_pct'))} "
+                    f"({_pct(r.get('admitted_then_expired_pct'))})",
                     f"{r['wasted_cpu_pct']}%",
                     _pct(r.get("worker_loop_cpu_pct")),
                 ]
@@ -120,7 +121,7 @@ def report(results: dict[str, Any]) -> str:
                 "2nd half",
                 "CPU left for the slots",
                 "503",
-                "admitted, then unmeetable",
+                "admitted, then unmeetable (expired unstarted)",
                 "wasted CPU",
                 "of it, worker loop",
             ],

@@ -209,7 +209,8 @@ def report(mode: str, a: Side, b: Side) -> None:
                 print(
                     f"    {w['load']}: goodput {w['goodput_pct']}%, 2nd half "
                     f"{w['goodput_second_half_pct']}%, 503 {w['refused_503']}, admitted then "
-                    f"unmeetable {w['admitted_then_unmeetable_pct']}%, wasted CPU "
+                    f"unmeetable {w['admitted_then_unmeetable_pct']}% (expired unstarted "
+                    f"{w['admitted_then_expired_pct']}%), wasted CPU "
                     f"{w['wasted_cpu_pct']}%, answers per worker {w['split']}"
                 )
             continue
@@ -221,7 +222,8 @@ def report(mode: str, a: Side, b: Side) -> None:
                 print(
                     f"    {w['load']}: goodput {w['goodput_pct']}%, steady "
                     f"{w['steady_goodput_of_cpu_left_pct']}% of the CPU left, unmeetable "
-                    f"{w['admitted_then_unmeetable_pct']}%, wasted {w['wasted_cpu_pct']}%, "
+                    f"{w['admitted_then_unmeetable_pct']}% (expired unstarted "
+                    f"{w['admitted_then_expired_pct']}%), wasted {w['wasted_cpu_pct']}%, "
                     f"served by size {sizes}%, by deadline {deadlines}%"
                 )
             continue

@@ -32,6 +32,7 @@ from bench.stack import CpuMeter, Stack
 SIZES = (0.05, 1.0)  # seconds of CPU, log-uniform between them
 DEADLINES = (1.0, 3.0)  # seconds, uniform between them
 MULTIPLES = (2, 4)
+WAIT_LIMITS = (None, 0.5)  # TIMEBOX_MAX_QUEUE_WAIT of the gateway the load goes through
 
 
 def plan(
@@ -110,6 +111,9 @@ def summarize(w: Window, window: float) -> dict[str, Any]:
         "admitted_then_unmeetable_pct": round(
             100 * sum(r.unmeetable for r in results) / max(1, len(results) - refused), 2
         ),
+        "admitted_then_expired_pct": round(
+            100 * sum(r.expired for r in results) / max(1, len(results) - refused), 2
+        ),
         "wasted_cpu_pct": round(100 * (w.cpu - useful) / w.cpu, 1) if w.cpu > 0 else 0.0,
         "by_size": by_tercile(results, "size"),
         "by_deadline": by_tercile(results, "deadline"),
@@ -129,33 +133,41 @@ def run(
             "window_s": window,
             "seed": seed,
             "client": "open loop, waits for the answer, gives up at its deadline",
+            "wait_limits_s": [limit for limit in WAIT_LIMITS if limit],
         },
         "loads": {},
     }
     with Stack() as stack:
-        gateway = stack.gateway()
+        # the same fleet through two gateways: one without a limit on the queue's wait,
+        # one with TIMEBOX_MAX_QUEUE_WAIT, each load through one then the other
+        gateways = {
+            limit: stack.gateway(**({"TIMEBOX_MAX_QUEUE_WAIT": str(limit)} if limit else {}))
+            for limit in WAIT_LIMITS
+        }
         worker = stack.worker(SLOTS)
-        with httpx.Client(base_url=gateway.url, timeout=10) as c:
+        with httpx.Client(base_url=gateways[None].url, timeout=10) as c:
             for seconds in (0.05, 0.1, 0.2, 0.4, 0.8) * 2:  # the run times every layer learns
                 c.post("/v1/tasks/burn_cpu", params={"wait": "true"}, json={"seconds": seconds})
-        target = Target(
-            gateway.url,
-            "/v1/tasks/burn_cpu",
-            worker.pid,
-            include_root=True,
-            headers={"Prefer": "wait", "Request-Timeout": str(DEADLINES[1])},
-            beside=CpuMeter.beside_tasks(gateway.pid, worker.pid),
-        )
         for m in multiples:
-            requests = plan(m, window, seed)
-            measured = asyncio.run(measure(target, requests, window, drain))
-            out["loads"][f"{m:g}x"] = summarize(measured, window)
+            for limit, gateway in gateways.items():
+                target = Target(
+                    gateway.url,
+                    "/v1/tasks/burn_cpu",
+                    worker.pid,
+                    include_root=True,
+                    headers={"Prefer": "wait", "Request-Timeout": str(DEADLINES[1])},
+                    beside=CpuMeter.beside_tasks(gateway.pid, worker.pid),
+                )
+                measured = asyncio.run(measure(target, plan(m, window, seed), window, drain))
+                name = f"{m:g}x" if limit is None else f"{m:g}x, wait limit {limit:g} s"
+                out["loads"][name] = summarize(measured, window)
     return out
 
 
 def table(result: dict[str, Any]) -> str:
     rows = [
-        "| load | goodput | steady state (of CPU left) | unmeetable | wasted | size terciles "
+        "| load | goodput | steady state (of CPU left) | unmeetable (expired unstarted) | wasted "
+        "| size terciles "
         "served | deadline terciles served |",
         "|---|---|---|---|---|---|---|",
     ]
@@ -165,7 +177,8 @@ def table(result: dict[str, Any]) -> str:
         rows.append(
             f"| {load} | {s['goodput_pct']} % | {s['steady_goodput_pct']} % "
             f"({s['steady_goodput_of_cpu_left_pct']} % of {s['steady_cpu_left_for_slots_pct']} %) "
-            f"| {s['admitted_then_unmeetable_pct']} % | {s['wasted_cpu_pct']} % "
+            f"| {s['admitted_then_unmeetable_pct']} % ({s.get('admitted_then_expired_pct')} %) "
+            f"| {s['wasted_cpu_pct']} % "
             f"| {sizes} % | {deadlines} % |"
         )
     return "\n".join(rows)

@@ -44,6 +44,7 @@ class Result:
     worker: str | None = None  # which worker ran it, when the answer says
     unmeetable: bool = False  # admitted, then not started by a worker: it could not finish
     planned: Planned | None = None
+    expired: bool = False  # admitted, then ended unstarted (unmeetable, its TTL, no slot)
 
     @property
     def on_time(self) -> bool:
@@ -84,7 +85,7 @@ async def open_loop(target: Target, plan: list[Planned]) -> list[Result]:
             t = time.perf_counter()
             status: int | str
             cpu = worker = None
-            unmeetable = False
+            unmeetable = expired = False
             headers = target.headers
             if "Request-Timeout" in headers:  # the client's deadline, told to the server
                 headers = {**headers, "Request-Timeout": str(planned.deadline)}
@@ -101,7 +102,9 @@ async def open_loop(target: Target, plan: list[Planned]) -> list[Result]:
                         answer = await r.json(content_type=None)
                         cpu, worker = answer.get("cpu_seconds"), answer.get("worker")
                     elif r.status == 504:
-                        unmeetable = b'"reason":"unmeetable' in await r.read()
+                        body = await r.read()
+                        unmeetable = b'"reason":"unmeetable' in body
+                        expired = b"/problems/task-expired" in body
                     else:
                         await r.read()
             except TimeoutError:
@@ -109,7 +112,9 @@ async def open_loop(target: Target, plan: list[Planned]) -> list[Result]:
             except aiohttp.ClientError as exc:
                 status = type(exc).__name__
             latency = time.perf_counter() - t
-            results.append(Result(planned.at, status, latency, cpu, worker, unmeetable, planned))
+            results.append(
+                Result(planned.at, status, latency, cpu, worker, unmeetable, planned, expired)
+            )
 
         start = time.perf_counter()
         tasks = []
@@ -161,6 +166,9 @@ def summarize(
         # admitted, then expired `unmeetable` by a worker: a 504 where a 503 was due
         "admitted_then_unmeetable_pct": round(
             100 * sum(r.unmeetable for r in results) / max(1, len(results) - refused), 2
+        ),
+        "admitted_then_expired_pct": round(
+            100 * sum(r.expired for r in results) / max(1, len(results) - refused), 2
         ),
         "statuses": statuses,
         "tree_cpu_s": round(cpu, 2),

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
+import itertools
 import json
 import logging
 import os
 import signal
+from collections import deque
 from typing import Any
 
 from compute.forkserver import CannotLoad, Forked, ForkServer
@@ -167,10 +170,13 @@ class Pool:
         self.server = ForkServer(*self._server_args)
         self.tasks: dict[str, dict[str, Any]] = {}  # what the fork server loaded
         self._restarting = asyncio.Lock()
-        self._idle: asyncio.Queue[Child] = asyncio.Queue()
+        self._idle: deque[Child] = deque()
         self._spare: asyncio.Task[Child] | None = None
         self._all: set[Child] = set()
-        self._waiting = 0  # callers of acquire() not yet given a child
+        # callers of acquire() not yet given a child, the most urgent first:
+        # (urgency, arrival, future)
+        self._waiters: list[tuple[float, int, asyncio.Future[Child]]] = []
+        self._arrivals = itertools.count()
         self._replacing = Background()
         self._ticking = Background()
 
@@ -189,7 +195,7 @@ class Pool:
         children = await asyncio.gather(*(self._spawn() for _ in range(self.size)))
         for child in children:
             self._all.add(child)
-            self._idle.put_nowait(child)
+            self._idle.append(child)
         await asyncio.wait([self._spare])  # the first kill is replaced at once too
 
     async def _spawn(self) -> Child:
@@ -237,25 +243,44 @@ class Pool:
             self.server.tick()
             await asyncio.sleep(TICK_EVERY)
 
-    async def acquire(self) -> Child:
-        self._waiting += 1
-        try:
-            while True:
-                child = await self._idle.get()
-                if self._usable(child):
-                    return child
-        finally:
-            self._waiting -= 1
+    async def acquire(self, urgency: float = 0.0) -> Child:
+        """A free child; while none is, callers wait, and the lowest `urgency` (a task's
+        stop time: the earliest deadline) gets the next one, the first come among
+        equals."""
+        while True:
+            child = self.try_acquire()
+            if child is None:
+                waiter = asyncio.get_running_loop().create_future()
+                heapq.heappush(self._waiters, (urgency, next(self._arrivals), waiter))
+                try:
+                    child = await waiter
+                except asyncio.CancelledError:
+                    if waiter.done() and not waiter.cancelled():
+                        self._free(waiter.result())  # given one, then cancelled
+                    raise
+            if self._usable(child):
+                return child
 
     def try_acquire(self) -> Child | None:
         """An idle child at once, unless there is none or others wait for one first."""
-        if self._waiting:
+        while self._waiters and self._waiters[0][2].done():  # cancelled waiters
+            heapq.heappop(self._waiters)
+        if self._waiters:
             return None
-        while not self._idle.empty():
-            child = self._idle.get_nowait()
+        while self._idle:
+            child = self._idle.popleft()
             if self._usable(child):
                 return child
         return None
+
+    def _free(self, child: Child) -> None:
+        """An idle child: to the most urgent waiter, or among the idle ones."""
+        while self._waiters:
+            _, _, waiter = heapq.heappop(self._waiters)
+            if not waiter.done():
+                waiter.set_result(child)
+                return
+        self._idle.append(child)
 
     def _usable(self, child: Child) -> bool:
         """Whether an idle child is alive; one that died idle (with its fork server, say)
@@ -266,7 +291,7 @@ class Pool:
 
     def release(self, child: Child) -> None:
         if child.alive:
-            self._idle.put_nowait(child)
+            self._free(child)
         else:
             self._replacing.spawn(self.replace(child))
 
@@ -284,7 +309,7 @@ class Pool:
             child.proc.close()
             child = await self._spawn()
         self._all.add(child)
-        self._idle.put_nowait(child)
+        self._free(child)
 
     def pids(self) -> list[int]:
         pids = [c.pid for c in self._all]

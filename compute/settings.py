@@ -20,6 +20,14 @@ class WorkerSettings(CommonSettings):
         "by default): a task must always end, and be acked, before it",
     )
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    lookahead: int = Field(
+        default=0,
+        ge=0,
+        le=1000,
+        description="messages a worker takes from each queue beyond its slots; a slot "
+        "that frees starts the one with the earliest deadline among those it holds. They "
+        "wait here for this worker's slots, not in RabbitMQ for any worker's",
+    )
     metrics_host: str = "127.0.0.1"
     child_nice: int = Field(
         default=10,

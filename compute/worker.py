@@ -347,7 +347,7 @@ class Worker:
         self.waiting = count
         for name, slots in self.queues.items():
             # per consumer: quorum queues refuse a channel-wide (global) prefetch
-            await channel.set_qos(prefetch_count=slots)
+            await channel.set_qos(prefetch_count=slots + self.settings.lookahead)
             queue = await channel.declare_queue(
                 self.topology.task_queue(name),
                 durable=True,
@@ -621,7 +621,7 @@ class Worker:
         """A free child, or None if the job was cancelled or hit its stop time first."""
         child = self.pool.try_acquire()
         if child is None:
-            acquire = asyncio.ensure_future(self.pool.acquire())
+            acquire = asyncio.ensure_future(self.pool.acquire(job.stop_at))
             waits: set[asyncio.Future[Any]] = {acquire, job.cancelled}
             try:
                 await asyncio.wait(

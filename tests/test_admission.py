@@ -120,6 +120,31 @@ def test_messages_wait_in_the_broker_for_any_free_slot_not_in_a_busy_worker(
     assert ran_on == {idle.status_name}, (ran_on, busy.status_name)
 
 
+def test_with_a_lookahead_a_free_slot_starts_the_earliest_deadline_it_holds(make_stack) -> None:
+    """TIMEBOX_LOOKAHEAD=3: a 1-slot worker holds three messages beyond its slot. Queued
+    behind a running task in the order long, short, middle deadline, they start
+    shortest deadline first."""
+    stack: Stack = make_stack(TIMEBOX_LOOKAHEAD="3")
+    stack.gateway()
+    stack.worker(1)
+    with stack.client() as client:
+        first = client.post("/v1/tasks/nap", json={"seconds": 1.0}).json()["id"]
+        wait_for_event(client, first, "running")
+        queued = {
+            timeout: client.post(
+                "/v1/tasks/nap", headers={"Request-Timeout": timeout}, json={"seconds": 0.05}
+            ).json()["id"]
+            for timeout in ("30", "10", "20")
+        }
+        for task_id in queued.values():
+            assert task_events(client, task_id)[-1][0] == "succeeded"
+        started = {
+            timeout: instant(client.get(f"/v1/tasks/{task_id}").json()["started_at"])
+            for timeout, task_id in queued.items()
+        }
+    assert sorted(started, key=started.__getitem__) == ["10", "20", "30"]
+
+
 def test_a_message_any_publisher_sends_starts_at_once_on_an_idle_worker(
     make_stack, amqp_url
 ) -> None:

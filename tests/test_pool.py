@@ -280,6 +280,34 @@ async def test_an_idle_child_goes_to_whoever_waited_first(pool: Pool) -> None:
     pool.release(child)
 
 
+async def test_a_freed_child_goes_to_the_most_urgent_waiter_first_come_among_equals(
+    pool: Pool,
+) -> None:
+    """Waiters by urgency (a task's stop time): the earliest deadline first. A waiter
+    cancelled on the way is skipped, and one cancelled as it is given the child hands it
+    on."""
+    child = pool.try_acquire()
+    assert child is not None
+    order: list[str] = []
+
+    async def wait(name: str, urgency: float) -> None:
+        got = await pool.acquire(urgency)
+        order.append(name)
+        pool.release(got)
+
+    waiters = {
+        name: asyncio.ensure_future(wait(name, urgency))
+        for name, urgency in [("late", 30.0), ("soon", 10.0), ("gone", 5.0), ("soon too", 10.0)]
+    }
+    await asyncio.sleep(0)  # all four wait now
+    waiters["gone"].cancel()
+    pool.release(child)
+    await asyncio.wait_for(asyncio.gather(waiters["late"], waiters["soon"], waiters["soon too"]), 5)
+    assert order == ["soon", "soon too", "late"]
+    assert pool.try_acquire() is child
+    pool.release(child)
+
+
 @pytest.mark.parametrize("hold_gil", [False, True], ids=["python-loop", "hold-gil"])
 async def test_a_child_whose_worker_does_nothing_is_stopped_by_the_kernel(
     pool: Pool, hold_gil: bool
