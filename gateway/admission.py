@@ -209,8 +209,8 @@ class Admission:
     def admit(self, task: Task[..., Any], cost: float | None, deadline: Deadline) -> None:
         """Raises NoWorker (503) for a type no worker serves now, DeadlineUnmeetable (422)
         for an input a worker would not start even at once, Overloaded (503) for one it
-        would not start at the end of the wait ahead; admits whenever there is no data
-        to judge by."""
+        would not start at the end of the wait ahead (or that would wait longer than
+        `max_queue_wait`); admits whenever there is no data to judge by."""
         if not self.fleet.serving(task.name):
             raise NoWorker(
                 f"no worker serves task type {task.name!r} at the moment: start one "
@@ -231,7 +231,11 @@ class Admission:
                 cost=cost,
                 largest_cost_that_fits=runtimes.largest_cost(max(0.0, left), q=LIKELY),
             )
-        estimate = self.estimate(task, cost)
+        self._check_wait(task, self.estimate(task, cost), left)
+
+    def _check_wait(self, task: Task[..., Any], estimate: Estimate, left: float) -> None:
+        """Raises Overloaded for a task that would wait longer than the settings allow,
+        or that a worker would not start at the end of its wait."""
         cap = self.settings.max_queue_wait
         if estimate.wait and cap is not None and estimate.wait > cap:
             raise Overloaded(
