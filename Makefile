@@ -31,7 +31,7 @@ test: install broker
 test-cluster: install  ## starts a three-node RabbitMQ cluster here, stops a node under load
 	$(PY) -m pytest -m cluster tests/test_cluster.py $(PYTEST_ARGS)
 
-bench: $(BENCH_STAMP) broker  ## every benchmark, full size (several minutes); results in bench/results/
+bench: $(BENCH_STAMP) broker  ## every benchmark, full size (about 45 minutes); results in bench/results/
 	$(PY) -m bench
 
 bench-quick: $(BENCH_STAMP) broker  ## the same, smaller, in about three minutes
