@@ -177,14 +177,7 @@ MIXED_WINDOW = 15.0
 def mixed_block(side: Side, multiple: int, seed: int) -> None:
     """One window of bench/mixed.py's load at `multiple` x the slots' CPU (the same
     requests for both sides of a pair); the block's figure is its goodput."""
-    target = overload.Target(
-        side.gateway.url,
-        "/v1/tasks/burn_cpu",
-        side.worker.pid,
-        include_root=True,
-        beside=CpuMeter.beside_tasks(side.gateway.pid, side.worker.pid),
-        headers={"Prefer": "wait", "Request-Timeout": str(mixed.DEADLINES[1])},
-    )
+    target = mixed.target(side.gateway.url, side.gateway.pid, side.worker.pid)
     plan = mixed.plan(multiple, MIXED_WINDOW, seed)
     window = mixed.summarize(
         asyncio.run(overload.measure(target, plan, MIXED_WINDOW, drain=4.0)), MIXED_WINDOW
@@ -287,7 +280,7 @@ def main() -> None:
                 client.post(ECHO_RPC, json={"payload": 0})
             learn = {
                 "overload": [overload.TASK_SECONDS] * 10,
-                "mixed": [0.05, 0.1, 0.2, 0.4, 0.8] * 2,
+                "mixed": list(mixed.LEARN),
             }.get(args.mode, [])
             for seconds in learn:  # the run times, learned
                 body = {"seconds": seconds}

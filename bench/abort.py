@@ -6,6 +6,7 @@ across the deadline, when only the child's timer in the kernel can stop it."""
 from __future__ import annotations
 
 import signal
+from datetime import datetime
 from typing import Any
 
 import httpx
@@ -52,16 +53,11 @@ def _stopped(c: httpx.Client, hold_gil: bool) -> tuple[float, float]:
     aborted = task_events(c, burn)[-1][1]
     assert aborted["type"] == "aborted", aborted
     late = float(aborted["late_by"])  # type: ignore[arg-type]
-    return late, _started(task_events(c, nxt)) - float(aborted["at"])  # type: ignore[arg-type]
-
-
-def _started(events: list[tuple[str, dict[str, object], str]]) -> float:
-    """When a task started: its `running` event, or its ending's `started` (a run of a
-    few milliseconds says no `running` of its own)."""
-    for kind, event, _ in events:
-        if kind == "running":
-            return float(event["at"])  # type: ignore[arg-type]
-    return float(events[-1][1]["started"])  # type: ignore[arg-type]
+    task_events(c, nxt)  # until it ended
+    # its status folds the start from a `running` event or, for a run of a few ms
+    # that says none, from its ending
+    started = datetime.fromisoformat(c.get(f"/v1/tasks/{nxt}").json()["started_at"])
+    return late, started.timestamp() - float(aborted["at"])  # type: ignore[arg-type]
 
 
 def _stopped_frozen(c: httpx.Client, worker: Worker, hold_gil: bool) -> float:

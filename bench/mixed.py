@@ -24,6 +24,7 @@ from bench.overload import (
     Result,
     Target,
     Window,
+    admitted_then,
     cpu_left_for_slots_pct,
     measure,
 )
@@ -32,7 +33,20 @@ from bench.stack import CpuMeter, Stack
 SIZES = (0.05, 1.0)  # seconds of CPU, log-uniform between them
 DEADLINES = (1.0, 3.0)  # seconds, uniform between them
 MULTIPLES = (2, 4)
+LEARN = (0.05, 0.1, 0.2, 0.4, 0.8) * 2  # sizes run first, so every layer learns run times
 WAIT_LIMITS = (None, 0.5)  # TIMEBOX_MAX_QUEUE_WAIT of the gateway the load goes through
+
+
+def target(url: str, gateway_pid: int, worker_pid: int) -> Target:
+    """The load's requests: `burn_cpu` RPCs, each with its own deadline."""
+    return Target(
+        url,
+        "/v1/tasks/burn_cpu",
+        worker_pid,
+        include_root=True,
+        headers={"Prefer": "wait", "Request-Timeout": str(DEADLINES[1])},
+        beside=CpuMeter.beside_tasks(gateway_pid, worker_pid),
+    )
 
 
 def plan(
@@ -108,12 +122,7 @@ def summarize(w: Window, window: float) -> dict[str, Any]:
         "steady_goodput_pct": round(steady_pct, 1),
         "steady_cpu_left_for_slots_pct": left,
         "steady_goodput_of_cpu_left_pct": round(100 * steady_pct / left, 1) if left else None,
-        "admitted_then_unmeetable_pct": round(
-            100 * sum(r.unmeetable for r in results) / max(1, len(results) - refused), 2
-        ),
-        "admitted_then_expired_pct": round(
-            100 * sum(r.expired for r in results) / max(1, len(results) - refused), 2
-        ),
+        **admitted_then(results, refused),
         "wasted_cpu_pct": round(100 * (w.cpu - useful) / w.cpu, 1) if w.cpu > 0 else 0.0,
         "by_size": by_tercile(results, "size"),
         "by_deadline": by_tercile(results, "deadline"),
@@ -146,19 +155,12 @@ def run(
         }
         worker = stack.worker(SLOTS)
         with httpx.Client(base_url=gateways[None].url, timeout=10) as c:
-            for seconds in (0.05, 0.1, 0.2, 0.4, 0.8) * 2:  # the run times every layer learns
+            for seconds in LEARN:
                 c.post("/v1/tasks/burn_cpu", params={"wait": "true"}, json={"seconds": seconds})
         for m in multiples:
             for limit, gateway in gateways.items():
-                target = Target(
-                    gateway.url,
-                    "/v1/tasks/burn_cpu",
-                    worker.pid,
-                    include_root=True,
-                    headers={"Prefer": "wait", "Request-Timeout": str(DEADLINES[1])},
-                    beside=CpuMeter.beside_tasks(gateway.pid, worker.pid),
-                )
-                measured = asyncio.run(measure(target, plan(m, window, seed), window, drain))
+                load = target(gateway.url, gateway.pid, worker.pid)
+                measured = asyncio.run(measure(load, plan(m, window, seed), window, drain))
                 name = f"{m:g}x" if limit is None else f"{m:g}x, wait limit {limit:g} s"
                 out["loads"][name] = summarize(measured, window)
     return out

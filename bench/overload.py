@@ -141,6 +141,18 @@ def cpu_left_for_slots_pct(
     return round(100 * max(0.0, min(SLOTS * 1000, left)) / (SLOTS * 1000), 1)
 
 
+def admitted_then(results: list[Result], refused: int) -> dict[str, float]:
+    """Of the admitted requests, the % a worker then found unmeetable, and the % that
+    ended unstarted for any reason (unmeetable, their TTL, no slot in time)."""
+    admitted = max(1, len(results) - refused)
+    return {
+        "admitted_then_unmeetable_pct": round(
+            100 * sum(r.unmeetable for r in results) / admitted, 2
+        ),
+        "admitted_then_expired_pct": round(100 * sum(r.expired for r in results) / admitted, 2),
+    }
+
+
 def summarize(
     results: list[Result],
     window: float,
@@ -164,12 +176,7 @@ def summarize(
         "goodput_second_half_pct": round(100 * len(late_half) / (window / 2) / CAPACITY, 1),
         "refused_503": statuses.get("503", 0),
         # admitted, then expired `unmeetable` by a worker: a 504 where a 503 was due
-        "admitted_then_unmeetable_pct": round(
-            100 * sum(r.unmeetable for r in results) / max(1, len(results) - refused), 2
-        ),
-        "admitted_then_expired_pct": round(
-            100 * sum(r.expired for r in results) / max(1, len(results) - refused), 2
-        ),
+        **admitted_then(results, refused),
         "statuses": statuses,
         "tree_cpu_s": round(cpu, 2),
         "useful_cpu_s": round(useful, 2),

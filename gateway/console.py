@@ -61,7 +61,8 @@ class Activity:
 
     def refused(self, task: str) -> None:
         """A request this gateway refused before queueing."""
-        _within_a_minute(self._refused, time.time()).append((time.time(), task))
+        now = time.time()
+        _within_a_minute(self._refused, now).append((now, task))
 
     def per_minute(self, now: float) -> tuple[Counter[tuple[str, str]], Counter[str]]:
         """Endings by (task, outcome), and refusals here by task, in the last minute."""
