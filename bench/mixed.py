@@ -34,7 +34,16 @@ SIZES = (0.05, 1.0)  # seconds of CPU, log-uniform between them
 DEADLINES = (1.0, 3.0)  # seconds, uniform between them
 MULTIPLES = (2, 4)
 LEARN = (0.05, 0.1, 0.2, 0.4, 0.8) * 2  # sizes run first, so every layer learns run times
-WAIT_LIMITS = (None, 0.5)  # TIMEBOX_MAX_QUEUE_WAIT of the gateway the load goes through
+# (name, the fleet's settings, its gateway's): the load goes through each in turn
+VARIANTS: tuple[tuple[str, dict[str, str], dict[str, str]], ...] = (
+    ("", {}, {}),
+    (", wait limit 0.5 s", {}, {"TIMEBOX_MAX_QUEUE_WAIT": "0.5"}),
+    (
+        ", priorities",
+        {"TIMEBOX_TASK_QUEUE_TYPE": "classic", "TIMEBOX_TASK_PRIORITIES": "10"},
+        {},
+    ),
+)
 
 
 def target(url: str, gateway_pid: int, worker_pid: int) -> Target:
@@ -142,27 +151,27 @@ def run(
             "window_s": window,
             "seed": seed,
             "client": "open loop, waits for the answer, gives up at its deadline",
-            "wait_limits_s": [limit for limit in WAIT_LIMITS if limit],
+            "variants": {name: {**fleet, **env} for name, fleet, env in VARIANTS},
         },
         "loads": {},
     }
-    with Stack() as stack:
-        # the same fleet through two gateways: one without a limit on the queue's wait,
-        # one with TIMEBOX_MAX_QUEUE_WAIT, each load through one then the other
-        gateways = {
-            limit: stack.gateway(**({"TIMEBOX_MAX_QUEUE_WAIT": str(limit)} if limit else {}))
-            for limit in WAIT_LIMITS
-        }
-        worker = stack.worker(SLOTS)
-        with httpx.Client(base_url=gateways[None].url, timeout=10) as c:
-            for seconds in LEARN:
-                c.post("/v1/tasks/burn_cpu", params={"wait": "true"}, json={"seconds": seconds})
-        for m in multiples:
-            for limit, gateway in gateways.items():
-                load = target(gateway.url, gateway.pid, worker.pid)
-                measured = asyncio.run(measure(load, plan(m, window, seed), window, drain))
-                name = f"{m:g}x" if limit is None else f"{m:g}x, wait limit {limit:g} s"
-                out["loads"][name] = summarize(measured, window)
+    loads: dict[tuple[float, str], dict[str, Any]] = {}
+    for fleet in {tuple(fleet.items()): fleet for _, fleet, _ in VARIANTS}.values():
+        # each fleet's variants are gateways on it, each load through one then the next
+        with Stack(**fleet) as stack:
+            gateways = {name: stack.gateway(**env) for name, f, env in VARIANTS if f == fleet}
+            worker = stack.worker(SLOTS)
+            with httpx.Client(base_url=next(iter(gateways.values())).url, timeout=10) as c:
+                for seconds in LEARN:
+                    c.post("/v1/tasks/burn_cpu", params={"wait": "true"}, json={"seconds": seconds})
+            for m in multiples:
+                for name, gateway in gateways.items():
+                    load = target(gateway.url, gateway.pid, worker.pid)
+                    measured = asyncio.run(measure(load, plan(m, window, seed), window, drain))
+                    loads[m, name] = summarize(measured, window)
+    for m in multiples:
+        for name, _, _ in VARIANTS:
+            out["loads"][f"{m:g}x{name}"] = loads[m, name]
     return out
 
 

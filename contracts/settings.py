@@ -40,6 +40,14 @@ class CommonSettings(BaseSettings):
         description="quorum: replicated, a delivery limit (a cluster wants it); classic: a "
         "third less broker work per task on a single node (contracts/topology.py)",
     )
+    task_priorities: int = Field(
+        default=0,
+        ge=0,
+        le=10,
+        description="levels of urgency of a classic task queue: a task with an earlier "
+        "deadline starts before those queued with later ones (0: first in, first out; "
+        "quorum queues have none on RabbitMQ 3.10)",
+    )
     heartbeat: int = Field(
         default=10, ge=1, le=600, description="AMQP heartbeat: a dead link is noticed within ~2x"
     )
@@ -70,6 +78,11 @@ class CommonSettings(BaseSettings):
                 "the 'guest' user only works on loopback: set TIMEBOX_AMQP_URL with the "
                 "broker's own user for a broker on another host"
             )
+        if self.task_priorities and self.task_queue_type != "classic":
+            raise ValueError(
+                "task_priorities needs task_queue_type=classic: quorum queues keep no "
+                "priorities on RabbitMQ 3.10"
+            )
         return self
 
     @property
@@ -87,6 +100,7 @@ class CommonSettings(BaseSettings):
         return Topology(
             namespace=self.namespace,
             task_queue_type=self.task_queue_type,
+            priorities=self.task_priorities,
             delivery_limit=self.delivery_limit,
             queue_max_length=self.queue_max_length,
             events_max_age=self.events_max_age,

@@ -4,11 +4,15 @@ Pure data: the gateway and the workers declare what `declarations()` lists."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 ExchangeKind = Literal["direct", "fanout"]
+
+# With priorities, a task with this little time left gets the top one: it cannot wait
+URGENT = 0.5
 
 
 @dataclass(frozen=True)
@@ -37,6 +41,7 @@ Declaration = ExchangeDecl | QueueDecl | BindingDecl
 class Topology:
     namespace: str = "timebox"
     task_queue_type: Literal["quorum", "classic"] = "quorum"
+    priorities: int = 0  # levels of urgency a classic task queue keeps (0: FIFO)
     delivery_limit: int = 3
     queue_max_length: int | None = None
     events_max_age: str = "1h"
@@ -88,7 +93,18 @@ class Topology:
             args["x-dead-letter-strategy"] = "at-least-once"
         if self.queue_max_length is not None:
             args["x-max-length"] = self.queue_max_length
+        if self.priorities:
+            args["x-max-priority"] = self.priorities - 1
         return args
+
+    def priority(self, left: float) -> int:
+        """The urgency of a task published with `left` seconds to its deadline: the
+        queue hands out the highest first, so the earliest deadlines start first
+        (bands of a factor √2 from URGENT up; 0 for all without priorities)."""
+        top = self.priorities - 1
+        if top <= 0 or left <= URGENT:
+            return max(top, 0)
+        return max(0, top - 1 - math.floor(2 * math.log2(left / URGENT)))
 
     def declarations(self, routes: Mapping[str, str]) -> list[Declaration]:
         """Everything, with a task queue for each queue of `routes` (task type: queue)

@@ -97,6 +97,7 @@ class Admission:
         self.runtimes = {
             name: RunTimes(min_samples=settings.estimate_min_samples) for name in self.tasks
         }
+        self.topology = settings.topology()  # the priority a task is published with
         self.queues = sorted({task.queue for task in self.tasks.values()})
         self.figures = {queue: QueueFigures() for queue in self.queues}
         self.backlogs = {queue: Backlog() for queue in self.queues}
@@ -112,7 +113,12 @@ class Admission:
             return
         backlog = self.backlogs[task.queue]
         if event.type is EventType.QUEUED:
-            backlog.add(event.task_id, task.name, units(record.cost))
+            priority = self._priority(event.deadline_ms, event.at)
+            latest = math.inf  # the latest a worker starts it: its start bar before its stop
+            if event.deadline_ms is not None:
+                bar = start_bar(self.runtimes[task.name], record.cost, backlog=True) or 0.0
+                latest = event.deadline_ms / 1000 - self.settings.stop_margin - bar
+            backlog.add(event.task_id, task.name, units(record.cost), priority, latest)
         elif event.type is EventType.RUNNING:
             backlog.start(event.task_id)
         elif event.terminal:
@@ -181,13 +187,23 @@ class Admission:
 
     # -- estimates -------------------------------------------------------------------
 
-    def estimate(self, task: Task[..., Any], cost: float | None = None) -> Estimate:
+    def _priority(self, deadline_ms: int | None, at: float) -> int:
+        """The priority its task message was published with (gateway/broker.py)."""
+        return 0 if deadline_ms is None else self.topology.priority(deadline_ms / 1000 - at)
+
+    def estimate(
+        self, task: Task[..., Any], cost: float | None = None, deadline: Deadline | None = None
+    ) -> Estimate:
+        """What a task of this type and cost, published now with this deadline, can
+        expect: without a deadline, one that waits behind every task queued."""
         runtimes = self.runtimes[task.name]
         backlog = self.backlogs[task.queue]
         slots = self.fleet.slots(task.queue)
-        wait = backlog.wait(slots, time.time(), self._mean_run)
+        now = time.time()
+        priority = self._priority(None if deadline is None else deadline.epoch_ms, now)
+        wait = backlog.wait(slots, backlog.pace(slots, now, self._mean_run), priority)
         return Estimate(
-            len(backlog.queued),
+            backlog.ahead(priority),
             len(backlog.running),
             slots,
             wait,
@@ -226,12 +242,13 @@ class Admission:
             raise DeadlineUnmeetable(
                 f"this input needs about {alone:.2f} s to run, but only "
                 f"{max(0.0, left):.2f} s are left before its deadline",
-                estimate=self.estimate(task, cost).as_dict(),
+                estimate=self.estimate(task, cost, deadline).as_dict(),
                 time_left=round(left, 3),
                 cost=cost,
                 largest_cost_that_fits=runtimes.largest_cost(max(0.0, left), q=LIKELY),
             )
-        self._check_wait(task, self.estimate(task, cost), left)
+        self._check_wait(task, self.estimate(task, cost, deadline), left)
+        self._check_room(task, cost, deadline)
 
     def _check_wait(self, task: Task[..., Any], estimate: Estimate, left: float) -> None:
         """Raises Overloaded for a task that would wait longer than the settings allow,
@@ -257,6 +274,29 @@ class Admission:
                     estimate=estimate.as_dict(),
                     time_left=round(left, 3),
                 )
+
+    def _check_room(self, task: Task[..., Any], cost: float | None, deadline: Deadline) -> None:
+        """Raises Overloaded for a task that would start before tasks queued with later
+        deadlines (its priority is higher) and delay one of them past the time a worker
+        would still start it, less one start's time kept for the estimate's error: what
+        was admitted first keeps its place."""
+        if not self.topology.priorities:
+            return  # first in, first out: no task ever starts before one queued earlier
+        backlog = self.backlogs[task.queue]
+        slots, now = self.fleet.slots(task.queue), time.time()
+        pace = backlog.pace(slots, now, self._mean_run)
+        run = self._mean_run(task.name, units(cost), 1)
+        if pace is None or run is None:
+            return
+        room = backlog.room(slots, now, pace, self._priority(deadline.epoch_ms, now)) - pace.gap
+        if pace.delay(run) > room:
+            raise Overloaded(
+                f"it would start before tasks queued with later deadlines in queue "
+                f"{task.queue!r} and make one of them late: they have {max(0.0, room):.2f} s "
+                f"to spare, it would take {pace.delay(run):.2f} s",
+                retry_after=1,
+                time_left=round(deadline.remaining() - self.settings.stop_margin, 3),
+            )
 
 
 async def stop(task: asyncio.Task[None]) -> None:

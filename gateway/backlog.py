@@ -3,8 +3,10 @@ and how fast it really drains."""
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Callable
+from typing import NamedTuple
 
 
 class DrainRate:
@@ -56,32 +58,40 @@ class DrainRate:
 class Backlog:
     """One queue's tasks, queued and running: how many of each type, and how many units
     of cost (their work is each type's run time for them, which the caller knows best
-    when asked: it learns as tasks end)."""
+    when asked: it learns as tasks end), and in which order the queue hands them out:
+    the highest priority first, first in first out within one."""
 
     def __init__(self) -> None:
-        self.queued: dict[str, tuple[str, float]] = {}  # task id: (type, units of cost)
-        self.running: dict[str, tuple[str, float]] = {}
+        # task id: (type, units of cost, priority, the latest a worker would start it)
+        self.queued: dict[str, tuple[str, float, int, float]] = {}
+        self.running: dict[str, tuple[str, float, int, float]] = {}
         self._units: dict[str, float] = {}  # type: its units queued and running
         self._counts: dict[str, int] = {}  # type: its tasks queued and running
+        self._waiting: dict[int, int] = {}  # priority: tasks queued with it
         self.drain = DrainRate()
 
-    def add(self, task_id: str, task: str, units: float) -> None:
+    def add(
+        self, task_id: str, task: str, units: float, priority: int = 0, latest: float = math.inf
+    ) -> None:
         if task_id not in self.queued and task_id not in self.running:
-            self.queued[task_id] = (task, units)
+            self.queued[task_id] = (task, units, priority, latest)
             self._units[task] = self._units.get(task, 0.0) + units
             self._counts[task] = self._counts.get(task, 0) + 1
+            self._waiting[priority] = self._waiting.get(priority, 0) + 1
 
     def start(self, task_id: str) -> None:
         if task_id in self.queued:
-            self.running[task_id] = self.queued.pop(task_id)
+            self.running[task_id] = entry = self.queued.pop(task_id)
+            self._waiting[entry[2]] -= 1
 
     def end(self, task_id: str, at: float, ran: float | None) -> None:
         if task_id in self.running:
-            task, units = self.running.pop(task_id)
+            task, units, _, _ = self.running.pop(task_id)
             if ran is not None:
                 self.drain.add(at, ran, waiting=bool(self.queued))
         elif task_id in self.queued:  # ended before it started
-            task, units = self.queued.pop(task_id)
+            task, units, priority, _ = self.queued.pop(task_id)
+            self._waiting[priority] -= 1
         else:
             return
         self._units[task] -= units
@@ -90,21 +100,65 @@ class Backlog:
             self._units.clear()  # no rounding left over from the sums
             self._counts.clear()
 
-    def wait(
+    def ahead(self, priority: int = 0) -> int:
+        """The tasks queued that start before one queued now with `priority`."""
+        return sum(n for level, n in self._waiting.items() if level >= priority)
+
+    def pace(
         self, slots: int, now: float, run: Callable[[str, float, int], float | None]
-    ) -> float | None:
-        """How long a task queued now waits for a slot, FIFO; `run(type, units, count)`:
-        the seconds that many runs of a type take on average (None while unknown). None
-        without slots."""
-        tasks = len(self.queued) + len(self.running)
+    ) -> Pace | None:
+        """How fast the queue moves now; `run(type, units, count)`: the seconds that
+        many runs of a type take on average (None while unknown). None without slots."""
         if slots <= 0:
             return None
-        ahead = tasks - slots  # tasks to end before a slot is free for it
-        if ahead < 0:
-            return 0.0
+        tasks = len(self.queued) + len(self.running)
         work = sum(
             run(task, units, self._counts[task]) or 0.0 for task, units in self._units.items()
         )
-        drained = self.drain.per_second(now) or float(slots)
-        # the running ones are half done on average
-        return (ahead + 0.5 * slots) * (work / tasks) / drained
+        return Pace(work / tasks if tasks else 0.0, self.drain.per_second(now) or float(slots))
+
+    def _wait_at(self, position: int, slots: int, pace: Pace) -> float:
+        """The wait of the task queued at `position` (0: next) for a slot: behind the
+        running ones, half done on average, and those before it."""
+        ahead = len(self.running) + position - slots  # to end before a slot frees
+        return 0.0 if ahead < 0 else (ahead + 0.5 * slots) * pace.gap
+
+    def wait(self, slots: int, pace: Pace | None, priority: int = 0) -> float | None:
+        """How long a task queued now with `priority` waits for a slot. A slot that
+        looks free while tasks are queued is being given one of them (its `running` is
+        on its way), whatever their priority. None without slots."""
+        if pace is None:
+            return None
+        taking = min(len(self.queued), max(0, slots - len(self.running)))
+        return self._wait_at(max(self.ahead(priority), taking), slots, pace)
+
+    def room(self, slots: int, now: float, pace: Pace | None, priority: int) -> float:
+        """The seconds a task queued now with `priority` can delay the tasks queued with
+        a lower one (it starts before them all) without a worker finding one of them
+        started too late: the least of their spare times. One already too late to
+        start is no reason to refuse: it will not run either way."""
+        if pace is None or all(level >= priority for level in self._waiting):
+            return math.inf
+        position = {level: self.ahead(level + 1) for level in self._waiting if level < priority}
+        least = math.inf
+        for _, _, level, latest in self.queued.values():  # first in first out in a level
+            if level < priority:
+                spare = latest - now - self._wait_at(position[level], slots, pace)
+                if spare >= 0:
+                    least = min(least, spare)
+                position[level] += 1
+        return least
+
+
+class Pace(NamedTuple):
+    mean: float  # the seconds of work of a task queued or running, on average
+    drained: float  # the seconds of work the slots get through per second
+
+    @property
+    def gap(self) -> float:
+        """Seconds between two starts, on average."""
+        return self.mean / self.drained
+
+    def delay(self, run: float) -> float:
+        """How much a task of `run` seconds queued ahead delays the ones behind it."""
+        return run / self.drained

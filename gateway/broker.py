@@ -174,6 +174,7 @@ class Broker:
             message_type=task,
             expiration=str(deadline.ttl_ms()),
             timestamp=datetime.now(UTC),
+            priority=self.topology.priority(deadline.remaining()) or None,
         )
         await self._confirmed(
             publish(

@@ -120,11 +120,19 @@ def test_messages_wait_in_the_broker_for_any_free_slot_not_in_a_busy_worker(
     assert ran_on == {idle.status_name}, (ran_on, busy.status_name)
 
 
-def test_with_a_lookahead_a_free_slot_starts_the_earliest_deadline_it_holds(make_stack) -> None:
-    """TIMEBOX_LOOKAHEAD=3: a 1-slot worker holds three messages beyond its slot. Queued
-    behind a running task in the order long, short, middle deadline, they start
-    shortest deadline first."""
-    stack: Stack = make_stack(TIMEBOX_LOOKAHEAD="3")
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"TIMEBOX_LOOKAHEAD": "3"},
+        {"TIMEBOX_TASK_QUEUE_TYPE": "classic", "TIMEBOX_TASK_PRIORITIES": "10"},
+    ],
+    ids=["lookahead", "priorities"],
+)
+def test_a_free_slot_starts_the_earliest_deadline_queued(make_stack, env) -> None:
+    """Queued behind a running task in the order long, short, middle deadline, they
+    start shortest deadline first: with TIMEBOX_LOOKAHEAD=3 the 1-slot worker holds all
+    three and picks; with priorities the queue hands out the most urgent first."""
+    stack: Stack = make_stack(**env)
     stack.gateway()
     stack.worker(1)
     with stack.client() as client:
@@ -134,7 +142,7 @@ def test_with_a_lookahead_a_free_slot_starts_the_earliest_deadline_it_holds(make
             timeout: client.post(
                 "/v1/tasks/nap", headers={"Request-Timeout": timeout}, json={"seconds": 0.05}
             ).json()["id"]
-            for timeout in ("30", "10", "20")
+            for timeout in ("7", "3", "5")
         }
         for task_id in queued.values():
             assert task_events(client, task_id)[-1][0] == "succeeded"
@@ -142,7 +150,39 @@ def test_with_a_lookahead_a_free_slot_starts_the_earliest_deadline_it_holds(make
             timeout: instant(client.get(f"/v1/tasks/{task_id}").json()["started_at"])
             for timeout, task_id in queued.items()
         }
-    assert sorted(started, key=started.__getitem__) == ["10", "20", "30"]
+    assert sorted(started, key=started.__getitem__) == ["3", "5", "7"]
+
+
+def test_with_priorities_a_short_deadline_is_admitted_ahead_of_a_long_backlog(
+    make_stack,
+) -> None:
+    """About 3 s of work queued with a minute to go: a task with 2 s left would wait
+    behind all of it first in first out (refused with 503, as in the test above); with
+    priorities it waits only for the running task, is admitted and answered in time."""
+    stack: Stack = make_stack(TIMEBOX_TASK_QUEUE_TYPE="classic", TIMEBOX_TASK_PRIORITIES="10")
+    stack.gateway()
+    stack.worker(1)
+    with stack.client() as client:
+        learn(client, 0.3)
+        backlog = [
+            client.post(
+                "/v1/tasks/burn_cpu", headers={"Request-Timeout": "60"}, json={"seconds": 0.5}
+            ).json()["id"]
+            for _ in range(6)
+        ]
+        wait_for_event(client, backlog[0], "running")
+        answered = client.post(
+            "/v1/tasks/burn_cpu",
+            params={"wait": "true"},
+            headers={"Request-Timeout": "2"},
+            json={"seconds": 0.3},
+        )
+        assert answered.status_code == 200, answered.text
+        started = instant(answered.json()["started_at"])
+        second = client.get(f"/v1/tasks/{backlog[1]}").json()["started_at"]
+        assert second is None or started < instant(second)  # it had not started yet
+        for task_id in backlog:  # not waited for at teardown
+            client.delete(f"/v1/tasks/{task_id}")
 
 
 def test_a_message_any_publisher_sends_starts_at_once_on_an_idle_worker(
@@ -514,6 +554,68 @@ def test_the_drain_rate_follows_a_change_of_pace_and_keeps_a_bounded_history() -
     assert rate.per_second(at + 11) is None  # nothing recent
     rate.add(at + 11, 1.0, waiting=True)
     assert rate.per_second(at + 11) is None  # one end after a gap says nothing yet
+
+
+def test_with_priorities_the_wait_counts_only_the_tasks_that_start_first() -> None:
+    """Ten tasks queued with a minute to go behind one running: a task queued now with
+    the same minute waits for all of them; one with 2 s left (a higher priority) only
+    for the running one; without priorities both wait for all."""
+    table = TaskTable(1000)
+    fleet = fleet_of("burn_cpu")
+    settings = GatewaySettings(task_queue_type="classic", task_priorities=10)
+    ranked = Admission(settings, None, table, fleet)  # type: ignore[arg-type]
+    fifo = Admission(GatewaySettings(), None, table, fleet)  # type: ignore[arg-type]
+    burn = ranked.tasks["burn_cpu"]
+    offsets = itertools.count()
+
+    def event(kind: EventType, task_id: str, **fields: object) -> None:
+        table.apply(next(offsets), TaskEvent(type=kind, task_id=task_id, task="burn_cpu", **fields))  # type: ignore[arg-type]
+
+    for i in range(10):  # run times: 0.2 s each
+        event(EventType.QUEUED, f"r{i}", cost=0.2)
+        event(EventType.SUCCEEDED, f"r{i}", ran=0.2)
+    minute = Deadline.after(60, maximum=3600)
+    for i in range(11):
+        event(EventType.QUEUED, f"q{i}", cost=0.2, deadline_ms=minute.epoch_ms)
+    event(EventType.RUNNING, "q0", worker="w")
+    soon = Deadline.after(2, maximum=3600)
+    assert ranked.estimate(burn, 0.2, minute).ready == fifo.estimate(burn, 0.2, soon).ready == 10
+    assert ranked.estimate(burn, 0.2, soon).ready == 0
+    assert ranked.estimate(burn, 0.2, soon).wait == pytest.approx(0.1)  # half of one run
+    assert fifo.estimate(burn, 0.2, soon).wait == pytest.approx(2.1)
+
+
+def test_with_priorities_an_urgent_task_is_refused_if_it_would_make_one_admitted_late() -> None:
+    """Eight 0.2 s tasks with 2.5 s to go on one slot: the last would start with about
+    0.65 s to spare. Tasks with 1.9 s to go start before them (a higher priority): each
+    delays it by 0.2 s, and 0.2 s (a start's time) stays kept for the estimate's error,
+    so two are admitted, a third would make it late and is refused with 503; a task
+    with a minute to go queues behind them all and is admitted."""
+    from contracts.errors import Overloaded
+
+    table = TaskTable(1000)
+    settings = GatewaySettings(task_queue_type="classic", task_priorities=10)
+    admission = Admission(settings, None, table, fleet_of("burn_cpu"))  # type: ignore[arg-type]
+    burn = admission.tasks["burn_cpu"]
+    offsets = itertools.count()
+
+    def event(kind: EventType, task_id: str, **fields: object) -> None:
+        table.apply(next(offsets), TaskEvent(type=kind, task_id=task_id, task="burn_cpu", **fields))  # type: ignore[arg-type]
+
+    for i in range(10):  # run times: 0.2 s each
+        event(EventType.QUEUED, f"r{i}", cost=0.2)
+        event(EventType.SUCCEEDED, f"r{i}", ran=0.2)
+    later = Deadline.after(2.5, maximum=3600)
+    for i in range(9):
+        event(EventType.QUEUED, f"q{i}", cost=0.2, deadline_ms=later.epoch_ms)
+    event(EventType.RUNNING, "q0", worker="w")
+    sooner = Deadline.after(1.9, maximum=3600)
+    for i in range(2):
+        admission.admit(burn, 0.2, sooner)
+        event(EventType.QUEUED, f"u{i}", cost=0.2, deadline_ms=sooner.epoch_ms)
+    with pytest.raises(Overloaded, match="make one of them late"):
+        admission.admit(burn, 0.2, sooner)
+    admission.admit(burn, 0.2, Deadline.after(60, maximum=3600))
 
 
 def test_a_queue_wait_limit_refuses_what_would_wait_longer_whatever_its_deadline() -> None:

@@ -129,7 +129,8 @@ def test_an_overload_window_runs_against_timebox_and_the_in_process_recipe(
 @pytest.mark.timeout(120)
 def test_a_mixed_overload_window_runs_against_timebox() -> None:
     out = mixed.run(window=2.0, drain=3.5, seed=3, multiples=(2,))
-    assert list(out["loads"]) == ["2x", "2x, wait limit 0.5 s"]  # the same requests, each way
+    # the same requests, each way
+    assert list(out["loads"]) == ["2x", "2x, wait limit 0.5 s", "2x, priorities"]
     for s in out["loads"].values():
         assert s["sent"] == len(mixed.plan(2, 2.0, seed=3))
         assert set(s["statuses"]) <= {"200", "503", "422", "504"}, s["statuses"]
