@@ -53,6 +53,7 @@ class Estimate:
     wait: float | None
     run: float | None  # the median run time of this input
     likely_run: float | None  # the time left a worker starts it with (start_bar)
+    gap: float = 0.0  # seconds between two starts: the margin kept for the wait's error
 
     def as_dict(self) -> dict[str, Any]:
         def rounded(value: float | None) -> float | None:
@@ -201,7 +202,8 @@ class Admission:
         slots = self.fleet.slots(task.queue)
         now = time.time()
         priority = self._priority(None if deadline is None else deadline.epoch_ms, now)
-        wait = backlog.wait(slots, backlog.pace(slots, now, self._mean_run), priority)
+        pace = backlog.pace(slots, now, self._mean_run)
+        wait = backlog.wait(slots, pace, priority)
         return Estimate(
             backlog.ahead(priority),
             len(backlog.running),
@@ -209,6 +211,7 @@ class Admission:
             wait,
             runtimes.expect(cost),
             start_bar(runtimes, cost, backlog=bool(wait)),
+            pace.gap if pace else 0.0,
         )
 
     def expect(self, task: str, cost: float | None) -> float | None:
@@ -264,7 +267,8 @@ class Admission:
                 time_left=round(left, 3),
             )
         if estimate.wait and estimate.likely_run is not None:
-            late_by = estimate.wait + estimate.likely_run - left
+            # one start's time more: what a wait behind others is often off by
+            late_by = estimate.wait + estimate.gap + estimate.likely_run - left
             if late_by > 0:
                 raise Overloaded(
                     f"{estimate.ready} tasks are queued ahead of it in queue {task.queue!r}: "

@@ -618,6 +618,34 @@ def test_with_priorities_an_urgent_task_is_refused_if_it_would_make_one_admitted
     admission.admit(burn, 0.2, Deadline.after(60, maximum=3600))
 
 
+def test_admission_keeps_one_start_of_margin_on_the_wait_it_estimates() -> None:
+    """One slot, 0.2 s tasks, five queued behind a running one: a new task waits about
+    1.1 s and its start bar is 0.2 s. A start (0.2 s) is kept for the wait's error: with
+    1.6 s left it is admitted, with 1.4 s (enough without the margin) refused with 503."""
+    from contracts.errors import Overloaded
+
+    table = TaskTable(1000)
+    admission = Admission(GatewaySettings(), None, table, fleet_of("burn_cpu"))  # type: ignore[arg-type]
+    burn = admission.tasks["burn_cpu"]
+    offsets = itertools.count()
+
+    def event(kind: EventType, task_id: str, **fields: object) -> None:
+        table.apply(next(offsets), TaskEvent(type=kind, task_id=task_id, task="burn_cpu", **fields))  # type: ignore[arg-type]
+
+    for i in range(10):  # run times: 0.2 s each
+        event(EventType.QUEUED, f"r{i}", cost=0.2)
+        event(EventType.SUCCEEDED, f"r{i}", ran=0.2)
+    for i in range(6):
+        event(EventType.QUEUED, f"q{i}", cost=0.2)
+    event(EventType.RUNNING, "q0", worker="w")
+    margin = GatewaySettings().stop_margin
+    estimate = admission.estimate(burn, 0.2)
+    assert (estimate.wait, estimate.gap) == (pytest.approx(1.1), pytest.approx(0.2))
+    admission.admit(burn, 0.2, Deadline.after(1.6 + margin, maximum=60))
+    with pytest.raises(Overloaded, match="after its deadline"):
+        admission.admit(burn, 0.2, Deadline.after(1.4 + margin, maximum=60))
+
+
 def test_a_queue_wait_limit_refuses_what_would_wait_longer_whatever_its_deadline() -> None:
     """TIMEBOX_MAX_QUEUE_WAIT: behind 0.2 s tasks on one slot, a task with a minute to go
     is admitted while it would wait under the limit, refused with 503 once it would
