@@ -5,6 +5,7 @@ import collections
 import itertools
 import time
 import uuid
+from collections.abc import Callable
 from datetime import datetime
 
 import aio_pika
@@ -468,6 +469,21 @@ def test_without_start_only_if_finishable_the_task_starts_and_is_aborted(make_st
         assert kinds[-1] == "aborted"
 
 
+def fed(table: TaskTable) -> Callable[..., None]:
+    """Applies events of `burn_cpu` tasks to `table`, after ten runs of 0.2 s each: run
+    times an admission on it trusts."""
+    offsets = itertools.count()
+
+    def event(kind: EventType, task_id: str, **fields: object) -> None:
+        task_event = TaskEvent(type=kind, task_id=task_id, task="burn_cpu", **fields)  # type: ignore[arg-type]
+        table.apply(next(offsets), task_event)
+
+    for i in range(10):
+        event(EventType.QUEUED, f"r{i}", cost=0.2)
+        event(EventType.SUCCEEDED, f"r{i}", ran=0.2)
+    return event
+
+
 def test_the_wait_behind_a_backlog_comes_from_how_fast_it_really_drains() -> None:
     """One slot; each task runs 0.1 s but the slot takes 0.125 s per task (the worker's
     dispatch gap): the wait is estimated from the 8 tasks/s measured while a backlog
@@ -566,14 +582,7 @@ def test_with_priorities_the_wait_counts_only_the_tasks_that_start_first() -> No
     ranked = Admission(settings, None, table, fleet)  # type: ignore[arg-type]
     fifo = Admission(GatewaySettings(), None, table, fleet)  # type: ignore[arg-type]
     burn = ranked.tasks["burn_cpu"]
-    offsets = itertools.count()
-
-    def event(kind: EventType, task_id: str, **fields: object) -> None:
-        table.apply(next(offsets), TaskEvent(type=kind, task_id=task_id, task="burn_cpu", **fields))  # type: ignore[arg-type]
-
-    for i in range(10):  # run times: 0.2 s each
-        event(EventType.QUEUED, f"r{i}", cost=0.2)
-        event(EventType.SUCCEEDED, f"r{i}", ran=0.2)
+    event = fed(table)
     minute = Deadline.after(60, maximum=3600)
     for i in range(11):
         event(EventType.QUEUED, f"q{i}", cost=0.2, deadline_ms=minute.epoch_ms)
@@ -597,14 +606,7 @@ def test_with_priorities_an_urgent_task_is_refused_if_it_would_make_one_admitted
     settings = GatewaySettings(task_queue_type="classic", task_priorities=10)
     admission = Admission(settings, None, table, fleet_of("burn_cpu"))  # type: ignore[arg-type]
     burn = admission.tasks["burn_cpu"]
-    offsets = itertools.count()
-
-    def event(kind: EventType, task_id: str, **fields: object) -> None:
-        table.apply(next(offsets), TaskEvent(type=kind, task_id=task_id, task="burn_cpu", **fields))  # type: ignore[arg-type]
-
-    for i in range(10):  # run times: 0.2 s each
-        event(EventType.QUEUED, f"r{i}", cost=0.2)
-        event(EventType.SUCCEEDED, f"r{i}", ran=0.2)
+    event = fed(table)
     later = Deadline.after(2.5, maximum=3600)
     for i in range(9):
         event(EventType.QUEUED, f"q{i}", cost=0.2, deadline_ms=later.epoch_ms)
@@ -627,14 +629,7 @@ def test_admission_keeps_one_start_of_margin_on_the_wait_it_estimates() -> None:
     table = TaskTable(1000)
     admission = Admission(GatewaySettings(), None, table, fleet_of("burn_cpu"))  # type: ignore[arg-type]
     burn = admission.tasks["burn_cpu"]
-    offsets = itertools.count()
-
-    def event(kind: EventType, task_id: str, **fields: object) -> None:
-        table.apply(next(offsets), TaskEvent(type=kind, task_id=task_id, task="burn_cpu", **fields))  # type: ignore[arg-type]
-
-    for i in range(10):  # run times: 0.2 s each
-        event(EventType.QUEUED, f"r{i}", cost=0.2)
-        event(EventType.SUCCEEDED, f"r{i}", ran=0.2)
+    event = fed(table)
     for i in range(6):
         event(EventType.QUEUED, f"q{i}", cost=0.2)
     event(EventType.RUNNING, "q0", worker="w")
@@ -657,23 +652,12 @@ def test_a_queue_wait_limit_refuses_what_would_wait_longer_whatever_its_deadline
     limited = Admission(GatewaySettings(max_queue_wait=0.5), None, table, fleet)  # type: ignore[arg-type]
     unlimited = Admission(GatewaySettings(), None, table, fleet)  # type: ignore[arg-type]
     burn = limited.tasks["burn_cpu"]
-    offsets = itertools.count()
-    for i in range(10):  # run times both trust: 0.2 s each
-        for kind, fields in [
-            (EventType.QUEUED, {"cost": 0.2}),
-            (EventType.SUCCEEDED, {"ran": 0.2}),
-        ]:
-            table.apply(
-                next(offsets), TaskEvent(type=kind, task_id=f"r{i}", task="burn_cpu", **fields)
-            )  # type: ignore[arg-type]
+    event = fed(table)  # run times both trust
     minute = Deadline.after(60, maximum=3600)
     queued = 0
     while (limited.estimate(burn, 0.2).wait or 0.0) <= 0.5:
         limited.admit(burn, 0.2, minute)
-        table.apply(
-            next(offsets),
-            TaskEvent(type=EventType.QUEUED, task_id=f"q{queued}", task="burn_cpu", cost=0.2),
-        )
+        event(EventType.QUEUED, f"q{queued}", cost=0.2)
         queued += 1
     assert queued >= 2
     with pytest.raises(Overloaded, match=r"longer than the 0\.5 s a task may wait here"):
