@@ -116,7 +116,7 @@ class Admission:
         if event.type is EventType.QUEUED:
             priority = self._priority(event.deadline_ms, event.at)
             latest = math.inf  # the latest a worker starts it: its start bar before its stop
-            if event.deadline_ms is not None:
+            if self.topology.priorities and event.deadline_ms is not None:  # for room()
                 bar = start_bar(self.runtimes[task.name], record.cost, backlog=True) or 0.0
                 latest = event.deadline_ms / 1000 - self.settings.stop_margin - bar
             backlog.add(event.task_id, task.name, units(record.cost), priority, latest)
