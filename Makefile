@@ -34,7 +34,7 @@ test-cluster: install  ## starts a three-node RabbitMQ cluster here, stops a nod
 bench: $(BENCH_STAMP) broker  ## every benchmark, full size (about 45 minutes); results in bench/results/
 	$(PY) -m bench
 
-bench-quick: $(BENCH_STAMP) broker  ## the same, smaller, in about three minutes
+bench-quick: $(BENCH_STAMP) broker  ## the same, smaller, in about four minutes
 	$(PY) -m bench --quick
 
 lint: install
