@@ -119,7 +119,7 @@ class Admission:
             if self.topology.priorities and event.deadline_ms is not None:  # for room()
                 bar = start_bar(self.runtimes[task.name], record.cost, backlog=True) or 0.0
                 latest = event.deadline_ms / 1000 - self.settings.stop_margin - bar
-            backlog.add(event.task_id, task.name, units(record.cost), priority, latest)
+            backlog.add(event.task_id, task.name, units(record.cost), priority, latest, event.at)
         elif event.type is EventType.RUNNING:
             backlog.start(event.task_id)
         elif event.terminal:
@@ -203,7 +203,7 @@ class Admission:
         now = time.time()
         priority = self._priority(None if deadline is None else deadline.epoch_ms, now)
         pace = backlog.pace(slots, now, self._mean_run)
-        wait = backlog.wait(slots, pace, priority)
+        wait = backlog.wait(slots, now, pace, priority)
         return Estimate(
             backlog.ahead(priority),
             len(backlog.running),

@@ -8,6 +8,9 @@ from collections import deque
 from collections.abc import Callable
 from typing import NamedTuple
 
+ARRIVALS = 5.0  # seconds of arrivals of higher priority that predict those to come
+MOST_TAKEN = 0.8  # of the slots' pace, by what overtakes: a wait grows at most 5-fold
+
 
 class DrainRate:
     """The seconds of work a queue's slots get through per second while others wait:
@@ -68,12 +71,25 @@ class Backlog:
         self._units: dict[str, float] = {}  # type: its units queued and running
         self._counts: dict[str, int] = {}  # type: its tasks queued and running
         self._waiting: dict[int, int] = {}  # priority: tasks queued with it
+        # (when, priority) of the tasks queued in the last ARRIVALS seconds with one
+        # above the lowest, and how many of each: they overtake what waits below them
+        self._arrivals: deque[tuple[float, int]] = deque()
+        self._arrived: dict[int, int] = {}
         self.drain = DrainRate()
 
     def add(
-        self, task_id: str, task: str, units: float, priority: int = 0, latest: float = math.inf
+        self,
+        task_id: str,
+        task: str,
+        units: float,
+        priority: int = 0,
+        latest: float = math.inf,
+        at: float = 0.0,
     ) -> None:
         if task_id not in self.queued and task_id not in self.running:
+            if priority > 0:
+                self._arrivals.append((at, priority))
+                self._arrived[priority] = self._arrived.get(priority, 0) + 1
             self.queued[task_id] = (task, units, priority, latest)
             self._units[task] = self._units.get(task, 0.0) + units
             self._counts[task] = self._counts.get(task, 0) + 1
@@ -123,14 +139,25 @@ class Backlog:
         ahead = len(self.running) + position - slots  # to end before a slot frees
         return 0.0 if ahead < 0 else (ahead + 0.5 * slots) * pace.gap
 
-    def wait(self, slots: int, pace: Pace | None, priority: int = 0) -> float | None:
+    def wait(self, slots: int, now: float, pace: Pace | None, priority: int = 0) -> float | None:
         """How long a task queued now with `priority` waits for a slot. A slot that
         looks free while tasks are queued is being given one of them (its `running` is
-        on its way), whatever their priority. None without slots."""
+        on its way), whatever their priority. Tasks queued later with a higher one go
+        first: the slots it waits for move only at the pace they leave it, as in the
+        last ARRIVALS seconds. None without slots."""
         if pace is None:
             return None
         taking = min(len(self.queued), max(0, slots - len(self.running)))
-        return self._wait_at(max(self.ahead(priority), taking), slots, pace)
+        wait = self._wait_at(max(self.ahead(priority), taking), slots, pace)
+        taken = min(MOST_TAKEN, self._overtaking(now, priority) * pace.gap / ARRIVALS)
+        return wait / (1.0 - taken)
+
+    def _overtaking(self, now: float, priority: int) -> int:
+        """The tasks queued in the last ARRIVALS seconds with a priority above this."""
+        while self._arrivals and self._arrivals[0][0] < now - ARRIVALS:
+            _, level = self._arrivals.popleft()
+            self._arrived[level] -= 1
+        return sum(n for level, n in self._arrived.items() if level > priority)
 
     def room(self, slots: int, now: float, pace: Pace | None, priority: int) -> float:
         """The seconds a task queued now with `priority` can delay the tasks queued with

@@ -594,6 +594,26 @@ def test_with_priorities_the_wait_counts_only_the_tasks_that_start_first() -> No
     assert fifo.estimate(burn, 0.2, soon).wait == pytest.approx(2.1)
 
 
+def test_with_priorities_a_wait_grows_by_what_higher_ones_arriving_take() -> None:
+    """One slot, 0.2 s between starts, four tasks queued behind a running one: 0.9 s of
+    wait at the lowest priority. Ten tasks queued with a higher one in the last 5 s (two
+    a second, 0.4 of the slot's pace) will go on overtaking: 0.9 / 0.6 = 1.5 s. A task
+    with a priority above theirs waits only for the slot; once they are 5 s old, the
+    lowest waits 0.9 s again."""
+    from gateway.backlog import Backlog, Pace
+
+    backlog, pace, now = Backlog(), Pace(mean=0.2, drained=1.0), 1000.0
+    for i in range(10):  # queued, ran and ended within the last 5 s
+        backlog.add(f"u{i}", "burn_cpu", 0.2, priority=5, at=now - 4.5 + 0.4 * i)
+        backlog.end(f"u{i}", now, None)
+    for i in range(5):
+        backlog.add(f"q{i}", "burn_cpu", 0.2, at=now)
+    backlog.start("q0")
+    assert backlog.wait(1, now, pace) == pytest.approx(1.5)
+    assert backlog.wait(1, now, pace, priority=6) == pytest.approx(0.1)
+    assert backlog.wait(1, now + 5, pace) == pytest.approx(0.9)
+
+
 def test_with_priorities_an_urgent_task_is_refused_if_it_would_make_one_admitted_late() -> None:
     """Eight 0.2 s tasks with 2.5 s to go on one slot: the last would start with about
     0.65 s to spare. Tasks with 1.9 s to go start before them (a higher priority): each
