@@ -88,6 +88,7 @@ class Backlog:
     ) -> None:
         if task_id not in self.queued and task_id not in self.running:
             if priority > 0:
+                self._forget_arrivals(at)  # bounded even at a gateway no one submits to
                 self._arrivals.append((at, priority))
                 self._arrived[priority] = self._arrived.get(priority, 0) + 1
             self.queued[task_id] = (task, units, priority, latest)
@@ -154,10 +155,13 @@ class Backlog:
 
     def _overtaking(self, now: float, priority: int) -> int:
         """The tasks queued in the last ARRIVALS seconds with a priority above this."""
+        self._forget_arrivals(now)
+        return sum(n for level, n in self._arrived.items() if level > priority)
+
+    def _forget_arrivals(self, now: float) -> None:
         while self._arrivals and self._arrivals[0][0] < now - ARRIVALS:
             _, level = self._arrivals.popleft()
             self._arrived[level] -= 1
-        return sum(n for level, n in self._arrived.items() if level > priority)
 
     def room(self, slots: int, now: float, pace: Pace | None, priority: int) -> float:
         """The seconds a task queued now with `priority` can delay the tasks queued with

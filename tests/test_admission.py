@@ -612,6 +612,9 @@ def test_with_priorities_a_wait_grows_by_what_higher_ones_arriving_take() -> Non
     assert backlog.wait(1, now, pace) == pytest.approx(1.5)
     assert backlog.wait(1, now, pace, priority=6) == pytest.approx(0.1)
     assert backlog.wait(1, now + 5, pace) == pytest.approx(0.9)
+    for i in range(1000):  # what it keeps of them stays bounded, asked or not
+        backlog.add(f"v{i}", "burn_cpu", 0.2, priority=5, at=now + 0.1 * i)
+    assert len(backlog._arrivals) <= 51
 
 
 def test_with_priorities_an_urgent_task_is_refused_if_it_would_make_one_admitted_late() -> None:
