@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import os
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -63,9 +63,13 @@ def amqp_url() -> Iterator[str]:
         container.stop()
 
 
-async def delete_namespace(url: str, namespace: str) -> None:
+async def delete_namespace(url: str, namespace: str, task_queues: Iterable[str] = ()) -> None:
+    """Deletes what the test modules' topology declares, and the `task_queues` a test's
+    own modules routed tasks to."""
     tasks = load_tasks(module_names(MODULES)).values()
-    exchanges, queues = Topology(namespace=namespace).owned_names(routes(tasks))
+    topology = Topology(namespace=namespace)
+    exchanges, queues = topology.owned_names(routes(tasks))
+    queues += [topology.task_queue(queue) for queue in task_queues]
     connection = await aio_pika.connect(url)
     async with connection:
         for name in queues:
@@ -89,6 +93,7 @@ class Stack:
     gateways: list[Gateway] = field(default_factory=list)
     workers: list[Worker] = field(default_factory=list)
     announcers: list[Announcer] = field(default_factory=list)
+    task_queues: list[str] = field(default_factory=list)  # beyond the test modules' own
 
     @property
     def url(self) -> str:
@@ -158,7 +163,7 @@ def running_stack(amqp_url: str, log_dir: Path, workers: int, **env: str) -> Ite
         yield stack
     finally:
         stack.stop()
-        asyncio.run(delete_namespace(amqp_url, stack.namespace))
+        asyncio.run(delete_namespace(amqp_url, stack.namespace, stack.task_queues))
 
 
 @pytest.fixture(scope="session")
@@ -189,4 +194,4 @@ def make_stack(amqp_url: str, tmp_path: Path) -> Iterator[Callable[..., Stack]]:
     finally:
         for stack in stacks:
             stack.stop()
-            asyncio.run(delete_namespace(amqp_url, stack.namespace))
+            asyncio.run(delete_namespace(amqp_url, stack.namespace, stack.task_queues))

@@ -99,6 +99,7 @@ def programs(
 ) -> tuple[str, Proc, Proc]:
     """`timebox-gateway shop_tasks` and `timebox-worker shop_tasks`, each run from a
     folder of its own as a user runs them: the gateway's URL and both processes."""
+    stack.task_queues.append("elsewhere")  # shop_tasks routes `unserved` there
     port = free_port()
     args = (str(BIN / "timebox-gateway"), "shop_tasks", "--port", str(port))
     gateway = Proc("gateway", list(args), stack.env, stack.log_dir, cwd=gateway_in)
