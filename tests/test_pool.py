@@ -332,11 +332,14 @@ async def test_an_answer_made_before_the_stop_time_is_the_outcome_however_late_i
     outcome (succeeded), not the stop the worker decides on."""
     child = await pool.acquire()
     quick = job("burn_cpu", '{"seconds": 0.05}', 0.3)
+    transport = child.proc._stdout_transport
+    transport.pause_reading()  # the loop must not take the answer before we see it
     await child.send(runner_request(quick))
-    pipe = child.proc._stdout_transport.get_extra_info("pipe")
+    pipe = transport.get_extra_info("pipe")
     # it has answered; nobody has read it (watched from another thread: not the loop's)
     ready, _, _ = await asyncio.to_thread(select.select, [pipe], [], [], 5)
     assert ready
+    transport.resume_reading()
     quick.stop_at = time.time()  # and the stop time has come since
     done = await runner._kill(child, quick, Kind.ABORTED, "deadline", time.time(), 0.0)
     assert done.kind is Kind.SUCCEEDED, done
