@@ -34,15 +34,11 @@ SIZES = (0.05, 1.0)  # seconds of CPU, log-uniform between them
 DEADLINES = (1.0, 3.0)  # seconds, uniform between them
 MULTIPLES = (2, 4)
 LEARN = (0.05, 0.1, 0.2, 0.4, 0.8) * 2  # sizes run first, so every layer learns run times
-# (name, the fleet's settings, its gateway's): the load goes through each in turn
-VARIANTS: tuple[tuple[str, dict[str, str], dict[str, str]], ...] = (
-    ("", {}, {}),
-    (", wait limit 0.5 s", {}, {"TIMEBOX_MAX_QUEUE_WAIT": "0.5"}),
-    (
-        ", priorities",
-        {"TIMEBOX_TASK_QUEUE_TYPE": "classic", "TIMEBOX_TASK_PRIORITIES": "10"},
-        {},
-    ),
+# fleets (their settings), each with its gateways (name: settings): the load goes
+# through each gateway in turn
+FLEETS: tuple[tuple[dict[str, str], dict[str, dict[str, str]]], ...] = (
+    ({}, {"": {}, ", wait limit 0.5 s": {"TIMEBOX_MAX_QUEUE_WAIT": "0.5"}}),
+    ({"TIMEBOX_TASK_QUEUE_TYPE": "classic", "TIMEBOX_TASK_PRIORITIES": "10"}, {", priorities": {}}),
 )
 
 
@@ -151,15 +147,18 @@ def run(
             "window_s": window,
             "seed": seed,
             "client": "open loop, waits for the answer, gives up at its deadline",
-            "variants": {name: {**fleet, **env} for name, fleet, env in VARIANTS},
+            "variants": {
+                name: {**fleet, **env}
+                for fleet, gateways in FLEETS
+                for name, env in gateways.items()
+            },
         },
         "loads": {},
     }
     loads: dict[tuple[float, str], dict[str, Any]] = {}
-    for fleet in {tuple(fleet.items()): fleet for _, fleet, _ in VARIANTS}.values():
-        # each fleet's variants are gateways on it, each load through one then the next
+    for fleet, settings in FLEETS:
         with Stack(**fleet) as stack:
-            gateways = {name: stack.gateway(**env) for name, f, env in VARIANTS if f == fleet}
+            gateways = {name: stack.gateway(**env) for name, env in settings.items()}
             worker = stack.worker(SLOTS)
             with httpx.Client(base_url=next(iter(gateways.values())).url, timeout=10) as c:
                 for seconds in LEARN:
@@ -170,7 +169,7 @@ def run(
                     measured = asyncio.run(measure(load, plan(m, window, seed), window, drain))
                     loads[m, name] = summarize(measured, window)
     for m in multiples:
-        for name, _, _ in VARIANTS:
+        for name in out["parameters"]["variants"]:
             out["loads"][f"{m:g}x{name}"] = loads[m, name]
     return out
 

@@ -27,7 +27,7 @@ from contracts.estimates import LIKELY, RunTimes, RunTimeSummary, start_bar, uni
 from contracts.events import EventType, TaskEvent
 from contracts.messages import ANNOUNCE_EVERY
 from contracts.tasks import Task
-from gateway.backlog import Backlog
+from gateway.backlog import Backlog, Pace
 from gateway.broker import Broker
 from gateway.fleet import Fleet
 from gateway.settings import GatewaySettings
@@ -53,7 +53,13 @@ class Estimate:
     wait: float | None
     run: float | None  # the median run time of this input
     likely_run: float | None  # the time left a worker starts it with (start_bar)
-    gap: float = 0.0  # seconds between two starts: the margin kept for the wait's error
+    priority: int = 0  # the one it is published with
+    pace: Pace | None = None  # how fast its queue moves
+
+    @property
+    def gap(self) -> float:
+        """Seconds between two starts: the margin kept for the wait's error."""
+        return self.pace.gap if self.pace else 0.0
 
     def as_dict(self) -> dict[str, Any]:
         def rounded(value: float | None) -> float | None:
@@ -211,7 +217,8 @@ class Admission:
             wait,
             runtimes.expect(cost),
             start_bar(runtimes, cost, backlog=bool(wait)),
-            pace.gap if pace else 0.0,
+            priority,
+            pace,
         )
 
     def expect(self, task: str, cost: float | None) -> float | None:
@@ -250,8 +257,9 @@ class Admission:
                 cost=cost,
                 largest_cost_that_fits=runtimes.largest_cost(max(0.0, left), q=LIKELY),
             )
-        self._check_wait(task, self.estimate(task, cost, deadline), left)
-        self._check_room(task, cost, deadline)
+        estimate = self.estimate(task, cost, deadline)
+        self._check_wait(task, estimate, left)
+        self._check_room(task, cost, estimate, left)
 
     def _check_wait(self, task: Task[..., Any], estimate: Estimate, left: float) -> None:
         """Raises Overloaded for a task that would wait longer than the settings allow,
@@ -279,27 +287,27 @@ class Admission:
                     time_left=round(left, 3),
                 )
 
-    def _check_room(self, task: Task[..., Any], cost: float | None, deadline: Deadline) -> None:
+    def _check_room(
+        self, task: Task[..., Any], cost: float | None, estimate: Estimate, left: float
+    ) -> None:
         """Raises Overloaded for a task that would start before tasks queued with later
         deadlines (its priority is higher) and delay one of them past the time a worker
         would still start it, less one start's time kept for the estimate's error: what
         was admitted first keeps its place."""
         if not self.topology.priorities:
             return  # first in, first out: no task ever starts before one queued earlier
-        backlog = self.backlogs[task.queue]
-        slots, now = self.fleet.slots(task.queue), time.time()
-        pace = backlog.pace(slots, now, self._mean_run)
-        run = self._mean_run(task.name, units(cost), 1)
+        pace, run = estimate.pace, self._mean_run(task.name, units(cost), 1)
         if pace is None or run is None:
             return
-        room = backlog.room(slots, now, pace, self._priority(deadline.epoch_ms, now)) - pace.gap
+        backlog = self.backlogs[task.queue]
+        room = backlog.room(estimate.parallelism, time.time(), pace, estimate.priority) - pace.gap
         if pace.delay(run) > room:
             raise Overloaded(
                 f"it would start before tasks queued with later deadlines in queue "
                 f"{task.queue!r} and make one of them late: they have {max(0.0, room):.2f} s "
                 f"to spare, it would take {pace.delay(run):.2f} s",
                 retry_after=1,
-                time_left=round(deadline.remaining() - self.settings.stop_margin, 3),
+                time_left=round(left, 3),
             )
 
 
