@@ -58,7 +58,7 @@ def test_mixed_goodput_is_the_on_time_cpu_by_tercile_of_size_and_deadline() -> N
         result(7.0, 1.0, 2.8, 504, 2.8),  # admitted, then unmeetable
         result(8.0, 1.0, 3.0, 200, 2.0),  # second half, on time
     ]
-    window = Window(results, cpu=2.5, root_cpu=None, beside_ms_per_s={"server": 200.0})
+    window = Window(results, cpu=2.5, root_cpu=0.05, beside_ms_per_s={"server": 200.0})
     s = mixed.summarize(window, window=10.0)  # the slots' CPU: 2 x 10 s
     assert s["offered_cpu_pct"] == 16.0  # 3.2 s of 20
     assert s["goodput_pct"] == 8.0  # 0.1 + 0.5 + 1.0 on time
@@ -68,6 +68,7 @@ def test_mixed_goodput_is_the_on_time_cpu_by_tercile_of_size_and_deadline() -> N
     assert s["steady_goodput_of_cpu_left_pct"] == pytest.approx(100 * 15.0 / left, abs=0.05)
     assert s["admitted_then_unmeetable_pct"] == 20.0  # 1 of the 5 admitted
     assert s["wasted_cpu_pct"] == 36.0  # 0.9 of 2.5 s
+    assert s["worker_loop_cpu_pct"] == 2.0  # 0.05 of 2.5 s, within the waste
     assert [t["served_pct"] for t in s["by_size"]] == [50.0, 50.0, 50.0]
     assert [t["size"] for t in s["by_size"]] == [[0.1, 0.1], [0.5, 0.5], [1.0, 1.0]]
     assert [t["served_pct"] for t in s["by_deadline"]] == [50.0, 50.0, 50.0]
