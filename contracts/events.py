@@ -74,6 +74,9 @@ class TaskEvent(BaseModel):
     tied: bool | None = Field(
         default=None, description="an RPC's or a stream's: held to its client (queued)"
     )
+    priority: int | None = Field(
+        default=None, description="its task message's priority, if above 0 (queued)"
+    )
     worker: str | None = None
     attempt: int | None = None
     started: float | None = Field(

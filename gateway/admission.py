@@ -120,7 +120,7 @@ class Admission:
             return
         backlog = self.backlogs[task.queue]
         if event.type is EventType.QUEUED:
-            priority = self._priority(event.deadline_ms, event.at)
+            priority = event.priority or 0
             latest = math.inf  # the latest a worker starts it: its start bar before its stop
             if self.topology.priorities and event.deadline_ms is not None:  # for room()
                 bar = start_bar(self.runtimes[task.name], record.cost, backlog=True) or 0.0
@@ -194,9 +194,9 @@ class Admission:
 
     # -- estimates -------------------------------------------------------------------
 
-    def _priority(self, deadline_ms: int | None, at: float) -> int:
-        """The priority its task message was published with (gateway/broker.py)."""
-        return 0 if deadline_ms is None else self.topology.priority(deadline_ms / 1000 - at)
+    def priority(self, deadline: Deadline | None) -> int:
+        """The priority a task with this deadline is published with now."""
+        return 0 if deadline is None else self.topology.priority(deadline.remaining())
 
     def estimate(
         self, task: Task[..., Any], cost: float | None = None, deadline: Deadline | None = None
@@ -207,7 +207,7 @@ class Admission:
         backlog = self.backlogs[task.queue]
         slots = self.fleet.slots(task.queue)
         now = time.time()
-        priority = self._priority(None if deadline is None else deadline.epoch_ms, now)
+        priority = self.priority(deadline)
         pace = backlog.pace(slots, now, self._mean_run)
         wait = backlog.wait(slots, now, pace, priority)
         return Estimate(
@@ -232,11 +232,12 @@ class Admission:
     def summary(self, task: str) -> RunTimeSummary:
         return self.runtimes[task].summary()
 
-    def admit(self, task: Task[..., Any], cost: float | None, deadline: Deadline) -> None:
+    def admit(self, task: Task[..., Any], cost: float | None, deadline: Deadline) -> int:
         """Raises NoWorker (503) for a type no worker serves now, DeadlineUnmeetable (422)
         for an input a worker would not start even at once, Overloaded (503) for one it
         would not start at the end of the wait ahead (or that would wait longer than
-        `max_queue_wait`); admits whenever there is no data to judge by."""
+        `max_queue_wait`); admits whenever there is no data to judge by. Returns the
+        priority it judged the task's wait by: the one to publish it with."""
         if not self.fleet.serving(task.name):
             raise NoWorker(
                 f"no worker serves task type {task.name!r} at the moment: start one "
@@ -244,7 +245,7 @@ class Admission:
                 retry_after=ANNOUNCE_EVERY,
             )
         if not self.settings.admission:
-            return
+            return self.priority(deadline)
         runtimes = self.runtimes[task.name]
         left = deadline.remaining() - self.settings.stop_margin
         alone = start_bar(runtimes, cost, backlog=False)
@@ -260,6 +261,7 @@ class Admission:
         estimate = self.estimate(task, cost, deadline)
         self._check_wait(task, estimate, left)
         self._check_room(task, cost, estimate, left)
+        return estimate.priority
 
     def _check_wait(self, task: Task[..., Any], estimate: Estimate, left: float) -> None:
         """Raises Overloaded for a task that would wait longer than the settings allow,

@@ -152,6 +152,7 @@ class Broker:
         owner: str | None,
         cost: float | None = None,
         client_grace: float | None = None,
+        priority: int = 0,
     ) -> None:
         """Publishes a task; one tied to its client carries its presence, a second
         deadline: a grace from now, renewed by each word of the client."""
@@ -174,7 +175,7 @@ class Broker:
             message_type=task,
             expiration=str(deadline.ttl_ms()),
             timestamp=datetime.now(UTC),
-            priority=self.topology.priority(deadline.remaining()) or None,
+            priority=priority or None,
         )
         await self._confirmed(
             publish(

@@ -66,7 +66,7 @@ async def submit(
                 raise BrokerUnavailable(
                     "not reading the event stream; retry shortly", retry_after=2
                 )
-            svc.admission.admit(task, cost, deadline)
+            priority = svc.admission.admit(task, cost, deadline)
     except TimeboxError as exc:
         metrics.REFUSALS.labels(task.name, exc.slug).inc()
         metrics.REQUESTS.labels(task.name, "rejected").inc()
@@ -83,6 +83,7 @@ async def submit(
         idempotency_key=idempotency_key,
         input_digest=input_digest,
         tied=tied or None,
+        priority=priority or None,
     )
     # Both go out back to back on one channel and are confirmed together: `queued`
     # reaches the stream long before a worker can receive the task and say `running`
@@ -95,7 +96,9 @@ async def submit(
         # the task message carries this span's context: the worker's spans follow it
         with _step("timebox.publish", task, task_id, deadline, SpanKind.PRODUCER):
             grace = svc.settings.stream_grace if tied else None
-            await svc.broker.publish_task(task.name, task_id, body, deadline, owner, cost, grace)
+            await svc.broker.publish_task(
+                task.name, task_id, body, deadline, owner, cost, grace, priority
+            )
             task_sent = True
             await event_sent
     except TimeboxError as exc:

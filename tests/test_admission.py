@@ -186,6 +186,41 @@ def test_with_priorities_a_short_deadline_is_admitted_ahead_of_a_long_backlog(
             client.delete(f"/v1/tasks/{task_id}")
 
 
+def test_with_priorities_the_queued_event_carries_the_priority_its_message_has(
+    make_stack, amqp_url
+) -> None:
+    """Every gateway counts a queued task at the priority its message was published
+    with, read from its `queued` event: a task with 2 s left is published and told at
+    the same priority, above one with a minute left."""
+    stack: Stack = make_stack(TIMEBOX_TASK_QUEUE_TYPE="classic", TIMEBOX_TASK_PRIORITIES="10")
+    stack.gateway()
+    stack.worker(1)
+    queue = Topology(namespace=stack.namespace).task_queue("default")
+
+    async def published_priority() -> int | None:
+        connection = await aio_pika.connect(amqp_url)
+        async with connection:
+            channel = await connection.channel()
+            message = await (await channel.get_queue(queue)).get(timeout=5)
+            assert message is not None
+            await message.nack(requeue=True)
+            return message.priority
+
+    with stack.client() as client:
+        busy = client.post("/v1/tasks/nap", json={"seconds": 5.0}).json()["id"]
+        wait_for_event(client, busy, "running")
+        told: dict[str, int] = {}
+        for timeout in ("60", "2"):
+            task_id = client.post(
+                "/v1/tasks/nap", headers={"Request-Timeout": timeout}, json={"seconds": 0.05}
+            ).json()["id"]
+            told[timeout] = int(wait_for_event(client, task_id, "queued").get("priority") or 0)
+            assert asyncio.run(published_priority()) == told[timeout]  # the one queued
+            client.delete(f"/v1/tasks/{task_id}")
+        client.delete(f"/v1/tasks/{busy}")
+    assert told["2"] > told["60"]
+
+
 def test_a_message_any_publisher_sends_starts_at_once_on_an_idle_worker(
     make_stack, amqp_url
 ) -> None:
@@ -584,8 +619,14 @@ def test_with_priorities_the_wait_counts_only_the_tasks_that_start_first() -> No
     burn = ranked.tasks["burn_cpu"]
     event = fed(table)
     minute = Deadline.after(60, maximum=3600)
-    for i in range(11):
-        event(EventType.QUEUED, f"q{i}", cost=0.2, deadline_ms=minute.epoch_ms)
+    for i in range(11):  # with the priority their gateway published them with
+        event(
+            EventType.QUEUED,
+            f"q{i}",
+            cost=0.2,
+            deadline_ms=minute.epoch_ms,
+            priority=ranked.priority(minute),
+        )
     event(EventType.RUNNING, "q0", worker="w")
     soon = Deadline.after(2, maximum=3600)
     assert ranked.estimate(burn, 0.2, minute).ready == fifo.estimate(burn, 0.2, soon).ready == 10
@@ -632,12 +673,13 @@ def test_with_priorities_an_urgent_task_is_refused_if_it_would_make_one_admitted
     event = fed(table)
     later = Deadline.after(2.5, maximum=3600)
     for i in range(9):
-        event(EventType.QUEUED, f"q{i}", cost=0.2, deadline_ms=later.epoch_ms)
+        level = admission.priority(later)
+        event(EventType.QUEUED, f"q{i}", cost=0.2, deadline_ms=later.epoch_ms, priority=level)
     event(EventType.RUNNING, "q0", worker="w")
     sooner = Deadline.after(1.9, maximum=3600)
     for i in range(2):
-        admission.admit(burn, 0.2, sooner)
-        event(EventType.QUEUED, f"u{i}", cost=0.2, deadline_ms=sooner.epoch_ms)
+        level = admission.admit(burn, 0.2, sooner)  # the priority to publish it with
+        event(EventType.QUEUED, f"u{i}", cost=0.2, deadline_ms=sooner.epoch_ms, priority=level)
     with pytest.raises(Overloaded, match="make one of them late"):
         admission.admit(burn, 0.2, sooner)
     admission.admit(burn, 0.2, Deadline.after(60, maximum=3600))
