@@ -127,7 +127,7 @@ class Admission:
                 latest = event.deadline_ms / 1000 - self.settings.stop_margin - bar
             backlog.add(event.task_id, task.name, units(record.cost), priority, latest, event.at)
         elif event.type is EventType.RUNNING:
-            backlog.start(event.task_id)
+            backlog.start(event.task_id, event.at)
         elif event.terminal:
             backlog.end(event.task_id, event.at, event.ran)
             if event.type is EventType.SUCCEEDED and event.ran is not None:

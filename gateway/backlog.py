@@ -67,7 +67,7 @@ class Backlog:
     def __init__(self) -> None:
         # task id: (type, units of cost, priority, the latest a worker would start it)
         self.queued: dict[str, tuple[str, float, int, float]] = {}
-        self.running: dict[str, tuple[str, float, int, float]] = {}
+        self.running: dict[str, tuple[str, float, float]] = {}  # (type, units, started)
         self._units: dict[str, float] = {}  # type: its units queued and running
         self._counts: dict[str, int] = {}  # type: its tasks queued and running
         self._waiting: dict[int, int] = {}  # priority: tasks queued with it
@@ -96,14 +96,15 @@ class Backlog:
             self._counts[task] = self._counts.get(task, 0) + 1
             self._waiting[priority] = self._waiting.get(priority, 0) + 1
 
-    def start(self, task_id: str) -> None:
+    def start(self, task_id: str, at: float) -> None:
         if task_id in self.queued:
-            self.running[task_id] = entry = self.queued.pop(task_id)
-            self._waiting[entry[2]] -= 1
+            task, units, priority, _ = self.queued.pop(task_id)
+            self.running[task_id] = (task, units, at)
+            self._waiting[priority] -= 1
 
     def end(self, task_id: str, at: float, ran: float | None) -> None:
         if task_id in self.running:
-            task, units, _, _ = self.running.pop(task_id)
+            task, units, _ = self.running.pop(task_id)
             if ran is not None:
                 self.drain.add(at, ran, waiting=bool(self.queued))
         elif task_id in self.queued:  # ended before it started
@@ -132,13 +133,22 @@ class Backlog:
         work = sum(
             run(task, units, self._counts[task]) or 0.0 for task, units in self._units.items()
         )
-        return Pace(work / tasks if tasks else 0.0, self.drain.per_second(now) or float(slots))
+        mean = work / tasks if tasks else 0.0
+        drained = self.drain.per_second(now) or float(slots)
+        # what is left of the runs under way: each of its own expected run since its
+        # start; a queued one a slot is taking now (its `running` on its way) has it all
+        left = sum(
+            max(0.0, (run(task, units, 1) or mean) - (now - started))
+            for task, units, started in self.running.values()
+        )
+        left += min(len(self.queued), max(0, slots - len(self.running))) * mean
+        return Pace(mean, drained, left / drained)
 
     def _wait_at(self, position: int, slots: int, pace: Pace) -> float:
-        """The wait of the task queued at `position` (0: next) for a slot: behind the
-        running ones, half done on average, and those before it."""
+        """The wait of the task queued at `position` (0: next) for a slot: behind what
+        is left of the runs under way, and those queued before it."""
         ahead = len(self.running) + position - slots  # to end before a slot frees
-        return 0.0 if ahead < 0 else (ahead + 0.5 * slots) * pace.gap
+        return 0.0 if ahead < 0 else ahead * pace.gap + pace.held
 
     def wait(self, slots: int, now: float, pace: Pace | None, priority: int = 0) -> float | None:
         """How long a task queued now with `priority` waits for a slot. A slot that
@@ -184,6 +194,7 @@ class Backlog:
 class Pace(NamedTuple):
     mean: float  # the seconds of work of a task queued or running, on average
     drained: float  # the seconds of work the slots get through per second
+    held: float  # seconds until the slots have done what they hold, at that pace
 
     @property
     def gap(self) -> float:
