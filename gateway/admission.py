@@ -120,11 +120,8 @@ class Admission:
             return
         backlog = self.backlogs[task.queue]
         if event.type is EventType.QUEUED:
+            latest = self._latest(task, record.cost, event.deadline_ms)
             priority = event.priority or 0
-            latest = math.inf  # the latest a worker starts it: its start bar before its stop
-            if self.topology.priorities and event.deadline_ms is not None:  # for room()
-                bar = start_bar(self.runtimes[task.name], record.cost, backlog=True) or 0.0
-                latest = event.deadline_ms / 1000 - self.settings.stop_margin - bar
             backlog.add(event.task_id, task.name, units(record.cost), priority, latest, event.at)
         elif event.type is EventType.RUNNING:
             backlog.start(event.task_id, event.at)
@@ -132,6 +129,14 @@ class Admission:
             backlog.end(event.task_id, event.at, event.ran)
             if event.type is EventType.SUCCEEDED and event.ran is not None:
                 self.runtimes[task.name].add(event.ran, record.cost)
+
+    def _latest(self, task: Task[..., Any], cost: float | None, deadline_ms: int | None) -> float:
+        """The latest a worker starts a task queued with priorities: its start bar before
+        its stop (Backlog.room protects it); none without priorities."""
+        if not self.topology.priorities or deadline_ms is None:
+            return math.inf
+        bar = start_bar(self.runtimes[task.name], cost, backlog=True) or 0.0
+        return deadline_ms / 1000 - self.settings.stop_margin - bar
 
     # -- broker figures ----------------------------------------------------------------
 

@@ -137,18 +137,23 @@ class Backlog:
         drained = self.drain.per_second(now) or float(slots)
         # what is left of the runs under way: each of its own expected run since its
         # start; a queued one a slot is taking now (its `running` on its way) has it all
-        left = sum(
+        left = [
             max(0.0, (run(task, units, 1) or mean) - (now - started))
             for task, units, started in self.running.values()
-        )
-        left += min(len(self.queued), max(0, slots - len(self.running))) * mean
-        return Pace(mean, drained, left / drained)
+        ]
+        left += [mean] * min(len(self.queued), max(0, slots - len(self.running)))
+        return Pace(mean, drained, tuple(sorted(t * slots / drained for t in left)))
 
     def _wait_at(self, position: int, slots: int, pace: Pace) -> float:
-        """The wait of the task queued at `position` (0: next) for a slot: behind what
-        is left of the runs under way, and those queued before it."""
+        """The wait of the task queued at `position` (0: next) for a slot: the n-th of
+        the slots to free if it is among the first, else what is left of the runs under
+        way shared over the slots and those queued before it, one per start's time."""
         ahead = len(self.running) + position - slots  # to end before a slot frees
-        return 0.0 if ahead < 0 else ahead * pace.gap + pace.held
+        if ahead < 0:
+            return 0.0
+        if ahead < len(pace.frees):
+            return pace.frees[ahead]
+        return ahead * pace.gap + sum(pace.frees) / slots
 
     def wait(self, slots: int, now: float, pace: Pace | None, priority: int = 0) -> float | None:
         """How long a task queued now with `priority` waits for a slot. A slot that
@@ -194,7 +199,7 @@ class Backlog:
 class Pace(NamedTuple):
     mean: float  # the seconds of work of a task queued or running, on average
     drained: float  # the seconds of work the slots get through per second
-    held: float  # seconds until the slots have done what they hold, at that pace
+    frees: tuple[float, ...] = ()  # seconds until each busy slot frees, soonest first
 
     @property
     def gap(self) -> float:

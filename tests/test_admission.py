@@ -641,11 +641,12 @@ def test_a_wait_counts_what_is_left_of_each_run_under_way() -> None:
     """One slot, 1 s a unit of cost. Behind a 0.2 s run that just started a task waits
     all of its 0.2 s, not half (as every run under way was counted), and 0.05 s once it
     is 0.15 s in; a 1 s run 0.2 s in holds the slot 0.8 s more; a task queued while the
-    slot looks free is being started (its `running` is on its way): all its run ahead."""
+    slot looks free is being started (its `running` is on its way): all its run ahead.
+    With two slots, one freeing in 0.2 s and one in 1 s, the next task waits 0.2 s."""
     from gateway.backlog import Backlog
 
-    def wait(backlog: Backlog, now: float) -> float | None:
-        return backlog.wait(1, now, backlog.pace(1, now, lambda _, units, count: units))
+    def wait(backlog: Backlog, now: float, slots: int = 1) -> float | None:
+        return backlog.wait(slots, now, backlog.pace(slots, now, lambda _, units, n: units))
 
     now, short, long, taken = 1000.0, Backlog(), Backlog(), Backlog()
     short.add("a", "burn_cpu", 0.2, at=now)
@@ -659,6 +660,9 @@ def test_a_wait_counts_what_is_left_of_each_run_under_way() -> None:
     assert wait(long, now) == pytest.approx(0.8)
     taken.add("c", "burn_cpu", 0.2, at=now)
     assert wait(taken, now) == pytest.approx(0.2)
+    long.add("s", "burn_cpu", 0.2, at=now)
+    long.start("s", now)
+    assert wait(long, now, slots=2) == pytest.approx(0.2)
 
 
 def test_with_priorities_a_wait_grows_by_what_higher_ones_arriving_take() -> None:
@@ -669,7 +673,7 @@ def test_with_priorities_a_wait_grows_by_what_higher_ones_arriving_take() -> Non
     lowest waits 0.9 s again."""
     from gateway.backlog import Backlog, Pace
 
-    backlog, pace, now = Backlog(), Pace(mean=0.2, drained=1.0, held=0.1), 1000.0
+    backlog, pace, now = Backlog(), Pace(mean=0.2, drained=1.0, frees=(0.1,)), 1000.0
     for i in range(10):  # queued, ran and ended within the last 5 s
         backlog.add(f"u{i}", "burn_cpu", 0.2, priority=5, at=now - 4.5 + 0.4 * i)
         backlog.end(f"u{i}", now, None)
