@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 
 from bench.overload import (
+    CLIENT,
     SLOTS,
     Planned,
     Result,
@@ -28,6 +29,7 @@ from bench.overload import (
     admitted_then,
     cpu_left_for_slots_pct,
     measure,
+    waste,
 )
 from bench.stack import CpuMeter, Stack
 
@@ -129,8 +131,7 @@ def summarize(w: Window, window: float) -> dict[str, Any]:
         "steady_cpu_left_for_slots_pct": left,
         "steady_goodput_of_cpu_left_pct": round(100 * steady_pct / left, 1) if left else None,
         **admitted_then(results, refused),
-        "wasted_cpu_pct": round(100 * (w.cpu - useful) / w.cpu, 1) if w.cpu > 0 else 0.0,
-        "worker_loop_cpu_pct": round(100 * (w.root_cpu or 0.0) / w.cpu, 1) if w.cpu > 0 else 0.0,
+        **waste(w.cpu, useful, w.root_cpu),
         "by_size": by_tercile(results, "size"),
         "by_deadline": by_tercile(results, "deadline"),
         "statuses": statuses,
@@ -148,8 +149,7 @@ def run(
             "slots": SLOTS,
             "window_s": window,
             "seed": seed,
-            "client": "open loop, waits for the answer; on time only by its deadline, read "
-            "until 0.5 s past it (a 504 at the deadline says why)",
+            "client": CLIENT,
             "variants": {
                 name: {**fleet, **env}
                 for fleet, gateways in FLEETS

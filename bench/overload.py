@@ -25,6 +25,10 @@ DEADLINE = 2.0
 # how long past its deadline the client still reads an answer: a `504` sent at the
 # deadline tells why (expired unstarted, aborted); it is never counted on time
 ANSWER_GRACE = 0.5
+CLIENT = (
+    "open loop, waits for the answer; on time only by its deadline, read until "
+    f"{ANSWER_GRACE:g} s past it (a 504 at the deadline says why)"
+)
 MULTIPLES = (1, 2, 4)
 
 
@@ -159,6 +163,17 @@ def admitted_then(results: list[Result], refused: int) -> dict[str, float]:
     }
 
 
+def waste(cpu: float, useful: float, root_cpu: float | None) -> dict[str, float | None]:
+    """The % of the worker tree's `cpu` that no on-time answer reported, and of it the
+    worker process's own loop (`root_cpu`, where it counts)."""
+    return {
+        "wasted_cpu_pct": round(100 * (cpu - useful) / cpu, 1) if cpu > 0 else 0.0,
+        "worker_loop_cpu_pct": (
+            round(100 * root_cpu / cpu, 1) if root_cpu is not None and cpu > 0 else None
+        ),
+    }
+
+
 def summarize(
     results: list[Result],
     window: float,
@@ -186,10 +201,7 @@ def summarize(
         "statuses": statuses,
         "tree_cpu_s": round(cpu, 2),
         "useful_cpu_s": round(useful, 2),
-        "wasted_cpu_pct": round(100 * (cpu - useful) / cpu, 1) if cpu > 0 else 0.0,
-        "worker_loop_cpu_pct": (
-            round(100 * root_cpu / cpu, 1) if root_cpu is not None and cpu > 0 else None
-        ),
+        **waste(cpu, useful, root_cpu),
         "second_half_beside_tasks_cpu_ms_per_s": beside_ms_per_s,
         "second_half_cpu_left_for_slots_pct": cpu_left_for_slots_pct(beside_ms_per_s or {}),
     }
@@ -268,8 +280,7 @@ def run(
             "deadline_s": DEADLINE,
             "window_s": window,
             "cpu_measured_until_s_after_window": drain,
-            "client": "open loop, waits for the answer; on time only by the deadline, read "
-            "until 0.5 s past it (a 504 at the deadline says why)",
+            "client": CLIENT,
             "loads": [f"{m}x" for m in loads],
             "baseline_loads": [f"{m}x" for m in baseline_loads],
             "second_half_cpu_left_for_slots": "the cores' CPU left to the slots by the "

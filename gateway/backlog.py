@@ -141,8 +141,13 @@ class Backlog:
             max(0.0, (run(task, units, 1) or mean) - (now - started))
             for task, units, started in self.running.values()
         ]
-        left += [mean] * min(len(self.queued), max(0, slots - len(self.running)))
+        left += [mean] * self._taking(slots)
         return Pace(mean, drained, tuple(sorted(t * slots / drained for t in left)))
+
+    def _taking(self, slots: int) -> int:
+        """The queued tasks the slots that look free are taking now: their `running`
+        events are on their way."""
+        return min(len(self.queued), max(0, slots - len(self.running)))
 
     def _wait_at(self, position: int, slots: int, pace: Pace) -> float:
         """The wait of the task queued at `position` (0: next) for a slot: the n-th of
@@ -163,8 +168,7 @@ class Backlog:
         last ARRIVALS seconds. None without slots."""
         if pace is None:
             return None
-        taking = min(len(self.queued), max(0, slots - len(self.running)))
-        wait = self._wait_at(max(self.ahead(priority), taking), slots, pace)
+        wait = self._wait_at(max(self.ahead(priority), self._taking(slots)), slots, pace)
         taken = min(MOST_TAKEN, self._overtaking(now, priority) * pace.gap / ARRIVALS)
         return wait / (1.0 - taken)
 
