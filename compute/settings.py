@@ -40,7 +40,7 @@ class WorkerSettings(CommonSettings):
         default=True,
         description="do not start a task whose time left is below the run time 99 in 100 "
         "tasks of its type (per unit of cost) stayed under here, once enough have finished "
-        "to trust the estimate; while more of its type wait, below the slowest of them",
+        "to trust the estimate",
     )
     progress_interval: float = Field(
         default=PROGRESS_INTERVAL,

@@ -12,7 +12,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping
+from collections.abc import AsyncIterator, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -195,7 +195,6 @@ class Worker:
         self._events: AbstractChannel | None = None
         self.queues: dict[str, int] = {}  # the queues it consumes, with the slots of each
         self._consumers: list[tuple[AbstractQueue, str]] = []
-        self.waiting: Callable[[str], Awaitable[int]] | None = None  # ready in a queue
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -339,12 +338,6 @@ class Worker:
         work waits in RabbitMQ (where its TTL applies and any worker can take it)."""
         assert self._connection is not None
         channel = await self._connection.channel()
-
-        async def count(queue: str) -> int:
-            async with asyncio.timeout(5):  # a broker that does not answer
-                return (await counts(channel, self.topology.task_queue(queue)))[0]
-
-        self.waiting = count
         for name, slots in self.queues.items():
             # per consumer: quorum queues refuse a channel-wide (global) prefetch
             await channel.set_qos(prefetch_count=slots + self.settings.lookahead)
@@ -427,35 +420,14 @@ class Worker:
             return Outcome(Kind.CANCELLED, reason=f"{CLIENT_GONE}; not started")
         if not self.settings.start_only_if_finishable:
             return None
-        return await self._cannot_finish(delivery, left)
-
-    async def _cannot_finish(self, delivery: Delivery, left: float) -> Outcome | None:
-        """A task that likely cannot finish in the time it has left is not started: run,
-        it would burn CPU until its abort; not started, it costs none (the rule
-        admission judges by too, contracts/estimates.py). Whether others wait behind it
-        is asked of the broker only when it matters."""
-        runtimes = self.runtimes[delivery.task]
-        alone = start_bar(runtimes, delivery.cost, backlog=False)
-        slowest = start_bar(runtimes, delivery.cost, backlog=True)
-        if alone is None or slowest is None or left >= slowest:
-            return None
-        if left < alone:
+        # likely not to finish: run, it would burn CPU until its abort; not started, it
+        # costs none (the rule admission judges by too, contracts/estimates.py)
+        needs = start_bar(self.runtimes[delivery.task], delivery.cost)
+        if needs is not None and left < needs:
             return Outcome(
-                Kind.EXPIRED, reason=f"unmeetable: needs about {alone:.2f} s, {left:.2f} s left"
+                Kind.EXPIRED, reason=f"unmeetable: needs about {needs:.2f} s, {left:.2f} s left"
             )
-        try:
-            assert self.waiting is not None
-            waiting = await self.waiting(self.routes[delivery.task])
-        except Exception as exc:  # the broker did not say: it starts, as without a backlog
-            log.debug("no count of the %s queue: %r", delivery.task, exc)
-            return None
-        if not waiting:
-            return None
-        return Outcome(
-            Kind.EXPIRED,
-            reason=f"unmeetable behind a backlog: the slowest recent run took {slowest:.2f} s, "
-            f"{left:.2f} s left, {waiting} more waiting",
-        )
+        return None
 
     async def _handle(self, message: AbstractIncomingMessage) -> None:
         try:
@@ -533,7 +505,7 @@ class Worker:
         """Why another attempt after `delay` could not finish, if it could not: the
         start rule, judged at the end of the backoff."""
         left = job.stop_at - time.time() - delay
-        needs = start_bar(self.runtimes[delivery.task], delivery.cost, backlog=False) or 0.0
+        needs = start_bar(self.runtimes[delivery.task], delivery.cost) or 0.0
         if left > needs:
             return None
         return f"no time left to retry: needs about {needs:.2f} s, {max(0.0, left):.2f} s left"

@@ -152,9 +152,10 @@ class RunTimes:
         return sorted_quantile(self._ordered_ratios, q)
 
 
-def start_bar(runtimes: RunTimes, cost: float | None, *, backlog: bool) -> float | None:
-    """The time left a task must have to be started, or admitted: the run time 99 in
-    100 of its type stayed under; with others waiting behind it, the slowest recent
-    run (a start at the edge that runs past its stop time wastes its CPU, where the
-    next one waiting has more time left). None until the run times are trusted."""
-    return runtimes.expect(cost, q=1.0 if backlog else LIKELY)
+def start_bar(runtimes: RunTimes, cost: float | None, *, after_wait: bool = False) -> float | None:
+    """The time left a task must have to be started, or admitted at once: the run time
+    99 in 100 of its type stayed under. Admitted to start after a wait, which is only
+    estimated, it must clear the slowest recent run: what it may start later than
+    estimated by, so that a worker still starts it. None until the run times are
+    trusted."""
+    return runtimes.expect(cost, q=1.0 if after_wait else LIKELY)

@@ -135,7 +135,7 @@ class Admission:
         its stop (Backlog.room protects it); none without priorities."""
         if not self.topology.priorities or deadline_ms is None:
             return math.inf
-        bar = start_bar(self.runtimes[task.name], cost, backlog=True) or 0.0
+        bar = start_bar(self.runtimes[task.name], cost, after_wait=True) or 0.0
         return deadline_ms / 1000 - self.settings.stop_margin - bar
 
     # -- broker figures ----------------------------------------------------------------
@@ -221,7 +221,7 @@ class Admission:
             slots,
             wait,
             runtimes.expect(cost),
-            start_bar(runtimes, cost, backlog=bool(wait)),
+            start_bar(runtimes, cost, after_wait=bool(wait)),
             priority,
             pace,
         )
@@ -253,7 +253,7 @@ class Admission:
             return self.priority(deadline)
         runtimes = self.runtimes[task.name]
         left = deadline.remaining() - self.settings.stop_margin
-        alone = start_bar(runtimes, cost, backlog=False)
+        alone = start_bar(runtimes, cost)
         if alone is not None and alone > left:
             raise DeadlineUnmeetable(
                 f"this input needs about {alone:.2f} s to run, but only "

@@ -454,40 +454,29 @@ def test_a_worker_does_not_start_what_it_cannot_finish(make_stack) -> None:
         assert events[-1][1]["reason"].startswith("unmeetable")
 
 
-def test_behind_a_backlog_a_task_only_the_slowest_recent_run_would_miss_is_not_started() -> None:
+def test_a_worker_starts_what_covers_the_99th_percentile_run_whatever_waits() -> None:
     """Time left that covers the 99th percentile of recent run times but not the
-    slowest: started when nothing else waits (it would finish 99 times in 100), not
-    while more wait (the next one has more time left)."""
+    slowest: started (it finishes 99 times in 100). Refusing it while others waited cost
+    more admitted tasks than the rare kill it saved (bench.ab, mixed and fixed)."""
 
     async def scenario() -> None:
         worker = Worker(WorkerSettings(), ["examples.tasks"])
         worker.runtimes["echo"] = RunTimes()
-        worker.routes["echo"] = "default"
         for _ in range(199):
             worker.runtimes["echo"].add(0.1)
         worker.runtimes["echo"].add(1.0)
-        waiting = 0
-
-        async def count(queue: str) -> int:
-            assert queue == "default"
-            return waiting
-
-        worker.waiting = count
 
         def delivery(left: float) -> tuple[Delivery, runner.Job]:
             deadline = Deadline(int((time.time() + worker.settings.stop_margin + left) * 1000))
             job = runner.Job("echo", "t1", "{}", deadline, deadline.epoch)
             return Delivery("echo", "t1", deadline, "{}", 1, None, None, None, None), job
 
-        edge = delivery(0.5)
-        assert await worker._why_not_start(*edge) is None  # nothing waits: it starts
-        waiting = 3
-        outcome = await worker._why_not_start(*edge)
+        assert await worker._why_not_start(*delivery(0.5)) is None  # under the slowest
+        outcome = await worker._why_not_start(*delivery(0.05))
         assert outcome is not None
         assert outcome.kind is Kind.EXPIRED
         assert outcome.reason is not None
-        assert outcome.reason.startswith("unmeetable behind a backlog")
-        assert await worker._why_not_start(*delivery(1.5)) is None  # covers the slowest
+        assert outcome.reason.startswith("unmeetable: needs about 0.10 s")
 
     asyncio.run(scenario())
 
