@@ -120,9 +120,11 @@ class Admission:
             return
         backlog = self.backlogs[task.queue]
         if event.type is EventType.QUEUED:
-            latest = self._latest(task, record.cost, event.deadline_ms)
+            latest, last = self._latest(task, record.cost, event.deadline_ms)
             priority = event.priority or 0
-            backlog.add(event.task_id, task.name, units(record.cost), priority, latest, event.at)
+            backlog.add(
+                event.task_id, task.name, units(record.cost), priority, latest, last, event.at
+            )
         elif event.type is EventType.RUNNING:
             backlog.start(event.task_id, event.at)
         elif event.terminal:
@@ -130,13 +132,18 @@ class Admission:
             if event.type is EventType.SUCCEEDED and event.ran is not None:
                 self.runtimes[task.name].add(event.ran, record.cost)
 
-    def _latest(self, task: Task[..., Any], cost: float | None, deadline_ms: int | None) -> float:
-        """The latest a worker starts a task queued with priorities: its start bar before
-        its stop (Backlog.room protects it); none without priorities."""
+    def _latest(
+        self, task: Task[..., Any], cost: float | None, deadline_ms: int | None
+    ) -> tuple[float, float]:
+        """When a task queued with priorities must start by: the latest admission plans
+        (the slowest recent run before its stop, as it was admitted by) and the last a
+        worker still starts it (its start bar); Backlog.room protects it between the
+        two. Neither without priorities."""
         if not self.topology.priorities or deadline_ms is None:
-            return math.inf
-        bar = start_bar(self.runtimes[task.name], cost, after_wait=True) or 0.0
-        return deadline_ms / 1000 - self.settings.stop_margin - bar
+            return math.inf, math.inf
+        runtimes, stop = self.runtimes[task.name], deadline_ms / 1000 - self.settings.stop_margin
+        bar = start_bar(runtimes, cost) or 0.0
+        return stop - (start_bar(runtimes, cost, after_wait=True) or bar), stop - bar
 
     # -- broker figures ----------------------------------------------------------------
 

@@ -65,8 +65,9 @@ class Backlog:
     the highest priority first, first in first out within one."""
 
     def __init__(self) -> None:
-        # task id: (type, units of cost, priority, the latest a worker would start it)
-        self.queued: dict[str, tuple[str, float, int, float]] = {}
+        # task id: (type, units of cost, priority, the latest start planned for it, the
+        # last a worker would still start it)
+        self.queued: dict[str, tuple[str, float, int, float, float]] = {}
         self.running: dict[str, tuple[str, float, float]] = {}  # (type, units, started)
         self._units: dict[str, float] = {}  # type: its units queued and running
         self._counts: dict[str, int] = {}  # type: its tasks queued and running
@@ -84,6 +85,7 @@ class Backlog:
         units: float,
         priority: int = 0,
         latest: float = math.inf,
+        last: float = math.inf,
         at: float = 0.0,
     ) -> None:
         if task_id not in self.queued and task_id not in self.running:
@@ -91,14 +93,14 @@ class Backlog:
                 self._forget_arrivals(at)  # bounded even at a gateway no one submits to
                 self._arrivals.append((at, priority))
                 self._arrived[priority] = self._arrived.get(priority, 0) + 1
-            self.queued[task_id] = (task, units, priority, latest)
+            self.queued[task_id] = (task, units, priority, latest, last)
             self._units[task] = self._units.get(task, 0.0) + units
             self._counts[task] = self._counts.get(task, 0) + 1
             self._waiting[priority] = self._waiting.get(priority, 0) + 1
 
     def start(self, task_id: str, at: float) -> None:
         if task_id in self.queued:
-            task, units, priority, _ = self.queued.pop(task_id)
+            task, units, priority, *_ = self.queued.pop(task_id)
             self.running[task_id] = (task, units, at)
             self._waiting[priority] -= 1
 
@@ -108,7 +110,7 @@ class Backlog:
             if ran is not None:
                 self.drain.add(at, ran, waiting=bool(self.queued))
         elif task_id in self.queued:  # ended before it started
-            task, units, priority, _ = self.queued.pop(task_id)
+            task, units, priority, *_ = self.queued.pop(task_id)
             self._waiting[priority] -= 1
         else:
             return
@@ -184,18 +186,19 @@ class Backlog:
 
     def room(self, slots: int, now: float, pace: Pace | None, priority: int) -> float:
         """The seconds a task queued now with `priority` can delay the tasks queued with
-        a lower one (it starts before them all) without a worker finding one of them
-        started too late: the least of their spare times. One already too late to
-        start is no reason to refuse: it will not run either way."""
+        a lower one (it starts before them all) without one of them starting after the
+        latest planned for it: the least of their spare times, below zero once one is
+        past it (none may go ahead of it while a worker would still start it). One a
+        worker would no longer start is no reason to refuse: it will not run either way."""
         if pace is None or all(level >= priority for level in self._waiting):
             return math.inf
         position = {level: self.ahead(level + 1) for level in self._waiting if level < priority}
         least = math.inf
-        for _, _, level, latest in self.queued.values():  # first in first out in a level
+        for _, _, level, latest, last in self.queued.values():  # FIFO within a level
             if level < priority:
-                spare = latest - now - self._wait_at(position[level], slots, pace)
-                if spare >= 0:
-                    least = min(least, spare)
+                start = now + self._wait_at(position[level], slots, pace)
+                if start <= last:
+                    least = min(least, latest - start)
                 position[level] += 1
         return least
 

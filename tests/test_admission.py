@@ -704,6 +704,25 @@ def test_with_priorities_an_urgent_task_is_refused_if_it_would_make_one_admitted
     admission.admit(burn, 0.2, Deadline.after(60, maximum=3600))
 
 
+def test_with_priorities_a_task_behind_plan_is_protected_until_no_worker_would_start_it() -> None:
+    """One slot freeing in 0.2 s, a low task next: planned to start by 0.5 s from now
+    (admission's bar, the slowest run), last started by a worker at 0.7 s (its start
+    bar). Now it has 0.3 s to spare; 0.4 s on, predicted 0.1 s past its planned start,
+    nothing may go ahead of it (a negative room); 0.6 s on, past its last start, it is
+    no reason to refuse anything. A task that had drifted a little past its plan used
+    to lose its protection and starve behind urgent ones until its deadline."""
+    from gateway.backlog import Backlog, Pace
+
+    backlog, now, pace = Backlog(), 1000.0, Pace(mean=0.2, drained=1.0, frees=(0.2,))
+    backlog.add("r", "burn_cpu", 0.2, at=now)
+    backlog.start("r", now)
+    backlog.add("low", "burn_cpu", 0.2, priority=2, latest=now + 0.5, last=now + 0.7, at=now)
+    assert backlog.room(1, now, pace, priority=5) == pytest.approx(0.3)
+    assert backlog.room(1, now + 0.4, pace, priority=5) == pytest.approx(-0.1)
+    assert backlog.room(1, now + 0.6, pace, priority=5) == float("inf")
+    assert backlog.room(1, now, pace, priority=2) == float("inf")  # it queues behind
+
+
 def test_admission_keeps_one_start_of_margin_on_the_wait_it_estimates() -> None:
     """One slot, 0.2 s tasks, five queued behind a running one: a new task waits about
     1.1 s and its start bar is 0.2 s. A start (0.2 s) is kept for the wait's error: with
