@@ -148,6 +148,8 @@ def _make_stack(amqp_url: str, log_dir: Path, **env: str) -> Stack:
         "TIMEBOX_AMQP_URL": amqp_url,
         "TIMEBOX_NAMESPACE": namespace,
         "TIMEBOX_TASK_MODULES": MODULES,
+        # the tests' tasks run for fractions of a second: a report every 0.25 s
+        "TIMEBOX_PROGRESS_INTERVAL": "0.25",
         **env,
     }
     return Stack(amqp_url, namespace, log_dir, base)
