@@ -52,7 +52,7 @@ class Estimate:
     parallelism: int  # the slots its queue's workers give it
     wait: float | None
     run: float | None  # the median run time of this input
-    likely_run: float | None  # the time left a worker starts it with (start_bar)
+    likely_run: float | None  # the time left it must start with (start_bar, after its wait)
     priority: int = 0  # the one it is published with
     pace: Pace | None = None  # how fast its queue moves
 
@@ -123,7 +123,13 @@ class Admission:
             latest, last = self._latest(task, record.cost, event.deadline_ms)
             priority = event.priority or 0
             backlog.add(
-                event.task_id, task.name, units(record.cost), priority, latest, last, event.at
+                event.task_id,
+                task.name,
+                units(record.cost),
+                priority,
+                latest=latest,
+                last=last,
+                at=event.at,
             )
         elif event.type is EventType.RUNNING:
             backlog.start(event.task_id, event.at)
@@ -142,8 +148,9 @@ class Admission:
         if not self.topology.priorities or deadline_ms is None:
             return math.inf, math.inf
         runtimes, stop = self.runtimes[task.name], deadline_ms / 1000 - self.settings.stop_margin
-        bar = start_bar(runtimes, cost) or 0.0
-        return stop - (start_bar(runtimes, cost, after_wait=True) or bar), stop - bar
+        likely = start_bar(runtimes, cost) or 0.0
+        slowest = start_bar(runtimes, cost, after_wait=True) or likely
+        return stop - slowest, stop - likely
 
     # -- broker figures ----------------------------------------------------------------
 
