@@ -122,7 +122,10 @@ class Stack:
 
     def busy_worker(self, *tasks: str) -> Announcer:
         """A worker that serves `tasks` and never takes a message (every slot busy, as
-        far as anyone can tell): their tasks stay queued."""
+        far as anyone can tell): their tasks stay queued. It publishes to the event
+        stream the gateways declare: they are ready first."""
+        for g in self.gateways:
+            g.wait_ready()
         announcer = Announcer(self.amqp_url, self.namespace, list(tasks))
         self.announcers.append(announcer)
         for g in self.gateways:
